@@ -1,0 +1,458 @@
+"""
+Configuration: the TOML file, validated into frozen values.
+
+Every problem becomes a :class:`ConfigError` naming the key (``mapping[0].ports``)
+and the problem in one line; the tap prints that line and exits, so a user
+never sees a traceback for a bad file.  Unknown keys are errors: a typo must
+not silently fall back to a default.
+
+Secrets (upstream passwords) may be written inline or as ``env:NAME`` /
+``file:PATH`` references, and are held in :class:`Secret`, whose ``repr``
+never shows the value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping as MappingABC
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from proxymap.credentials import Template, TemplateError
+
+DEFAULT_LIFETIME = 600.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_ALPHABET = "A-Za-z"
+DEFAULT_ID_LENGTH = 8
+DEFAULT_ADMIN_LISTEN = "tcp:8700:interface=127.0.0.1"
+DEFAULT_SESSION_API_DOMAIN = "portmapper"
+
+
+class ConfigError(Exception):
+    """
+    A configuration problem, naming the key it is about.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(key, problem)
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.problem}" if self.key else self.problem
+
+
+@attrs.frozen(repr=False)
+class Secret:
+    """
+    A secret string whose ``repr`` and ``str`` never reveal it.
+    """
+
+    value: str
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+@attrs.frozen
+class Upstream:
+    """
+    Where a mapping's traffic goes: the vendor's gateway.
+    """
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@attrs.frozen
+class SessionIdSpec:
+    """
+    How session ids are spelled: characters drawn from ``alphabet``, ``length`` long.
+    """
+
+    alphabet: str
+    length: int
+
+
+@attrs.frozen
+class SessionAPIConfig:
+    """
+    The in-band Session API: off by default, reached through ``domain``.
+    """
+
+    enabled: bool = False
+    domain: str = DEFAULT_SESSION_API_DOMAIN
+
+
+@attrs.frozen
+class MappingConfig:
+    """
+    One vendor gateway turned into a range of local ports.
+    """
+
+    name: str
+    ports: tuple[int, ...]
+    bind: str
+    upstream: Upstream
+    user: str
+    password: Secret
+    username: Template
+    password_template: Template
+    lifetime: float
+    session_id: SessionIdSpec
+    connect_timeout: float
+    session_api: SessionAPIConfig
+
+
+@attrs.frozen
+class AdminConfig:
+    """
+    Where the admin API listens.
+    """
+
+    listen: str = DEFAULT_ADMIN_LISTEN
+
+
+@attrs.frozen
+class Config:
+    """
+    The whole validated configuration.
+    """
+
+    mappings: tuple[MappingConfig, ...]
+    session_api: SessionAPIConfig = SessionAPIConfig()
+    admin: AdminConfig = AdminConfig()
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object, key: str) -> float:
+    """
+    Parse ``"10m"``, ``"90s"``, ``"1h30m"``, ``"250ms"`` or a number of seconds.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(key, "expected a duration such as \"10m\" or \"90s\"")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        pos = 0
+        seconds = 0.0
+        for match in _DURATION_PART.finditer(text):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _UNITS[match.group(2)]
+            pos = match.end()
+        if pos != len(text) or not text:
+            raise ConfigError(
+                key, f"{value!r} is not a duration (use a number with a unit: ms, s, m, h, d)"
+            )
+    else:
+        raise ConfigError(key, "expected a duration such as \"10m\" or \"90s\"")
+    if seconds <= 0:
+        raise ConfigError(key, "must be greater than zero")
+    return seconds
+
+
+def parse_ports(value: object, key: str) -> tuple[int, ...]:
+    """
+    Parse ``"10201-10300"``, ``10201`` or a list of ports and ranges.
+    """
+    items = value if isinstance(value, list) else [value]
+    ports: list[int] = []
+    for item in items:
+        if isinstance(item, bool):
+            raise ConfigError(key, f"{item!r} is not a port")
+        if isinstance(item, int):
+            ports.append(_check_port(item, key))
+        elif isinstance(item, str):
+            first, sep, last = item.partition("-")
+            try:
+                low = int(first)
+                high = int(last) if sep else low
+            except ValueError:
+                raise ConfigError(
+                    key, f"{item!r} is not a port or a range such as \"10201-10300\""
+                ) from None
+            _check_port(low, key)
+            _check_port(high, key)
+            if high < low:
+                raise ConfigError(key, f"range {item!r} ends before it starts")
+            ports.extend(range(low, high + 1))
+        else:
+            raise ConfigError(key, f"{item!r} is not a port or a range")
+    if not ports:
+        raise ConfigError(key, "no ports given")
+    seen: set[int] = set()
+    for port in ports:
+        if port in seen:
+            raise ConfigError(key, f"port {port} is listed twice")
+        seen.add(port)
+    return tuple(ports)
+
+
+def _check_port(port: int, key: str) -> int:
+    if not 1 <= port <= 65535:
+        raise ConfigError(key, f"port {port} is outside 1-65535")
+    return port
+
+
+def parse_upstream(value: object, key: str) -> Upstream:
+    """
+    Parse ``http://host:port``.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(key, "expected a URL such as \"http://gw.example.com:10000\"")
+    match = re.fullmatch(
+        r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<userinfo>[^@/]*@)?"
+        r"(?P<host>\[[0-9a-fA-F:.]+\]|[^:/\[\]]+)(?::(?P<port>\d+))?/?",
+        value.strip(),
+    )
+    if match is None:
+        raise ConfigError(key, f"{value!r} is not a URL such as \"http://gw.example.com:10000\"")
+    scheme = match.group("scheme").lower()
+    if scheme != "http":
+        raise ConfigError(key, f"unsupported scheme {scheme!r} (supported: http)")
+    if match.group("userinfo"):
+        raise ConfigError(key, "put upstream credentials in 'user' and 'pass', not in the URL")
+    host = match.group("host").strip("[]")
+    port = int(match.group("port")) if match.group("port") else 80
+    _check_port(port, key)
+    return Upstream(scheme, host, port)
+
+
+def expand_alphabet(spec: str, key: str) -> str:
+    """
+    Expand ``"A-Za-z0-9"`` into the characters it names (ranges and single characters).
+    """
+    chars: list[str] = []
+    i = 0
+    while i < len(spec):
+        if i + 2 < len(spec) and spec[i + 1] == "-":
+            low, high = spec[i], spec[i + 2]
+            if ord(high) < ord(low):
+                raise ConfigError(key, f"range {low}-{high} ends before it starts")
+            chars.extend(chr(c) for c in range(ord(low), ord(high) + 1))
+            i += 3
+        else:
+            chars.append(spec[i])
+            i += 1
+    result = "".join(dict.fromkeys(chars))
+    bad = [c for c in result if not (c.isascii() and c.isprintable()) or c in " :@/\\\"'"]
+    if bad:
+        raise ConfigError(key, f"character {bad[0]!r} cannot be used in a session id")
+    if len(result) < 2:
+        raise ConfigError(key, "needs at least two distinct characters")
+    return result
+
+
+def resolve_secret(value: object, key: str, env: MappingABC[str, str]) -> Secret:
+    """
+    Resolve an inline secret or an ``env:NAME`` / ``file:PATH`` reference.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(key, "expected a string, \"env:NAME\" or \"file:PATH\"")
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in env:
+            raise ConfigError(key, f"environment variable {name} is not set")
+        return Secret(env[name])
+    if value.startswith("file:"):
+        path = Path(value[5:])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(key, f"cannot read {path}: {e.strerror or e}") from None
+        return Secret(text.rstrip("\r\n"))
+    return Secret(value)
+
+
+class _Table:
+    """
+    A TOML table being read: hands out values with their full key names and
+    complains about whatever is left unread.
+    """
+
+    def __init__(self, data: object, key: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(key, "expected a table")
+        self._data = dict(data)
+        self.key = key
+
+    def name(self, field: str) -> str:
+        return f"{self.key}.{field}" if self.key else field
+
+    def pop(self, field: str, default: Any = None) -> Any:
+        return self._data.pop(field, default)
+
+    def pop_typed(self, field: str, kind: type, default: Any) -> Any:
+        value = self._data.pop(field, default)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(self.name(field), f"expected {_KIND_NAMES.get(kind, kind.__name__)}")
+        return value
+
+    def require(self, field: str) -> Any:
+        if field not in self._data:
+            raise ConfigError(self.name(field), "is required")
+        return self._data.pop(field)
+
+    def finish(self) -> None:
+        for field in self._data:
+            raise ConfigError(self.name(field), "unknown key")
+
+
+_KIND_NAMES = {str: "a string", bool: "true or false", int: "a whole number", dict: "a table"}
+
+
+# ---------------------------------------------------------------- the file
+
+
+def _session_api(table: _Table, default: SessionAPIConfig) -> SessionAPIConfig:
+    enabled = table.pop_typed("enabled", bool, default.enabled)
+    domain = table.pop_typed("domain", str, default.domain).strip().lower()
+    if domain and not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", domain):
+        raise ConfigError(table.name("domain"), f"{domain!r} is not a host name")
+    table.finish()
+    return SessionAPIConfig(enabled=enabled, domain=domain)
+
+
+def _mapping(
+    table: _Table, index: int, api_default: SessionAPIConfig, env: MappingABC[str, str]
+) -> MappingConfig:
+    name = table.pop_typed("name", str, f"mapping-{index}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name):
+        raise ConfigError(
+            table.name("name"), "use letters, digits, '.', '_' and '-' (at most 63 characters)"
+        )
+    ports = parse_ports(table.require("ports"), table.name("ports"))
+    bind = table.pop_typed("bind", str, "127.0.0.1")
+    upstream = parse_upstream(table.require("upstream"), table.name("upstream"))
+    user = table.pop_typed("user", str, "")
+    password = resolve_secret(table.pop("pass", ""), table.name("pass"), env)
+    lifetime = parse_duration(table.pop("lifetime", DEFAULT_LIFETIME), table.name("lifetime"))
+    connect_timeout = parse_duration(
+        table.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT), table.name("connect_timeout")
+    )
+
+    id_table = _Table(table.pop("session_id", {}), table.name("session_id"))
+    alphabet = expand_alphabet(
+        id_table.pop_typed("alphabet", str, DEFAULT_ALPHABET), id_table.name("alphabet")
+    )
+    length = id_table.pop_typed("length", int, DEFAULT_ID_LENGTH)
+    if not 4 <= length <= 64:
+        raise ConfigError(id_table.name("length"), "must be between 4 and 64")
+    id_table.finish()
+    session_id = SessionIdSpec(alphabet, length)
+
+    templates = {}
+    for field, default in (("username", "{user}-session-{session}"), ("password", "{pass}")):
+        try:
+            templates[field] = Template.parse(table.pop_typed(field, str, default))
+        except TemplateError as e:
+            raise ConfigError(table.name(field), str(e)) from None
+    username, password_template = templates["username"], templates["password"]
+    if "session" not in username.fields | password_template.fields:
+        raise ConfigError(
+            table.name("username"),
+            "neither username nor password contains {session}: sessions would not be sticky",
+        )
+    sample = {"user": user, "pass": password.value, "session": "x" * length, "port": "65535"}
+    if ":" in username.render(sample):
+        raise ConfigError(table.name("username"), "the rendered username contains ':'")
+    for field, template in (("username", username), ("password", password_template)):
+        if len(template.render(sample).encode("utf-8")) > 255:
+            raise ConfigError(table.name(field), "renders longer than 255 bytes")
+
+    api = _session_api(_Table(table.pop("session_api", {}), table.name("session_api")), api_default)
+    table.finish()
+    return MappingConfig(
+        name=name,
+        ports=ports,
+        bind=bind,
+        upstream=upstream,
+        user=user,
+        password=password,
+        username=username,
+        password_template=password_template,
+        lifetime=lifetime,
+        session_id=session_id,
+        connect_timeout=connect_timeout,
+        session_api=api,
+    )
+
+
+def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = None) -> Config:
+    """
+    Validate a parsed TOML document into a :class:`Config`.
+    """
+    env = os.environ if env is None else env
+    top = _Table(dict(data), "")
+    api = _session_api(_Table(top.pop("session_api", {}), "session_api"), SessionAPIConfig())
+    admin_table = _Table(top.pop("admin", {}), "admin")
+    admin = AdminConfig(listen=admin_table.pop_typed("listen", str, DEFAULT_ADMIN_LISTEN))
+    admin_table.finish()
+
+    raw_mappings = top.pop("mapping", None)
+    if raw_mappings is None:
+        raise ConfigError("mapping", "at least one [[mapping]] is required")
+    if not isinstance(raw_mappings, list):
+        raise ConfigError("mapping", "write mappings as [[mapping]] tables")
+    top.finish()
+
+    mappings = tuple(
+        _mapping(_Table(raw, f"mapping[{i}]"), i, api, env) for i, raw in enumerate(raw_mappings)
+    )
+    if not mappings:
+        raise ConfigError("mapping", "at least one [[mapping]] is required")
+    owners: dict[int, str] = {}
+    names: set[str] = set()
+    for i, mapping in enumerate(mappings):
+        if mapping.name in names:
+            raise ConfigError(f"mapping[{i}].name", f"{mapping.name!r} is used twice")
+        names.add(mapping.name)
+        for port in mapping.ports:
+            if port in owners:
+                raise ConfigError(
+                    f"mapping[{i}].ports",
+                    f"port {port} is also mapped by {owners[port]!r}",
+                )
+            owners[port] = mapping.name
+    return Config(mappings=mappings, session_api=api, admin=admin)
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    env: MappingABC[str, str] | None = None,
+    read: Callable[[Path], bytes] = Path.read_bytes,
+) -> Config:
+    """
+    Read and validate a configuration file.
+    """
+    path = Path(path)
+    try:
+        raw = read(path)
+    except OSError as e:
+        raise ConfigError("", f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"{path} is not valid TOML: {e}") from None
+    return parse_config(data, env)

@@ -1,0 +1,59 @@
+"""
+Flow control shared by both legs of a proxied connection.
+
+A transport has one pause switch, but several things may want a leg to stop
+reading at once: the peer's write buffer is full (backpressure), the client
+has pipelined too much while a response is pending, or the upstream is still
+connecting.  :class:`Throttled` keeps a set of reasons as bits and touches the
+transport only when the set becomes empty or non-empty.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from zope.interface import implementer
+
+#: The peer's transport asked us to stop (its write buffer is full).
+PEER = 1
+#: The client pipelined more than we buffer while a response is pending.
+PIPELINE = 2
+#: The upstream is still connecting and we hold enough of the request.
+CONNECTING = 4
+
+#: Bytes held for a peer (pipelined requests, writes before connect) before
+#: we stop reading.
+BUFFER_LIMIT = 64 * 1024
+
+
+@implementer(IPushProducer)
+class Throttled(Protocol):
+    """
+    A protocol that is the push producer for its peer's transport.
+    """
+
+    _paused = 0
+
+    def pause_reading(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    # IPushProducer, called by the peer's transport.
+    def pauseProducing(self) -> None:
+        self.pause_reading(PEER)
+
+    def resumeProducing(self) -> None:
+        self.resume_reading(PEER)
+
+    def stopProducing(self) -> None:
+        """
+        The peer's transport is gone; our connectionLost handling follows from it.
+        """

@@ -1,0 +1,504 @@
+"""
+HTTP/1.1 message heads and body framing, as a proxy needs them.
+
+Nothing here touches a socket.  Heads are parsed once into what the proxy
+needs (target, framing, persistence) plus the end-to-end header lines, kept
+raw so that forwarding a head is a join rather than a re-serialisation.
+Bodies are never parsed, only *framed*: a framer is fed bytes and says how
+many of them belong to the current message, so bodies stream through in the
+chunks they arrived in (RFC 9112 section 6).
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+#: Largest request or response head accepted (request line/status line and headers).
+MAX_HEAD_SIZE = 64 * 1024
+#: Most header lines accepted in one head.
+MAX_HEADERS = 128
+#: Longest chunk-size or trailer line accepted in a chunked body.
+MAX_CHUNK_LINE = 4096
+
+# Hop-by-hop fields (RFC 9110 section 7.6.1): they describe one connection and
+# are never forwarded.  Proxy-Authorization is the client's credentials to
+# *us*; Proxy-Authenticate is the vendor's challenge to *us*.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"upgrade",
+    }
+)
+# Fields that frame the message: a Connection option naming them is ignored,
+# because removing them after framing was decided would desynchronise the peers.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[^:\[\]@/?#\s]+)(?::([0-9]{1,5}))?")
+
+
+class HTTPError(Exception):
+    """
+    A message the proxy cannot accept; carries the status to answer with.
+    """
+
+    def __init__(self, status: int, message: str, headers: list[bytes] | None = None) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+        #: Extra header lines for the error response (e.g. a challenge).
+        self.headers = headers
+
+
+@attrs.define(slots=True)
+class Request:
+    """
+    A parsed request head.
+
+    ``host``/``port`` are the target for absolute-form and CONNECT requests
+    and ``None`` for origin-form; ``path`` is the origin-form target.
+    """
+
+    method: bytes
+    target: bytes
+    version: bytes
+    lines: list[bytes]
+    host: str | None
+    port: int
+    path: bytes
+    has_host_header: bool
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+    proxy_authorization: bytes | None
+    header_host: bytes | None = None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@attrs.define(slots=True)
+class Response:
+    """
+    A parsed response head.
+    """
+
+    version: bytes
+    status: int
+    reason: bytes
+    lines: list[bytes]
+    content_length: int | None
+    chunked: bool
+    until_close: bool
+    keep_alive: bool
+
+
+def _split_head(head: bytes) -> list[bytes]:
+    lines = head.split(b"\r\n")
+    # A bare CR or LF inside a line is a classic request-smuggling device.
+    if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
+        raise HTTPError(400, "bare CR or LF in the message head")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HTTPError(431, f"more than {MAX_HEADERS} header fields")
+    return lines
+
+
+def _parse_content_length(value: bytes, current: int | None) -> int:
+    values = {v.strip() for v in value.split(b",")}
+    if len(values) != 1:
+        raise HTTPError(400, "conflicting Content-Length values")
+    text = values.pop()
+    if not text.isdigit() or len(text) > 18:
+        raise HTTPError(400, "invalid Content-Length")
+    length = int(text)
+    if current is not None and current != length:
+        raise HTTPError(400, "conflicting Content-Length values")
+    return length
+
+
+def _connection_tokens(value: bytes) -> set[bytes]:
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def _filter_fields(lines: list[bytes], options: set[bytes]) -> list[bytes]:
+    """
+    Remove the fields a Connection header named, except framing fields.
+    """
+    options = options - _FRAMING - {b"close", b"keep-alive"}
+    if not options:
+        return lines
+    return [line for line in lines if line.partition(b":")[0].strip().lower() not in options]
+
+
+def parse_authority(authority: bytes, default_port: int | None) -> tuple[str, int]:
+    """
+    Split ``host[:port]`` (``[v6]:port`` too) into a host and a port.
+    """
+    match = _AUTHORITY.fullmatch(authority)
+    if match is None:
+        raise HTTPError(400, "invalid host in request target")
+    host = match.group(1).strip(b"[]").decode("ascii", "replace")
+    if match.group(2) is None:
+        if default_port is None:
+            raise HTTPError(400, "CONNECT target needs a port")
+        return host, default_port
+    port = int(match.group(2))
+    if not 0 < port < 65536:
+        raise HTTPError(400, "invalid port in request target")
+    return host, port
+
+
+def parse_request_head(head: bytes) -> Request:
+    """
+    Parse a request head (without its final blank line).
+    """
+    lines = _split_head(head)
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise HTTPError(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise HTTPError(400, "malformed request method")
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version):
+            raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        raise HTTPError(400, "malformed HTTP version")
+    if not target:
+        raise HTTPError(400, "empty request target")
+
+    kept: list[bytes] = []
+    options: set[bytes] = set()
+    content_length: int | None = None
+    transfer_encoding: bytes | None = None
+    proxy_authorization: bytes | None = None
+    header_host: bytes | None = None
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name[:1] in b" \t" or name[-1:] in b" \t":
+            raise HTTPError(400, "malformed header field")
+        lname = name.lower()
+        if lname in _HOP_BY_HOP:
+            if lname == b"connection" or lname == b"proxy-connection":
+                options |= _connection_tokens(value)
+            elif lname == b"proxy-authorization":
+                proxy_authorization = value.strip()
+            continue
+        if lname == b"content-length":
+            content_length = _parse_content_length(value, content_length)
+        elif lname == b"transfer-encoding":
+            value = value.strip().lower()
+            transfer_encoding = (
+                value if transfer_encoding is None else transfer_encoding + b", " + value
+            )
+        elif lname == b"host":
+            if header_host is not None:
+                raise HTTPError(400, "more than one Host header")
+            header_host = value.strip()
+        kept.append(line)
+
+    chunked = False
+    if transfer_encoding is not None:
+        if content_length is not None:
+            raise HTTPError(400, "both Transfer-Encoding and Content-Length")
+        codings = [c.strip() for c in transfer_encoding.split(b",")]
+        if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+            raise HTTPError(400, "request Transfer-Encoding must end in chunked")
+        chunked = True
+    kept = _filter_fields(kept, options)
+
+    if version == b"HTTP/1.1":
+        keep_alive = b"close" not in options
+    else:
+        keep_alive = b"keep-alive" in options and b"close" not in options
+
+    host: str | None = None
+    port = 0
+    path = target
+    if method == b"CONNECT":
+        host, port = parse_authority(target, None)
+    elif target[:1] == b"/":
+        pass
+    else:
+        scheme, sep, rest = target.partition(b"://")
+        if not sep:
+            raise HTTPError(400, "request target is neither absolute nor origin form")
+        if scheme.lower() != b"http":
+            raise HTTPError(
+                400, f"cannot forward {scheme.decode('ascii', 'replace')}:// requests; use CONNECT"
+            )
+        cut = len(rest)
+        for stop in (b"/", b"?", b"#"):
+            i = rest.find(stop)
+            if i != -1 and i < cut:
+                cut = i
+        authority = rest[:cut]
+        if b"@" in authority:
+            authority = authority.rpartition(b"@")[2]
+        host, port = parse_authority(authority, 80)
+        path = rest[cut:] or b"/"
+        if path[:1] != b"/":
+            path = b"/" + path
+    return Request(
+        method=method,
+        target=target,
+        version=version,
+        lines=kept,
+        host=host,
+        port=port,
+        path=path,
+        has_host_header=header_host is not None,
+        content_length=content_length,
+        chunked=chunked,
+        keep_alive=keep_alive,
+        proxy_authorization=proxy_authorization,
+        header_host=header_host,
+    )
+
+
+def parse_response_head(head: bytes, request_method: bytes) -> Response:
+    """
+    Parse a response head and decide how its body is framed.
+    """
+    lines = _split_head(head)
+    version, _, rest = lines[0].partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    if not re.fullmatch(rb"HTTP/1\.[01]", version) or not re.fullmatch(rb"[1-9][0-9]{2}", code):
+        raise HTTPError(502, "the upstream sent a malformed status line")
+    status = int(code)
+
+    kept: list[bytes] = []
+    options: set[bytes] = set()
+    content_length: int | None = None
+    transfer_encoding: bytes | None = None
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name[-1:] in b" \t" or name[:1] in b" \t":
+            raise HTTPError(502, "the upstream sent a malformed header field")
+        lname = name.lower()
+        if lname in _HOP_BY_HOP:
+            if lname == b"connection" or lname == b"proxy-connection":
+                options |= _connection_tokens(value)
+            continue
+        if lname == b"content-length":
+            try:
+                content_length = _parse_content_length(value, content_length)
+            except HTTPError:
+                raise HTTPError(502, "the upstream sent an invalid Content-Length") from None
+        elif lname == b"transfer-encoding":
+            value = value.strip().lower()
+            transfer_encoding = (
+                value if transfer_encoding is None else transfer_encoding + b", " + value
+            )
+        kept.append(line)
+    kept = _filter_fields(kept, options)
+
+    if version == b"HTTP/1.1":
+        keep_alive = b"close" not in options
+    else:
+        keep_alive = b"keep-alive" in options and b"close" not in options
+
+    chunked = until_close = False
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        content_length = 0
+    elif request_method == b"CONNECT" and 200 <= status < 300:
+        content_length = 0
+    elif transfer_encoding is not None:
+        if transfer_encoding.rsplit(b",", 1)[-1].strip() == b"chunked":
+            chunked = True
+        else:
+            until_close = True
+        content_length = None
+        # A Content-Length beside Transfer-Encoding is ignored and must not be forwarded.
+        kept = [line for line in kept if line[:15].lower() != b"content-length:"]
+    elif content_length is None:
+        until_close = True
+    if until_close:
+        keep_alive = False
+    return Response(
+        version=version,
+        status=status,
+        reason=reason,
+        lines=kept,
+        content_length=content_length,
+        chunked=chunked,
+        until_close=until_close,
+        keep_alive=keep_alive,
+    )
+
+
+# ---------------------------------------------------------------- body framing
+
+
+class LengthFramer:
+    """
+    Frames a body of known length.
+    """
+
+    __slots__ = ("done", "remaining")
+
+    def __init__(self, length: int) -> None:
+        self.remaining = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> int:
+        """
+        Return how many bytes of ``data`` belong to the body.
+        """
+        take = min(self.remaining, len(data))
+        self.remaining -= take
+        if self.remaining == 0:
+            self.done = True
+        return take
+
+
+class UntilCloseFramer:
+    """
+    Frames a response body that ends when the connection does.
+    """
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def feed(self, data: bytes) -> int:
+        return len(data)
+
+
+_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+
+class ChunkedFramer:
+    """
+    Frames a chunked body (RFC 9112 section 7.1) without copying its data.
+
+    With ``decode=True`` the chunk data is also collected in :attr:`decoded`
+    (for an HTTP/1.0 client, which cannot read chunked framing).
+    """
+
+    __slots__ = ("_decode", "_line", "_remaining", "_state", "decoded", "done")
+
+    def __init__(self, decode: bool = False) -> None:
+        self._state = _SIZE
+        self._remaining = 0
+        self._line = b""
+        self._decode = decode
+        self.decoded: list[bytes] = []
+        self.done = False
+
+    def feed(self, data: bytes) -> int:
+        """
+        Return how many bytes of ``data`` belong to the body.
+
+        :raises HTTPError: on malformed framing.
+        """
+        pos = 0
+        end = len(data)
+        while pos < end and not self.done:
+            if self._state == _DATA:
+                take = min(self._remaining, end - pos)
+                if self._decode:
+                    self.decoded.append(data[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = _DATA_END
+                continue
+            newline = data.find(b"\n", pos)
+            if newline == -1:
+                self._line += data[pos:]
+                if len(self._line) > MAX_CHUNK_LINE:
+                    raise HTTPError(400, "chunk line too long")
+                return end
+            line = self._line + data[pos:newline]
+            self._line = b""
+            pos = newline + 1
+            if line[-1:] != b"\r":
+                raise HTTPError(400, "chunk line not terminated by CRLF")
+            line = line[:-1]
+            if self._state == _SIZE:
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if not _HEX.fullmatch(size):
+                    raise HTTPError(400, "invalid chunk size")
+                self._remaining = int(size, 16)
+                self._state = _DATA if self._remaining else _TRAILER
+            elif self._state == _DATA_END:
+                if line:
+                    raise HTTPError(400, "chunk data longer than its size")
+                self._state = _SIZE
+            elif not line:  # _TRAILER: a blank line ends the body
+                self.done = True
+        return pos
+
+
+def build_head(first_line: bytes, lines: list[bytes], extra: list[bytes] | None = None) -> bytes:
+    """
+    Serialise a head from its first line and header lines.
+    """
+    if extra:
+        lines = lines + extra
+    if lines:
+        return first_line + b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n"
+    return first_line + b"\r\n\r\n"
+
+
+def simple_response(
+    status: int,
+    reason: str,
+    body: bytes,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    close: bool = True,
+    extra: list[bytes] | None = None,
+) -> bytes:
+    """
+    A complete response with a small body, generated by the proxy itself.
+    """
+    lines = [
+        b"Content-Type: " + content_type,
+        b"Content-Length: " + str(len(body)).encode(),
+    ]
+    if close:
+        lines.append(b"Connection: close")
+    if extra:
+        lines.extend(extra)
+    return build_head(f"HTTP/1.1 {status} {reason}".encode(), lines) + body
+
+
+REASONS = {
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    407: "Proxy Authentication Required",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+def error_response(status: int, message: str, extra: list[bytes] | None = None) -> bytes:
+    """
+    A short text error response that closes the connection.
+    """
+    reason = REASONS.get(status, "Error")
+    body = f"{status} {reason}: {message}\n".encode()
+    return simple_response(status, reason, body, extra=extra)

@@ -1,0 +1,49 @@
+"""
+A mapped port: the factory that ties the data plane to the session registry.
+
+Every request through the port is sent to the mapping's upstream with the
+credentials of the port's session *current at that moment*; the session is
+also the key under which upstream connections are reused, so after a
+rotation no request travels over a connection of the old session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxymap.config import MappingConfig
+from proxymap.dataplane.http import Request
+from proxymap.dataplane.server import LocalResponse, ProxyFactory, ProxyServer, UpstreamTarget
+from proxymap.sessions import SessionRegistry
+
+
+class PortFactory(ProxyFactory):
+    """
+    The factory of one mapped port.
+    """
+
+    def __init__(
+        self, reactor: Any, registry: SessionRegistry, port: int, mapping: MappingConfig
+    ) -> None:
+        super().__init__(reactor, connect_timeout=mapping.connect_timeout)
+        self.registry = registry
+        self.port = port
+        self.mapping = mapping
+
+    def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
+        return None
+
+    def target(self, request: Request, conn: ProxyServer) -> UpstreamTarget:
+        session = self.registry.current(self.port)
+        upstream = self.mapping.upstream
+        return UpstreamTarget(
+            host=upstream.host,
+            port=upstream.port,
+            key=session,
+            authorization=session.authorization,
+            via_proxy=True,
+            session=session,
+        )
+
+    def describe(self) -> str:
+        return f"{self.mapping.name} port {self.port}"

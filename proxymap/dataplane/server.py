@@ -1,0 +1,505 @@
+"""
+The client leg: one :class:`ProxyServer` per accepted connection.
+
+A connection carries HTTP/1.1 requests one at a time (pipelined requests
+wait, in order, in a bounded buffer), or becomes a tunnel after CONNECT.
+What to do with a request is the factory's decision (:class:`ProxyFactory`):
+answer it locally, or forward it to an :class:`UpstreamTarget`.  proxymap's
+mapped ports and the sandbox vendor are two such factories over the same
+protocol.
+
+The protocol is also the connection record the admin API lists: client
+address, target, session, upstream leg and counters live here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTCP, IReactorTime
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from proxymap.dataplane import flow
+from proxymap.dataplane.http import (
+    MAX_HEAD_SIZE,
+    ChunkedFramer,
+    HTTPError,
+    LengthFramer,
+    Request,
+    build_head,
+    error_response,
+    parse_request_head,
+)
+
+if TYPE_CHECKING:
+    from proxymap.dataplane.upstream import UpstreamProtocol
+    from proxymap.sessions import Session
+
+log = Logger()
+
+_ids = itertools.count(1)
+
+
+class ReactorLike(IReactorTCP, IReactorTime):
+    """
+    The reactor interfaces the data plane uses (for type annotations).
+    """
+
+
+@attrs.frozen
+class UpstreamTarget:
+    """
+    Where a request or tunnel goes, and how.
+
+    With ``via_proxy`` the peer at ``host:port`` is a proxy: requests go to it
+    in absolute form and tunnels start with CONNECT, both carrying
+    ``authorization``.  Without it the peer is the origin itself.  An open
+    upstream connection is reused only for a target with an equal ``key``:
+    proxymap uses the session, so no request of a new session ever travels
+    over a connection opened for an old one.
+    """
+
+    host: str
+    port: int
+    key: object
+    authorization: bytes | None = None
+    via_proxy: bool = True
+    session: Session | None = None
+
+
+@attrs.frozen
+class LocalResponse:
+    """
+    A complete response the factory answers itself, without any upstream.
+    """
+
+    data: bytes
+    close: bool = False
+
+
+class ProxyFactory(Factory):
+    """
+    Base of the factories that own a listening port's proxy behaviour.
+    """
+
+    noisy = False
+
+    def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        #: Live client connections of this port, by connection id.
+        self.connections: dict[int, ProxyServer] = {}
+
+    def buildProtocol(self, addr: IAddress) -> ProxyServer:
+        proto = ProxyServer()
+        proto.factory = self
+        return proto
+
+    def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
+        """
+        Answer ``request`` locally, or return ``None`` to let it through.
+        """
+        return None
+
+    def target(self, request: Request, conn: ProxyServer) -> UpstreamTarget:
+        """
+        Where to send ``request`` (absolute form or CONNECT).
+
+        :raises HTTPError: to refuse it.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+@implementer(IHalfCloseableProtocol)
+class ProxyServer(flow.Throttled):
+    """
+    The client side of one proxied connection.
+    """
+
+    factory: ProxyFactory
+
+    def __init__(self) -> None:
+        self.id = next(_ids)
+        self.client = ""
+        self.target = ""
+        self.connected = 0.0
+        self.last_activity = 0.0
+        self.session: Session | None = None
+        self.requests = 0
+        self.reads = 0
+        self.writes = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+        self._buffer = b""
+        self._request: Request | None = None
+        self._body: LengthFramer | ChunkedFramer | None = None
+        self._body_sink: UpstreamProtocol | None = None
+        self._upstream: UpstreamProtocol | None = None
+        self._tunnel: UpstreamProtocol | None = None
+        self._close_after = False
+        self._closing = False
+        self._processing = False
+        self._read_closed = False
+        self._write_closed = False
+        self._gone = False
+
+    # ------------------------------------------------------------ state for the admin API
+
+    @property
+    def state(self) -> str:
+        if self._gone:
+            return "closed"
+        if self._tunnel is not None:
+            return "tunnel"
+        if self._request is not None:
+            return "connecting" if self._request.method == b"CONNECT" else "request"
+        return "idle"
+
+    @property
+    def upstream(self) -> UpstreamProtocol | None:
+        return self._tunnel or self._upstream
+
+    def abort(self) -> None:
+        """
+        Close this connection and its upstream leg now.
+        """
+        up = self.upstream
+        if up is not None:
+            up.abort()
+        if self.transport is not None and not self._gone:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ connection events
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
+        self.connected = self.last_activity = factory.reactor.seconds()
+        factory.connections[self.id] = self
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reads += 1
+        tunnel = self._tunnel
+        if tunnel is not None:
+            n = len(data)
+            self.bytes_up += n
+            session = self.session
+            if session is not None:
+                session.bytes_up += n
+            tunnel.transport.write(data)  # type: ignore[union-attr]
+            return
+        if self._closing:
+            return
+        if self._body is not None:
+            data = self._feed_body(data)
+            if not data:
+                return
+        self._buffer = self._buffer + data if self._buffer else data
+        self._process()
+
+    def readConnectionLost(self) -> None:
+        self._read_closed = True
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.transport.loseWriteConnection()  # type: ignore[union-attr]
+        elif self._request is None:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        else:
+            self._close_after = True
+        if self._write_closed:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        self._write_closed = True
+        if self._read_closed:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._gone = True
+        self._closing = True
+        self.factory.connections.pop(self.id, None)
+        if self.session is not None:
+            self.session.connections.discard(self)
+        up = self.upstream
+        if up is not None:
+            if self._tunnel is not None and reason.check(ConnectionDone):
+                up.close()
+            elif self._request is None and self._tunnel is None:
+                up.close()
+            else:
+                up.abort()
+        self._upstream = self._tunnel = None
+
+    # ------------------------------------------------------------ requests
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._request is None and self._buffer and not self._closing:
+                buf = self._buffer
+                if buf[:2] == b"\r\n":  # RFC 9112 2.2: ignore blank lines before a request
+                    self._buffer = buf.lstrip(b"\r\n")
+                    continue
+                end = buf.find(b"\r\n\r\n")
+                if end == -1 or end > MAX_HEAD_SIZE:
+                    if end > MAX_HEAD_SIZE or len(buf) > MAX_HEAD_SIZE:
+                        self._fail(431, "request head too large")
+                    elif b"\n\n" in buf or b"\n\r\n" in buf:
+                        self._fail(400, "request head lines must end in CRLF")
+                    return
+                self._buffer = buf[end + 4 :]
+                try:
+                    request = parse_request_head(buf[:end])
+                except HTTPError as e:
+                    self._fail(e.status, e.message)
+                    return
+                self._begin(request)
+                if self._body is not None and self._buffer:
+                    rest, self._buffer = self._buffer, b""
+                    self._buffer = self._feed_body(rest) + self._buffer
+        finally:
+            self._processing = False
+        if self._request is not None and len(self._buffer) > flow.BUFFER_LIMIT:
+            self.pause_reading(flow.PIPELINE)
+
+    def _begin(self, request: Request) -> None:
+        self._request = request
+        self.requests += 1
+        if request.host is not None:
+            self.target = request.authority
+        factory = self.factory
+        try:
+            local = factory.intercept(request, self)
+        except HTTPError as e:
+            self._fail(e.status, e.message, e.headers)
+            return
+        if local is not None:
+            self._answer_locally(request, local)
+            return
+        if request.host is None:
+            self._fail(
+                400,
+                "this port is a proxy: send absolute-form requests "
+                "(curl -x http://HOST:PORT http://example.com/)",
+            )
+            return
+        try:
+            target = factory.target(request, self)
+        except HTTPError as e:
+            self._fail(e.status, e.message, e.headers)
+            return
+        self.use_session(target.session)
+        if request.method == b"CONNECT":
+            self._open_tunnel(request, target)
+        else:
+            self._forward(request, target)
+
+    def use_session(self, session: Session | None) -> None:
+        """
+        Count a request against ``session`` and remember it as this connection's.
+        """
+        if session is None:
+            return
+        if session is not self.session:
+            if self.session is not None:
+                self.session.connections.discard(self)
+            self.session = session
+            session.connections.add(self)
+            session.connections_total += 1
+        session.requests += 1
+        session.last_activity = self.last_activity = self.factory.reactor.seconds()
+
+    def _answer_locally(self, request: Request, local: LocalResponse) -> None:
+        self.write(local.data)
+        if local.close or not request.keep_alive or request.method == b"CONNECT":
+            self._fail_quietly()
+            return
+        if request.has_body:
+            # Read and discard the body, then carry on with the next request.
+            self._body = ChunkedFramer() if request.chunked else LengthFramer(
+                request.content_length or 0
+            )
+            self._body_sink = None
+            return
+        self._finish_request()
+
+    def _forward(self, request: Request, target: UpstreamTarget) -> None:
+        from proxymap.dataplane.upstream import UpstreamProtocol
+
+        up = self._upstream
+        if up is None or not up.reusable_for(target):
+            if up is not None:
+                self._upstream = None
+                up.close()
+            up = self._upstream = UpstreamProtocol.connect(self, target)
+        line = b" ".join(
+            (request.method, request.target if target.via_proxy else request.path, b"HTTP/1.1")
+        )
+        extra = []
+        if target.authorization is not None:
+            extra.append(b"Proxy-Authorization: " + target.authorization)
+        if not request.has_host_header:
+            extra.append(b"Host: " + request.authority.encode("idna"))
+        up.send_request(request, build_head(line, request.lines, extra))
+        if request.has_body:
+            self._body = ChunkedFramer() if request.chunked else LengthFramer(
+                request.content_length or 0
+            )
+            self._body_sink = up
+
+    def _feed_body(self, data: bytes) -> bytes:
+        body = self._body
+        assert body is not None
+        try:
+            n = body.feed(data)
+        except HTTPError as e:
+            log.debug("bad request body from {client}: {error}", client=self.client, error=e.message)
+            self.abort()
+            return b""
+        if n:
+            chunk = data if n == len(data) else data[:n]
+            self.bytes_up += n
+            session = self.session
+            sink = self._body_sink
+            if sink is not None:
+                if session is not None:
+                    session.bytes_up += n
+                sink.send(chunk)
+        if body.done:
+            self._body = None
+            if self._body_sink is None and self._request is not None:
+                self._finish_request()
+            self._body_sink = None
+        return data[n:] if n < len(data) else b""
+
+    def _finish_request(self) -> None:
+        self._request = None
+        if self._close_after:
+            self._fail_quietly()
+            return
+        self.resume_reading(flow.PIPELINE)
+        self._process()
+
+    # ------------------------------------------------------------ tunnels
+
+    def _open_tunnel(self, request: Request, target: UpstreamTarget) -> None:
+        from proxymap.dataplane.upstream import UpstreamProtocol
+
+        if self._upstream is not None:
+            up, self._upstream = self._upstream, None
+            up.close()
+        self._upstream = UpstreamProtocol.connect(self, target, tunnel=request)
+
+    def tunnel_ready(self, up: UpstreamProtocol, answer: bytes, early: bytes) -> None:
+        """
+        The upstream accepted the tunnel: answer the client and splice.
+        """
+        self._upstream = None
+        self._tunnel = up
+        self._request = None
+        self.write(answer)
+        if early:
+            up.deliver(early)
+        if self._buffer:
+            data, self._buffer = self._buffer, b""
+            self.bytes_up += len(data)
+            up.transport.write(data)  # type: ignore[union-attr]
+        self.resume_reading(flow.PIPELINE)
+        if self._read_closed:
+            up.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------ upstream events
+
+    def upstream_connected(self, up: UpstreamProtocol) -> None:
+        transport = self.transport
+        if transport is None or self._gone:
+            up.close()
+            return
+        producer = getattr(transport, "producer", None)
+        if producer is not None and producer is not up:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+        transport.registerProducer(up, True)  # type: ignore[attr-defined]
+        up.transport.registerProducer(self, True)  # type: ignore[union-attr]
+
+    def response_done(self, up: UpstreamProtocol) -> None:
+        """
+        The upstream finished the response to the request in flight.
+        """
+        if self._body is not None:
+            # The response came before the whole request body: the rest of
+            # it cannot be told from a next request, so this connection ends.
+            self._close_after = True
+            self._body = None
+            self._body_sink = None
+            if self._upstream is up:
+                self._upstream = None
+            up.close()
+        self._finish_request()
+
+    def upstream_failed(self, up: UpstreamProtocol, status: int, message: str) -> None:
+        """
+        The upstream leg failed before or during a response.
+        """
+        if up is not self._upstream and up is not self._tunnel:
+            return
+        if up.started:
+            # Part of a response is already with the client: all we can do
+            # is cut the connection, so the client sees it incomplete.
+            self.abort()
+            return
+        self._upstream = None
+        self._fail(status, message)
+
+    def upstream_gone(self, up: UpstreamProtocol, clean: bool) -> None:
+        """
+        An upstream connection of ours closed.
+        """
+        transport = self.transport
+        if transport is not None and getattr(transport, "producer", None) is up:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+        self.resume_reading(flow.PEER | flow.CONNECTING)
+        if up is self._tunnel:
+            if clean:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+            else:
+                self.transport.abortConnection()  # type: ignore[union-attr]
+        elif up is self._upstream:
+            self._upstream = None
+
+    # ------------------------------------------------------------ output
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.bytes_down += len(data)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def _fail(self, status: int, message: str, headers: list[bytes] | None = None) -> None:
+        if not self._closing:
+            self.write(error_response(status, message, headers))
+        self._fail_quietly()
+
+    def _fail_quietly(self) -> None:
+        self._closing = True
+        self._request = None
+        self._body = None
+        self._buffer = b""
+        up = self._upstream
+        if up is not None:
+            self._upstream = None
+            up.close()
+        self.resume_reading(flow.PIPELINE)
+        self.transport.loseConnection()  # type: ignore[union-attr]

@@ -1,0 +1,372 @@
+"""
+The upstream leg: a connection to the vendor's gateway (or, for the sandbox
+vendor, to the origin), owned by one client connection.
+
+It carries one request at a time and frames each response so the client leg
+knows when the next pipelined request may go; or, after a CONNECT handshake,
+it is one half of a tunnel.  Response bodies are written to the client as
+they arrive, never collected.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet import error
+from twisted.internet.interfaces import IAddress, IConnector, IHalfCloseableProtocol
+from twisted.internet.protocol import ClientFactory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from proxymap.dataplane import flow
+from proxymap.dataplane.http import (
+    MAX_HEAD_SIZE,
+    ChunkedFramer,
+    HTTPError,
+    LengthFramer,
+    Request,
+    UntilCloseFramer,
+    Response,
+    build_head,
+    parse_response_head,
+)
+
+if TYPE_CHECKING:
+    from proxymap.dataplane.server import ProxyServer, UpstreamTarget
+
+log = Logger()
+
+VENDOR_REJECTED = (
+    "the upstream proxy rejected this session's credentials (407); "
+    "check the mapping's user, pass and username template"
+)
+
+
+class _Connector(ClientFactory):
+    """
+    Builds exactly one :class:`UpstreamProtocol` and reports connect failures to it.
+    """
+
+    noisy = False
+
+    def __init__(self, proto: UpstreamProtocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: IAddress) -> UpstreamProtocol:
+        return self.proto
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.proto.connect_failed(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class UpstreamProtocol(flow.Throttled):
+    """
+    One upstream connection of one client connection.
+    """
+
+    def __init__(
+        self, server: ProxyServer, target: UpstreamTarget, tunnel: Request | None = None
+    ) -> None:
+        self.server = server
+        self.target = target
+        self.key = target.key
+        #: When the connection was made (0 until then).
+        self.connected = 0.0
+        #: True once any byte of the current response went to the client.
+        self.started = False
+        self.connector: IConnector | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._tunnel_request = tunnel
+        self._tunnel = False
+        self._request: Request | None = None
+        self._buffer = b""
+        self._framer: LengthFramer | ChunkedFramer | UntilCloseFramer | None = None
+        self._decode = False
+        self._reusable = True
+        self._lost = False
+        self._read_closed = False
+        self._write_closed = False
+
+    @classmethod
+    def connect(
+        cls, server: ProxyServer, target: UpstreamTarget, tunnel: Request | None = None
+    ) -> UpstreamProtocol:
+        proto = cls(server, target, tunnel)
+        if tunnel is not None:
+            proto._request = tunnel
+        factory = server.factory
+        proto.connector = factory.reactor.connectTCP(
+            target.host, target.port, _Connector(proto), timeout=factory.connect_timeout
+        )
+        return proto
+
+    @property
+    def address(self) -> str:
+        host = self.target.host
+        return f"[{host}]:{self.target.port}" if ":" in host else f"{host}:{self.target.port}"
+
+    # ------------------------------------------------------------ used by the client leg
+
+    def reusable_for(self, target: UpstreamTarget) -> bool:
+        return (
+            self._reusable
+            and not self._lost
+            and self._request is None
+            and self._tunnel_request is None
+            and self.key == target.key
+        )
+
+    def send_request(self, request: Request, head: bytes) -> None:
+        self._request = request
+        self.started = False
+        self.send(head)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > flow.BUFFER_LIMIT:
+            self.server.pause_reading(flow.CONNECTING)
+
+    def deliver(self, data: bytes) -> None:
+        """
+        Write bytes that came from upstream to the client, counting them.
+        """
+        server = self.server
+        n = len(data)
+        server.bytes_down += n
+        server.writes += 1
+        session = server.session
+        if session is not None:
+            session.bytes_down += n
+        server.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """
+        Close after pending writes, or stop connecting.
+        """
+        self._reusable = False
+        if self.transport is not None:
+            self.transport.loseConnection()
+        elif self.connector is not None and not self._lost:
+            self._lost = True
+            self.connector.stopConnecting()
+
+    def abort(self) -> None:
+        self._reusable = False
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        elif self.connector is not None and not self._lost:
+            self._lost = True
+            self.connector.stopConnecting()
+
+    # ------------------------------------------------------------ connection events
+
+    def connect_failed(self, reason: Failure) -> None:
+        if self._lost:  # we stopped connecting ourselves
+            return
+        self._lost = True
+        if reason.check(error.TimeoutError):
+            status, message = 504, f"timed out connecting to the upstream {self.address}"
+        else:
+            status, message = 502, f"cannot connect to the upstream {self.address}"
+        log.info(
+            "{message}: {error}",
+            message=message,
+            error=reason.getErrorMessage(),
+        )
+        server = self.server
+        server.upstream_failed(self, status, message)
+        server.upstream_gone(self, clean=False)
+
+    def connectionMade(self) -> None:
+        server = self.server
+        self.connected = server.factory.reactor.seconds()
+        if server._gone:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        server.upstream_connected(self)
+        tunnel = self._tunnel_request
+        target = self.target
+        if tunnel is not None:
+            if target.via_proxy:
+                extra = [b"Host: " + tunnel.target]
+                if target.authorization is not None:
+                    extra.append(b"Proxy-Authorization: " + target.authorization)
+                self.transport.write(  # type: ignore[union-attr]
+                    build_head(b"CONNECT " + tunnel.target + b" HTTP/1.1", [], extra)
+                )
+            else:
+                self._start_tunnel(b"HTTP/1.1 200 Connection established\r\n\r\n", b"")
+        if self._pending:
+            self.transport.write(b"".join(self._pending))  # type: ignore[union-attr]
+            self._pending = []
+            self._pending_size = 0
+        server.resume_reading(flow.CONNECTING)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tunnel:
+            self.deliver(data)
+            return
+        if self._framer is not None:
+            data = self._feed(data)
+            if not data:
+                return
+        if self._request is None:
+            # Bytes nobody asked for: this connection cannot be trusted again.
+            self._reusable = False
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._buffer += data
+        self._parse()
+
+    def _parse(self) -> None:
+        server = self.server
+        while self._request is not None and self._framer is None and not self._tunnel:
+            buf = self._buffer
+            end = buf.find(b"\r\n\r\n")
+            if end == -1:
+                if len(buf) > MAX_HEAD_SIZE:
+                    self._give_up(502, "the upstream sent an oversized response head")
+                return
+            self._buffer = buf[end + 4 :]
+            request = self._request
+            try:
+                response = parse_response_head(buf[:end], request.method)
+            except HTTPError as e:
+                self._give_up(e.status, e.message)
+                return
+            status = response.status
+            if status == 407:
+                log.warn(
+                    "upstream {upstream} rejected the credentials of session {session}",
+                    upstream=self.address,
+                    session=server.session.id if server.session else None,
+                )
+                self._give_up(502, VENDOR_REJECTED)
+                return
+            if request.method == b"CONNECT":
+                if 200 <= status < 300:
+                    early, self._buffer = self._buffer, b""
+                    answer = build_head(b"HTTP/1.1 %d %s" % (status, response.reason), [])
+                    self._start_tunnel(answer, early)
+                else:
+                    reason = response.reason.decode("latin-1")
+                    self._give_up(status, f"the upstream refused the tunnel: {status} {reason}")
+                return
+            if status < 200:
+                if status == 101:
+                    self._give_up(502, "the upstream switched protocols unasked")
+                    return
+                if request.version == b"HTTP/1.1":
+                    self.started = True
+                    self.deliver(build_head(b"HTTP/1.1 %d %s" % (status, response.reason),
+                                            response.lines))
+                continue
+            self._respond(request, response)
+            if self._framer is not None and self._buffer:
+                rest, self._buffer = self._buffer, b""
+                self._buffer = self._feed(rest)
+
+    def _respond(self, request: Request, response: Response) -> None:
+        server = self.server
+        lines = response.lines
+        decode = response.chunked and request.version == b"HTTP/1.0"
+        keep = request.keep_alive and not response.until_close and not decode
+        if decode:
+            lines = [line for line in lines if line[:18].lower() != b"transfer-encoding:"]
+        if not keep:
+            server._close_after = True
+            extra = [b"Connection: close"]
+        elif request.version == b"HTTP/1.0":
+            extra = [b"Connection: keep-alive"]
+        else:
+            extra = []
+        self._reusable = response.keep_alive
+        self.started = True
+        self.deliver(
+            build_head(b"HTTP/1.1 %d %s" % (response.status, response.reason), lines, extra)
+        )
+        if response.chunked:
+            self._framer = ChunkedFramer(decode=decode)
+            self._decode = decode
+        elif response.until_close:
+            self._framer = UntilCloseFramer()
+        else:
+            self._framer = LengthFramer(response.content_length or 0)
+            if self._framer.done:
+                self._complete()
+
+    def _feed(self, data: bytes) -> bytes:
+        framer = self._framer
+        assert framer is not None
+        try:
+            n = framer.feed(data)
+        except HTTPError:
+            log.info("upstream {upstream} sent a malformed body", upstream=self.address)
+            self.server.abort()
+            return b""
+        if self._decode:
+            assert isinstance(framer, ChunkedFramer)
+            for piece in framer.decoded:
+                self.deliver(piece)
+            framer.decoded.clear()
+        elif n:
+            self.deliver(data if n == len(data) else data[:n])
+        if framer.done:
+            self._complete()
+            return data[n:]
+        return b""
+
+    def _complete(self) -> None:
+        self._framer = None
+        self._request = None
+        self._decode = False
+        if not self._reusable:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        self.server.response_done(self)
+
+    def _start_tunnel(self, answer: bytes, early: bytes) -> None:
+        self._tunnel = True
+        self._request = None
+        self._tunnel_request = None
+        self.server.tunnel_ready(self, answer, early)
+
+    def _give_up(self, status: int, message: str) -> None:
+        self._reusable = False
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._request = None
+        self.server.upstream_failed(self, status, message)
+
+    # ------------------------------------------------------------ closing
+
+    def readConnectionLost(self) -> None:
+        self._read_closed = True
+        if self._tunnel:
+            self.server.transport.loseWriteConnection()  # type: ignore[union-attr]
+            if self._write_closed:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        self._write_closed = True
+        if self._read_closed:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._reusable = False
+        server = self.server
+        clean = bool(reason.check(error.ConnectionDone))
+        if isinstance(self._framer, UntilCloseFramer):
+            self._framer.done = True
+            self._complete()
+        elif self._request is not None:
+            server.upstream_failed(self, 502, "the upstream closed the connection")
+        server.upstream_gone(self, clean)

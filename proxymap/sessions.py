@@ -1,0 +1,326 @@
+"""
+The session registry: the current sticky session of every mapped port.
+
+A port has at most one current session.  It is created lazily, by the first
+proxied request (or Session API call) that finds none, and expires a fixed
+lifetime after creation; expiry is a ``callLater`` on the injected clock, and
+the delayed call is cancelled whenever the session ends early.  After a
+session ends the port has none until something asks again.
+
+Other parts of proxymap (the admin API, vendor release, metrics) watch sessions
+start and end through :meth:`SessionRegistry.subscribe`.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from proxymap.config import MappingConfig, SessionIdSpec
+from proxymap.credentials import basic_authorization
+
+log = Logger()
+
+#: How many fresh ids we draw before deciding the id space is exhausted.
+MAX_ID_ATTEMPTS = 100
+
+
+class EndReason(enum.Enum):
+    """
+    Why a session ended.
+    """
+
+    EXPIRED = "expired"
+    RESET = "reset"
+    RENEWED = "renewed"
+    CLOSED = "closed"
+    RELEASED = "released"
+
+
+class SessionConnection(Protocol):
+    """
+    What the registry needs of a client connection using a session.
+    """
+
+    def abort(self) -> None:
+        """
+        Close the client connection and its upstream connection now.
+        """
+
+
+class SessionObserver(Protocol):
+    """
+    Something told when sessions start and end.
+    """
+
+    def session_started(self, session: Session) -> None: ...
+
+    def session_ended(self, session: Session, reason: EndReason) -> None: ...
+
+
+class NoSuchPort(KeyError):
+    """
+    The port is not mapped.
+    """
+
+
+class IdSpaceExhausted(RuntimeError):
+    """
+    No unused session id could be drawn.
+    """
+
+
+def secure_id(spec: SessionIdSpec) -> str:
+    """
+    A session id drawn with :mod:`secrets` from the spec's alphabet.
+    """
+    alphabet = spec.alphabet
+    return "".join(secrets.choice(alphabet) for _ in range(spec.length))
+
+
+@attrs.frozen
+class PortPolicy:
+    """
+    Everything the registry needs to know to make a port's sessions: which
+    mapping it belongs to, the lifetime, how ids look and how they are spelled
+    into upstream credentials.
+    """
+
+    mapping: MappingConfig
+
+    def credentials(self, session_id: str, port: int) -> tuple[str, str]:
+        mapping = self.mapping
+        values = {
+            "user": mapping.user,
+            "pass": mapping.password.value,
+            "session": session_id,
+            "port": str(port),
+        }
+        return mapping.username.render(values), mapping.password_template.render(values)
+
+
+@attrs.define(eq=False)
+class Session:
+    """
+    One sticky session: an id, rendered into upstream credentials, owned by a port.
+
+    Counters are plain attributes that the data plane increments; they count
+    what passed while this was the session in use.
+    """
+
+    id: str
+    port: int
+    mapping: str
+    created: float
+    expires: float
+    username: str
+    #: The ``Proxy-Authorization`` value sent upstream (holds the password).
+    authorization: bytes = attrs.field(repr=False)
+    last_activity: float
+    requests: int = 0
+    connections_total: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    ended: EndReason | None = None
+    ended_at: float | None = None
+    connections: set[SessionConnection] = attrs.field(factory=set, repr=False)
+    _expiry: IDelayedCall | None = attrs.field(default=None, repr=False, alias="expiry")
+
+    @property
+    def live(self) -> bool:
+        return self.ended is None
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires - self.created
+
+
+@attrs.define
+class SessionRegistry(Service):
+    """
+    The current session of each port, with expiry on ``clock``.
+    """
+
+    clock: IReactorTime
+    new_id: Callable[[SessionIdSpec], str] = secure_id
+    _policies: dict[int, PortPolicy] = attrs.field(factory=dict, init=False)
+    _current: dict[int, Session] = attrs.field(factory=dict, init=False)
+    _by_id: dict[str, Session] = attrs.field(factory=dict, init=False)
+    _observers: list[SessionObserver] = attrs.field(factory=list, init=False)
+
+    # Service's own attributes, which attrs would otherwise not know about.
+    name: str | None = attrs.field(default="sessions", init=False)
+    parent: object = attrs.field(default=None, init=False)
+    running: int = attrs.field(default=0, init=False)
+
+    def add_port(self, port: int, policy: PortPolicy) -> None:
+        """
+        Map ``port``: from now on it has sessions made by ``policy``.
+        """
+        self._policies[port] = policy
+
+    def ports(self) -> list[int]:
+        return list(self._policies)
+
+    def policy(self, port: int) -> PortPolicy:
+        try:
+            return self._policies[port]
+        except KeyError:
+            raise NoSuchPort(port) from None
+
+    def subscribe(self, observer: SessionObserver) -> Callable[[], None]:
+        """
+        Tell ``observer`` about every session start and end; returns a
+        callable that stops that.
+        """
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    # ------------------------------------------------------------ queries
+
+    def current(self, port: int) -> Session:
+        """
+        The port's current session, created now if it has none.
+        """
+        session = self._current.get(port)
+        if session is None:
+            session = self._create(port)
+        return session
+
+    def peek(self, port: int) -> Session | None:
+        """
+        The port's current session, or ``None``; never creates one.
+        """
+        self.policy(port)
+        return self._current.get(port)
+
+    def get(self, session_id: str) -> Session | None:
+        """
+        The live session with this id, if any.
+        """
+        return self._by_id.get(session_id)
+
+    def list(self) -> list[Session]:
+        """
+        Every live session, in port order.
+        """
+        return [self._current[port] for port in sorted(self._current)]
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(self.list())
+
+    # ------------------------------------------------------------ changes
+
+    def end(self, session_id: str, reason: EndReason) -> Session | None:
+        """
+        End the live session ``session_id``; returns it, or ``None`` if no
+        such session is live.  Connections using it are not closed here:
+        closing them is the caller's choice (see :meth:`close`).
+        """
+        session = self._by_id.pop(session_id, None)
+        if session is None:
+            return None
+        del self._current[session.port]
+        if session._expiry is not None and session._expiry.active():
+            session._expiry.cancel()
+        session._expiry = None
+        session.ended = reason
+        session.ended_at = self.clock.seconds()
+        log.info(
+            "session {session_id} of port {port} ended: {reason}",
+            session_id=session.id,
+            port=session.port,
+            reason=reason.value,
+        )
+        for observer in list(self._observers):
+            try:
+                observer.session_ended(session, reason)
+            except Exception:
+                log.failure("session observer {observer!r} failed", observer=observer)
+        return session
+
+    def close(self, session_id: str, reason: EndReason = EndReason.CLOSED) -> Session | None:
+        """
+        End the session and abort every client connection still using it.
+        """
+        session = self.end(session_id, reason)
+        if session is not None:
+            for connection in list(session.connections):
+                connection.abort()
+        return session
+
+    def reset(self, port: int) -> Session | None:
+        """
+        End the port's current session, if it has one; the next request makes a new one.
+        """
+        session = self.peek(port)
+        if session is None:
+            return None
+        return self.end(session.id, EndReason.RESET)
+
+    def renew(self, port: int) -> Session:
+        """
+        Replace the port's current session by a new one, now.
+        """
+        session = self.peek(port)
+        if session is not None:
+            self.end(session.id, EndReason.RENEWED)
+        return self._create(port)
+
+    def _create(self, port: int) -> Session:
+        policy = self.policy(port)
+        mapping = policy.mapping
+        for _ in range(MAX_ID_ATTEMPTS):
+            session_id = self.new_id(mapping.session_id)
+            if session_id not in self._by_id:
+                break
+        else:
+            raise IdSpaceExhausted(f"no unused session id after {MAX_ID_ATTEMPTS} draws")
+        username, password = policy.credentials(session_id, port)
+        now = self.clock.seconds()
+        session = Session(
+            id=session_id,
+            port=port,
+            mapping=mapping.name,
+            created=now,
+            expires=now + mapping.lifetime,
+            username=username,
+            authorization=basic_authorization(username, password),
+            last_activity=now,
+        )
+        session._expiry = self.clock.callLater(
+            mapping.lifetime, self.end, session_id, EndReason.EXPIRED
+        )
+        self._current[port] = session
+        self._by_id[session_id] = session
+        log.info(
+            "session {session_id} started on port {port} ({mapping})",
+            session_id=session_id,
+            port=port,
+            mapping=mapping.name,
+        )
+        for observer in list(self._observers):
+            try:
+                observer.session_started(session)
+            except Exception:
+                log.failure("session observer {observer!r} failed", observer=observer)
+        return session
+
+    # ------------------------------------------------------------ service
+
+    def stopService(self) -> None:
+        """
+        Cancel every pending expiry; the sessions themselves stay as they are.
+        """
+        for session in self._current.values():
+            if session._expiry is not None and session._expiry.active():
+                session._expiry.cancel()
+            session._expiry = None
+        Service.stopService(self)

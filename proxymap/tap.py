@@ -1,0 +1,198 @@
+"""
+``twistd proxymap`` / ``twist proxymap``: command-line options and service assembly.
+
+:func:`makeService` returns a :class:`ProxymapService` holding the session
+registry and one listening service per mapped port (plus, with ``--demo``,
+the sandbox vendor).  The reactor is a parameter so tests can assemble the
+whole service on a ``MemoryReactorClock``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
+from twisted.python import usage
+
+from proxymap.config import Config, ConfigError, load_config, parse_config
+from proxymap.dataplane.port import PortFactory
+from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
+from proxymap.sessions import PortPolicy, SessionRegistry
+
+log = Logger()
+
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo-secret"  # noqa: S105 - the sandbox's public demo password
+
+
+def endpoint_string(port: int, bind: str) -> str:
+    """
+    The server endpoint description for ``bind:port``.
+    """
+    return f"tcp:{port}:interface={bind.replace(':', chr(92) + ':')}"
+
+
+def demo_config(ports: str, sandbox_port: int) -> Config:
+    """
+    The configuration ``--demo`` runs: one mapping onto the sandbox vendor.
+    """
+    return parse_config(
+        {
+            "mapping": [
+                {
+                    "name": "sandbox",
+                    "ports": ports,
+                    "upstream": f"http://127.0.0.1:{sandbox_port}",
+                    "user": DEMO_USER,
+                    "pass": DEMO_PASSWORD,
+                    "lifetime": "60s",
+                }
+            ],
+            "session_api": {"enabled": True, "domain": "portmapper"},
+        },
+        env={},
+    )
+
+
+class Options(usage.Options):
+    """
+    proxymap's command line.
+    """
+
+    synopsis = "[--config FILE | --demo]"
+    longdesc = (
+        "Serve every port of the configured ranges as a forward proxy with its own "
+        "sticky session at the upstream vendor. With --demo, run against the built-in "
+        "sandbox vendor (no account, no internet needed)."
+    )
+    optParameters = [
+        ["config", "c", None, "The TOML configuration file."],
+        ["demo-ports", None, "10201-10210", "Ports of the demo mapping."],
+        ["demo-sandbox-port", None, "10200", "Port of the demo's sandbox vendor.", int],
+    ]
+    optFlags = [["demo", None, "Run the demo on the built-in sandbox vendor."]]
+
+    def postOptions(self) -> None:
+        if self["demo"] and self["config"]:
+            raise usage.UsageError("give either --config or --demo, not both")
+        if not self["demo"] and not self["config"]:
+            raise usage.UsageError("give --config FILE (or --demo to try proxymap out)")
+        try:
+            if self["demo"]:
+                self.config = demo_config(self["demo-ports"], self["demo-sandbox-port"])
+            else:
+                self.config = load_config(self["config"])
+        except ConfigError as e:
+            # One line naming the key and the problem; no usage text, no traceback.
+            where = self["config"] or "--demo"
+            raise SystemExit(f"proxymap: {where}: {e}") from None
+
+
+class _Listener(StreamServerEndpointService):
+    """
+    A listening port that fails start-up synchronously when it cannot bind.
+    """
+
+    def __init__(self, endpoint: Any, factory: IProtocolFactory, description: str) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.description = description
+
+
+class ProxymapService(MultiService):
+    """
+    The whole proxymap: the registry and every listener.
+    """
+
+    def __init__(self, registry: SessionRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+        registry.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        self._loudly(super().privilegedStartService)
+
+    def startService(self) -> None:
+        self._loudly(super().startService)
+
+    @staticmethod
+    def _loudly(start: Any) -> None:
+        try:
+            start()
+        except CannotListenError as e:
+            address = f"{e.interface or '0.0.0.0'}:{e.port}"  # noqa: S104 - a message, not a bind
+            raise SystemExit(f"proxymap: cannot listen on {address}: {e.socketError}") from None
+
+    def listeners(self) -> list[_Listener]:
+        return [s for s in self if isinstance(s, _Listener)]
+
+
+class _Banner(Service):
+    """
+    Logs what to try once the demo is listening.
+    """
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def startService(self) -> None:
+        super().startService()
+        for line in self.lines:
+            log.info("{line}", line=line)
+
+
+def makeService(options: Options, reactor: Any = None) -> ProxymapService:
+    """
+    Assemble proxymap from parsed options.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    config: Config = options.config
+    registry = SessionRegistry(clock=reactor)
+    root = ProxymapService(registry)
+
+    if options["demo"]:
+        sandbox_port = options["demo-sandbox-port"]
+        vendor = SandboxVendor(user=DEMO_USER, password=DEMO_PASSWORD)
+        root.sandbox = vendor  # type: ignore[attr-defined]
+        _Listener(
+            serverFromString(reactor, endpoint_string(sandbox_port, "127.0.0.1")),
+            vendor.factory(reactor),
+            "sandbox vendor",
+        ).setServiceParent(root)
+
+    for mapping in config.mappings:
+        policy = PortPolicy(mapping)
+        for port in mapping.ports:
+            registry.add_port(port, policy)
+            _Listener(
+                serverFromString(reactor, endpoint_string(port, mapping.bind)),
+                PortFactory(reactor, registry, port, mapping),
+                f"{mapping.name} port {port}",
+            ).setServiceParent(root)
+
+    if options["demo"]:
+        first = config.mappings[0]
+        p1, p2 = first.ports[0], first.ports[min(1, len(first.ports) - 1)]
+        _Banner(
+            [
+                f"proxymap demo: sandbox vendor on 127.0.0.1:{options['demo-sandbox-port']}, "
+                f"sticky ports 127.0.0.1:{first.ports[0]}-{first.ports[-1]}, "
+                f"sessions last {first.lifetime:g}s",
+                f"  curl -x http://127.0.0.1:{p1} http://{SANDBOX_HOST}/json   "
+                "# the same exit every time",
+                f"  curl -x http://127.0.0.1:{p2} http://{SANDBOX_HOST}/json   "
+                "# another port, another exit",
+                f"  curl -x http://127.0.0.1:{p1} http://portmapper/session/new   "
+                "# a new session for this port",
+            ]
+        ).setServiceParent(root)
+    return root
+
