@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping as MappingABC
+from collections.abc import Mapping as MappingABC
 from pathlib import Path
 from typing import Any
 
@@ -436,17 +436,13 @@ def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = 
     return Config(mappings=mappings, session_api=api, admin=admin)
 
 
-def load_config(
-    path: str | os.PathLike[str],
-    env: MappingABC[str, str] | None = None,
-    read: Callable[[Path], bytes] = Path.read_bytes,
-) -> Config:
+def load_config(path: str | os.PathLike[str], env: MappingABC[str, str] | None = None) -> Config:
     """
     Read and validate a configuration file.
     """
     path = Path(path)
     try:
-        raw = read(path)
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError("", f"cannot read {path}: {e.strerror or e}") from None
     try:

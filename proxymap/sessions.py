@@ -142,7 +142,7 @@ class Session:
         return self.expires - self.created
 
 
-@attrs.define
+@attrs.define(eq=False)
 class SessionRegistry(Service):
     """
     The current session of each port, with expiry on ``clock``.
@@ -295,9 +295,7 @@ class SessionRegistry(Service):
             authorization=basic_authorization(username, password),
             last_activity=now,
         )
-        session._expiry = self.clock.callLater(
-            mapping.lifetime, self.end, session_id, EndReason.EXPIRED
-        )
+        self._schedule(session)
         self._current[port] = session
         self._by_id[session_id] = session
         log.info(
@@ -313,7 +311,20 @@ class SessionRegistry(Service):
                 log.failure("session observer {observer!r} failed", observer=observer)
         return session
 
+    def _schedule(self, session: Session) -> None:
+        delay = max(0.0, session.expires - self.clock.seconds())
+        session._expiry = self.clock.callLater(delay, self.end, session.id, EndReason.EXPIRED)
+
     # ------------------------------------------------------------ service
+
+    def startService(self) -> None:
+        """
+        Re-arm the expiry of sessions that outlived a stop.
+        """
+        Service.startService(self)
+        for session in self._current.values():
+            if session._expiry is None:
+                self._schedule(session)
 
     def stopService(self) -> None:
         """

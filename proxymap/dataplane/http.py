@@ -90,6 +90,16 @@ class Request:
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def host_header(self) -> bytes:
+        """
+        The Host field for a client that sent none (HTTP/1.0), from the target.
+        """
+        authority = self.authority
+        if self.port == 80:
+            authority = authority.rsplit(":", 1)[0]
+        return authority.encode("idna")
+
 
 @attrs.define(slots=True)
 class Response:

@@ -353,7 +353,7 @@ class ProxyServer(flow.Throttled):
         if target.authorization is not None:
             extra.append(b"Proxy-Authorization: " + target.authorization)
         if not request.has_host_header:
-            extra.append(b"Host: " + request.authority.encode("idna"))
+            extra.append(b"Host: " + request.host_header)
         up.send_request(request, build_head(line, request.lines, extra))
         if request.has_body:
             self._body = ChunkedFramer() if request.chunked else LengthFramer(

@@ -1,0 +1,46 @@
+"""
+Shared fixtures.
+
+Every test fails if it logged an unexpected failure (``log.failure`` or an
+error-level event with a traceback): errors that Twisted catches and logs
+would otherwise pass silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.logger import LogLevel, globalLogPublisher
+
+
+class LoggedFailures(list[dict[str, Any]]):
+    """
+    The failure events logged during a test; a test that provokes one on
+    purpose removes it with :meth:`expect`.
+    """
+
+    def expect(self, exception_type: type[BaseException]) -> list[dict[str, Any]]:
+        matching = [e for e in self if e["log_failure"].check(exception_type)]
+        for event in matching:
+            self.remove(event)
+        return matching
+
+
+@pytest.fixture(autouse=True)
+def logged_failures() -> Iterator[LoggedFailures]:
+    failures = LoggedFailures()
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event and event.get("log_level", LogLevel.error) >= LogLevel.error:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield failures
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    if failures:
+        messages = [e["log_failure"].getTraceback() for e in failures]
+        pytest.fail("unexpected failures were logged:\n" + "\n".join(messages))

@@ -1,0 +1,116 @@
+"""
+Test helpers: a mapped port on a MemoryReactorClock, driven through StringTransports.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from proxymap.config import MappingConfig, SessionIdSpec, parse_config
+from proxymap.credentials import basic_authorization
+from proxymap.dataplane.port import PortFactory
+from proxymap.dataplane.server import ProxyServer
+from proxymap.dataplane.upstream import UpstreamProtocol
+from proxymap.sessions import PortPolicy, SessionRegistry
+
+UPSTREAM_HOST = "gw.example.com"
+UPSTREAM_PORT = 10000
+PORT = 10201
+
+
+def mapping(**overrides: Any) -> MappingConfig:
+    """
+    A validated mapping onto ``gw.example.com:10000`` as user alice.
+    """
+    raw = {
+        "name": "vendor-a",
+        "ports": "10201-10203",
+        "upstream": f"http://{UPSTREAM_HOST}:{UPSTREAM_PORT}",
+        "user": "alice",
+        "pass": "s3cret",
+        "lifetime": "10m",
+    }
+    raw.update(overrides)
+    return parse_config({"mapping": [raw]}, env={}).mappings[0]
+
+
+def counting_ids() -> Any:
+    """
+    A deterministic id source: ``sess0001``, ``sess0002``, ...
+    """
+    counter = itertools.count(1)
+
+    def new_id(spec: SessionIdSpec) -> str:
+        return f"sess{next(counter):04d}"
+
+    return new_id
+
+
+def creds(session_id: str, user: str = "alice", password: str = "s3cret") -> bytes:
+    """
+    The Proxy-Authorization value proxymap sends for ``session_id``.
+    """
+    return basic_authorization(f"{user}-session-{session_id}", password)
+
+
+class Harness:
+    """
+    A registry and mapped ports on a MemoryReactorClock.
+    """
+
+    def __init__(self, **overrides: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.mapping = mapping(**overrides)
+        self.registry = SessionRegistry(clock=self.reactor, new_id=counting_ids())
+        policy = PortPolicy(self.mapping)
+        self.factories = {}
+        for port in self.mapping.ports:
+            self.registry.add_port(port, policy)
+            self.factories[port] = PortFactory(self.reactor, self.registry, port, self.mapping)
+        self.factory = self.factories[PORT]
+
+    def client(self, port: int = PORT) -> tuple[ProxyServer, StringTransport]:
+        """
+        A client connection to ``port``.
+        """
+        proto = self.factories[port].buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def upstream(self, index: int = -1) -> tuple[UpstreamProtocol, StringTransport]:
+        """
+        Complete the ``index``-th outgoing connection the data plane started.
+        """
+        host, port, connector_factory, timeout, bind = self.reactor.tcpClients[index]
+        proto = connector_factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def fail_connect(self, reason: Exception, index: int = -1) -> None:
+        from twisted.python.failure import Failure
+
+        connector_factory = self.reactor.tcpClients[index][2]
+        connector_factory.clientConnectionFailed(None, Failure(reason))
+
+
+def head_of(data: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """
+    Split a message into its first line, header lines and the rest.
+    """
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    return lines[0], lines[1:], rest
+
+
+def header(lines: list[bytes], name: bytes) -> list[bytes]:
+    """
+    The values of header ``name`` among ``lines``.
+    """
+    prefix = name.lower() + b":"
+    return [line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(prefix)]

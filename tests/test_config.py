@@ -1,0 +1,161 @@
+"""
+Configuration: valid files load; every problem is one message naming its key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxymap.config import (
+    ConfigError,
+    Secret,
+    expand_alphabet,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_ports,
+)
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "proxymap.toml"
+
+
+def base(**overrides: Any) -> dict[str, Any]:
+    m = {"ports": "10201-10203", "upstream": "http://gw.example.com:10000", "user": "alice",
+         "pass": "s3cret"}
+    m.update(overrides)
+    return {"mapping": [m]}
+
+
+def error(data: dict[str, Any], env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, env=env or {})
+    return str(e.value)
+
+
+def test_defaults() -> None:
+    c = parse_config(base(), env={})
+    m = c.mappings[0]
+    assert m.name == "mapping-0"
+    assert m.ports == (10201, 10202, 10203)
+    assert m.bind == "127.0.0.1"
+    assert (m.upstream.host, m.upstream.port) == ("gw.example.com", 10000)
+    assert m.lifetime == 600
+    assert m.session_id.length == 8 and len(m.session_id.alphabet) == 52
+    assert m.username.source == "{user}-session-{session}"
+    assert m.password_template.source == "{pass}"
+    assert c.session_api.enabled is False and c.session_api.domain == "portmapper"
+    assert c.admin.listen == "tcp:8700:interface=127.0.0.1"
+
+
+def test_example_file_loads() -> None:
+    c = load_config(EXAMPLE, env={"VENDOR_A_PASSWORD": "x"})
+    assert c.mappings[0].name == "vendor-a"
+    assert len(c.mappings[0].ports) == 100
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10m", 600), ("90s", 90), ("1h30m", 5400), ("250ms", 0.25), (45, 45), ("1.5m", 90)],
+)
+def test_durations(text: Any, seconds: float) -> None:
+    assert parse_duration(text, "k") == seconds
+
+
+@pytest.mark.parametrize("bad", ["10", "m", "10 minutes", "-5s", "0s", True, [1]])
+def test_bad_durations(bad: Any) -> None:
+    with pytest.raises(ConfigError):
+        parse_duration(bad, "k")
+
+
+def test_ports_forms() -> None:
+    assert parse_ports([10201, "10300-10302"], "k") == (10201, 10300, 10301, 10302)
+    assert parse_ports(8080, "k") == (8080,)
+
+
+def test_alphabet_ranges() -> None:
+    assert expand_alphabet("a-c0-2", "k") == "abc012"
+    assert expand_alphabet("A-Za-z0-9_", "k").endswith("9_")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "mapping: at least one [[mapping]] is required"),
+        ({"mapping": [], "x": 1}, "x: unknown key"),
+        (base(colour="red"), "mapping[0].colour: unknown key"),
+        (base(ports="10300-10201"), "mapping[0].ports: range '10300-10201' ends before it starts"),
+        (base(ports="abc"), "mapping[0].ports: 'abc' is not a port or a range"),
+        (base(ports=[70000]), "mapping[0].ports: port 70000 is outside 1-65535"),
+        (base(ports=[1, 1]), "mapping[0].ports: port 1 is listed twice"),
+        (base(upstream="socks4://h:1"), "mapping[0].upstream: unsupported scheme 'socks4'"),
+        (base(upstream="http://u:p@h:1"), "mapping[0].upstream: put upstream credentials"),
+        (base(upstream="nonsense"), "mapping[0].upstream: 'nonsense' is not a URL"),
+        (base(lifetime="soon"), "mapping[0].lifetime: 'soon' is not a duration"),
+        (base(username="{user}-{sesion}"), "mapping[0].username: unknown placeholder {sesion}"),
+        (base(username="{user}"), "mapping[0].username: neither username nor password"),
+        (base(username="{user}:{session}"), "mapping[0].username: the rendered username contains"),
+        (base(username="{user}-session-{session"), "mapping[0].username: unmatched '{'"),
+        (base(session_id={"length": 2}), "mapping[0].session_id.length: must be between 4 and 64"),
+        (base(session_id={"alphabet": "a:b"}), "mapping[0].session_id.alphabet: character ':'"),
+        (base(session_id={"size": 8}), "mapping[0].session_id.size: unknown key"),
+        (base(bind=5), "mapping[0].bind: expected a string"),
+        (base(name="has space"), "mapping[0].name: use letters"),
+        (base(upstream=None), "mapping[0].upstream: expected a URL"),
+        ({"mapping": [{"ports": "1-2"}]}, "mapping[0].upstream: is required"),
+        (base(**{"pass": "env:NOPE"}), "mapping[0].pass: environment variable NOPE is not set"),
+        ({"session_api": {"domain": "bad domain"}, **base()}, "session_api.domain: 'bad domain'"),
+        ({"admin": {"port": 1}, **base()}, "admin.port: unknown key"),
+        (base(user="u" * 300), "mapping[0].username: renders longer than 255 bytes"),
+    ],
+)
+def test_errors_name_the_key(data: dict[str, Any], message: str) -> None:
+    assert error(data).startswith(message)
+
+
+def test_overlapping_ports_between_mappings() -> None:
+    data = base(name="a")
+    data["mapping"].append(dict(data["mapping"][0], name="b", ports="10203-10210"))
+    assert error(data) == "mapping[1].ports: port 10203 is also mapped by 'a'"
+
+
+def test_duplicate_mapping_names() -> None:
+    data = base(name="a")
+    data["mapping"].append(dict(data["mapping"][0], ports="20000"))
+    assert error(data) == "mapping[1].name: 'a' is used twice"
+
+
+def test_secret_references(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("from-file\n")
+    c = parse_config(base(**{"pass": f"file:{tmp_path / 'pw'}"}), env={})
+    assert c.mappings[0].password.value == "from-file"
+    c = parse_config(base(**{"pass": "env:PW"}), env={"PW": "from-env"})
+    assert c.mappings[0].password.value == "from-env"
+    missing = tmp_path / "missing"
+    assert error(base(**{"pass": f"file:{missing}"})).startswith(
+        f"mapping[0].pass: cannot read {missing}"
+    )
+
+
+def test_secrets_never_in_repr() -> None:
+    c = parse_config(base(**{"pass": "hunter2-very-secret"}), env={})
+    assert "hunter2" not in repr(c)
+    assert "hunter2" not in str(Secret("hunter2"))
+
+
+def test_session_api_override_per_mapping() -> None:
+    data = base(session_api={"domain": "ctl.local"})
+    data["session_api"] = {"enabled": True}
+    m = parse_config(data, env={}).mappings[0]
+    assert m.session_api.enabled is True and m.session_api.domain == "ctl.local"
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[mapping]\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")

@@ -1,0 +1,619 @@
+"""
+The data plane in memory: a mapped port's client and upstream legs on
+StringTransports and a MemoryReactorClock, and tunnels over iosim.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
+from twisted.python.failure import Failure
+from twisted.test import iosim
+
+from proxymap.dataplane.http import MAX_HEAD_SIZE
+from proxymap.sessions import EndReason
+
+from .helpers import PORT, UPSTREAM_HOST, UPSTREAM_PORT, Harness, creds, head_of, header
+
+GET = b"GET http://example.com/page?q=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
+
+
+def test_forwards_absolute_form_with_session_credentials() -> None:
+    """
+    A request goes to the vendor's gateway in absolute form, carrying the
+    port's session credentials and none of the client's proxy fields.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(
+        b"GET http://example.com/a HTTP/1.1\r\nHost: example.com\r\n"
+        b"Proxy-Authorization: Basic Y2xpZW50OnNlY3JldA==\r\nProxy-Connection: keep-alive\r\n\r\n"
+    )
+    assert [(c[0], c[1]) for c in h.reactor.tcpClients] == [(UPSTREAM_HOST, UPSTREAM_PORT)]
+    up, upstream = h.upstream()
+    first, lines, rest = head_of(upstream.value())
+    assert first == b"GET http://example.com/a HTTP/1.1"
+    assert header(lines, b"proxy-authorization") == [creds("sess0001")]
+    assert header(lines, b"proxy-connection") == []
+    assert header(lines, b"host") == [b"example.com"]
+    assert rest == b""
+
+    up.dataReceived(OK)
+    first, lines, body = head_of(client.value())
+    assert first == b"HTTP/1.1 200 OK"
+    assert body == b"hello"
+    assert not client.disconnecting
+
+
+def test_keep_alive_reuses_upstream_connection() -> None:
+    """
+    Requests of one session on one client connection share one upstream connection.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    up.dataReceived(OK)
+    proto.dataReceived(GET)
+    assert len(h.reactor.tcpClients) == 1
+    assert upstream.value().count(b"GET http://example.com/page?q=1") == 2
+    up.dataReceived(OK)
+    assert client.value().count(b"hello") == 2
+    session = h.registry.current(PORT)
+    assert session.requests == 2
+    assert proto.requests == 2
+
+
+def test_rotation_opens_new_upstream_connection() -> None:
+    """
+    After the session expires, the next request on the same client connection
+    uses a new upstream connection with the new session's credentials, and the
+    old upstream connection is closed.
+    """
+    h = Harness(lifetime="90s")
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    old, old_transport = h.upstream()
+    old.dataReceived(OK)
+    h.reactor.advance(90)
+    assert h.registry.peek(PORT) is None
+
+    proto.dataReceived(GET)
+    assert len(h.reactor.tcpClients) == 2
+    assert old_transport.disconnecting
+    new, new_transport = h.upstream()
+    _, lines, _ = head_of(new_transport.value())
+    assert header(lines, b"proxy-authorization") == [creds("sess0002")]
+    new.dataReceived(OK)
+    assert client.value().count(b"hello") == 2
+
+
+def test_each_port_has_its_own_session() -> None:
+    """
+    Two ports of one mapping send different session credentials.
+    """
+    h = Harness()
+    seen = []
+    for port in (10201, 10202):
+        proto, _ = h.client(port)
+        proto.dataReceived(GET)
+        _, upstream = h.upstream()
+        seen.append(header(head_of(upstream.value())[1], b"proxy-authorization"))
+    assert seen == [[creds("sess0001")], [creds("sess0002")]]
+
+
+def test_pipelined_requests_answered_in_order() -> None:
+    """
+    Pipelined requests wait until the response before them is complete, so
+    responses come back in request order.
+    """
+    h = Harness()
+    proto, client = h.client()
+    a = b"GET http://example.com/a HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    b = b"GET http://example.com/b HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    proto.dataReceived(a + b)
+    up, upstream = h.upstream()
+    assert b"/b" not in upstream.value()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nA")
+    assert b"GET http://example.com/b" in upstream.value()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nB")
+    out = client.value()
+    assert out.index(b"\r\n\r\nA") < out.index(b"\r\n\r\nB")
+
+
+def test_chunked_request_body_streams_and_next_request_follows() -> None:
+    """
+    A chunked request body is forwarded as it arrives; the request after it is
+    recognised where the body's framing ends.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(
+        b"POST http://example.com/up HTTP/1.1\r\nHost: example.com\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhel"
+    )
+    up, upstream = h.upstream()
+    assert upstream.value().endswith(b"\r\n\r\n5\r\nhel")
+    proto.dataReceived(b"lo\r\n0\r\n\r\n" + GET)
+    assert upstream.value().endswith(b"5\r\nhello\r\n0\r\n\r\n")
+    up.dataReceived(OK)
+    assert upstream.value().endswith(GET.split(b"\r\n")[0] + b"\r\n" + GET.split(b"\r\n", 1)[1][:-2]
+                                     + b"Proxy-Authorization: " + creds("sess0001") + b"\r\n\r\n")
+
+
+def test_content_length_body_split_across_reads() -> None:
+    h = Harness()
+    proto, _ = h.client()
+    proto.dataReceived(
+        b"PUT http://example.com/x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 10\r\n\r\n01234"
+    )
+    up, upstream = h.upstream()
+    proto.dataReceived(b"56789")
+    assert upstream.value().endswith(b"\r\n\r\n0123456789")
+    assert proto.session is not None and proto.session.bytes_up == 10
+
+
+def test_chunked_response_relayed_raw_to_http11() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    body = b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    _, lines, rest = head_of(client.value())
+    assert header(lines, b"transfer-encoding") == [b"chunked"]
+    assert rest == body
+    assert proto.state == "idle"
+
+
+def test_chunked_response_decoded_for_http10() -> None:
+    """
+    An HTTP/1.0 client cannot read chunked framing: it gets the data and a close.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"GET http://example.com/ HTTP/1.0\r\n\r\n")
+    up, upstream = h.upstream()
+    assert header(head_of(upstream.value())[1], b"host") == [b"example.com"]
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    up.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
+    _, lines, rest = head_of(client.value())
+    assert header(lines, b"transfer-encoding") == []
+    assert header(lines, b"connection") == [b"close"]
+    assert rest == b"abcde"
+    assert client.disconnecting
+
+
+def test_http10_keep_alive() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"GET http://example.com/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    up, _ = h.upstream()
+    up.dataReceived(OK)
+    assert header(head_of(client.value())[1], b"connection") == [b"keep-alive"]
+    assert not client.disconnecting
+
+
+def test_client_connection_close_honoured() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    up, upstream = h.upstream()
+    assert header(head_of(upstream.value())[1], b"connection") == []
+    up.dataReceived(OK)
+    assert header(head_of(client.value())[1], b"connection") == [b"close"]
+    assert client.disconnecting
+
+
+def test_hop_by_hop_fields_removed_both_ways() -> None:
+    """
+    Connection, Keep-Alive, TE, Upgrade and the fields Connection names stay
+    on their hop; end-to-end fields pass.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(
+        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: X-Hop, keep-alive\r\n"
+        b"X-Hop: 1\r\nKeep-Alive: 300\r\nTE: trailers\r\nUpgrade: h2c\r\nX-End: 2\r\n\r\n"
+    )
+    up, upstream = h.upstream()
+    _, lines, _ = head_of(upstream.value())
+    names = {line.split(b":")[0].lower() for line in lines}
+    assert names == {b"host", b"x-end", b"proxy-authorization"}
+    up.dataReceived(
+        b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: s\r\nKeep-Alive: timeout=5\r\n"
+        b"Proxy-Authenticate: Basic\r\nX-Kept: k\r\nContent-Length: 0\r\n\r\n"
+    )
+    _, lines, _ = head_of(client.value())
+    names = {line.split(b":")[0].lower() for line in lines}
+    assert names == {b"x-kept", b"content-length"}
+
+
+def test_head_response_has_no_body() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"HEAD http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    up, _ = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    assert proto.state == "idle"
+    proto.dataReceived(GET)
+    assert len(h.reactor.tcpClients) == 1
+
+
+def test_interim_response_forwarded() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(
+        b"POST http://example.com/ HTTP/1.1\r\nHost: example.com\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 2\r\n\r\n"
+    )
+    up, upstream = h.upstream()
+    up.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert client.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    proto.dataReceived(b"ok")
+    up.dataReceived(OK)
+    assert client.value().endswith(b"hello")
+
+
+def test_response_until_close() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    up.dataReceived(b"HTTP/1.0 200 OK\r\n\r\nstream")
+    up.dataReceived(b"ing")
+    up.connectionLost(Failure(ConnectionLost()))
+    _, lines, rest = head_of(client.value())
+    assert rest == b"streaming"
+    assert header(lines, b"connection") == [b"close"]
+    assert client.disconnecting
+
+
+def test_connect_refused_is_502_and_port_keeps_serving() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    h.fail_connect(ConnectionRefusedError())
+    first, _, body = head_of(client.value())
+    assert first == b"HTTP/1.1 502 Bad Gateway"
+    assert b"cannot connect to the upstream gw.example.com:10000" in body
+    assert client.disconnecting
+    proto2, client2 = h.client()
+    proto2.dataReceived(GET)
+    up, _ = h.upstream()
+    up.dataReceived(OK)
+    assert client2.value().endswith(b"hello")
+
+
+def test_connect_timeout_is_504() -> None:
+    h = Harness(connect_timeout="3s")
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    assert h.reactor.tcpClients[-1][3] == 3.0
+    h.fail_connect(TimeoutError())
+    assert head_of(client.value())[0] == b"HTTP/1.1 504 Gateway Timeout"
+
+
+def test_vendor_407_becomes_502_without_credentials() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    up.dataReceived(
+        b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    first, _, body = head_of(client.value())
+    assert first == b"HTTP/1.1 502 Bad Gateway"
+    assert b"rejected" in body
+    assert b"s3cret" not in client.value()
+    assert b"alice" not in client.value()
+    assert creds("sess0001") not in client.value()
+    assert upstream.disconnecting
+
+
+def test_upstream_closes_before_response_is_502() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    up.connectionLost(Failure(ConnectionLost()))
+    assert head_of(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+
+
+def test_upstream_closes_mid_response_aborts_client() -> None:
+    """
+    A truncated response must reach the client as a broken connection, not
+    as a complete message.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    up.connectionLost(Failure(ConnectionLost()))
+    assert client.disconnected
+    assert b"502" not in client.value()
+
+
+def test_garbage_from_upstream_is_502() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    up.dataReceived(b"SSH-2.0-OpenSSH\r\n\r\n")
+    assert head_of(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+
+
+def test_malformed_request_is_400() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"this is not http\r\n\r\n")
+    assert head_of(client.value())[0] == b"HTTP/1.1 400 Bad Request"
+    assert client.disconnecting
+    assert h.reactor.tcpClients == []
+
+
+def test_oversized_head_is_431() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"GET http://example.com/ HTTP/1.1\r\nX-Big: " + b"a" * MAX_HEAD_SIZE)
+    assert head_of(client.value())[0] == b"HTTP/1.1 431 Request Header Fields Too Large"
+
+
+def test_origin_form_is_400_with_hint() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:10201\r\n\r\n")
+    first, _, body = head_of(client.value())
+    assert first == b"HTTP/1.1 400 Bad Request"
+    assert b"curl -x" in body
+
+
+def test_smuggling_shapes_are_rejected() -> None:
+    h = Harness()
+    for bad in (
+        b"POST http://e.com/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST http://e.com/ HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        b"POST http://e.com/ HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"GET http://e.com/ HTTP/1.1\r\nX: a\nY: b\r\n\r\n",
+        b"GET http://e.com/ HTTP/1.1\r\nX : a\r\n\r\n",
+    ):
+        proto, client = h.client()
+        proto.dataReceived(bad)
+        assert head_of(client.value())[0] == b"HTTP/1.1 400 Bad Request", bad
+    assert h.reactor.tcpClients == []
+
+
+def test_connection_records() -> None:
+    """
+    A client connection is listed by its port and its session, with its
+    client address, target and counters.
+    """
+    h = Harness()
+    proto, client = h.client()
+    assert h.factory.connections == {proto.id: proto}
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    up.dataReceived(OK)
+    session = h.registry.current(PORT)
+    assert session.connections == {proto}
+    assert proto.client == "127.0.0.1:50000"
+    assert proto.target == "example.com:80"
+    assert proto.upstream is up
+    assert up.address == "gw.example.com:10000"
+    assert proto.bytes_down == len(OK)
+    assert session.bytes_down == len(OK)
+    assert proto.bytes_up == 0  # the head is not body: bytes_up counts payload sent
+    proto.connectionLost(Failure(ConnectionLost()))
+    assert h.factory.connections == {}
+    assert session.connections == set()
+
+
+def test_session_close_aborts_its_connections() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    session = h.registry.current(PORT)
+    h.registry.close(session.id)
+    assert session.ended is EndReason.CLOSED
+    assert client.disconnected
+    assert upstream.disconnected
+
+
+def test_backpressure_pauses_upstream_when_client_is_slow() -> None:
+    """
+    When the client's transport is full, reading from the upstream stops;
+    when it drains, reading resumes.  And the other way round.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    assert client.producer is up and upstream.producer is proto
+    client.producer.pauseProducing()
+    assert upstream.producerState == "paused"
+    client.producer.resumeProducing()
+    assert upstream.producerState == "producing"
+    upstream.producer.pauseProducing()
+    assert client.producerState == "paused"
+
+
+def test_pipelined_backlog_is_bounded() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET + GET * 2000)
+    assert client.producerState == "paused"
+    up, _ = h.upstream()
+    up.dataReceived(OK)
+    # Still well over the limit: stays paused until the backlog drains.
+    for _ in range(2000):
+        up.dataReceived(OK)
+    assert client.producerState == "producing"
+    assert client.value().count(b"hello") == 2001
+
+
+def test_writes_before_connect_are_buffered_then_flushed() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(
+        b"PUT http://example.com/x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 200000\r\n\r\n"
+    )
+    proto.dataReceived(b"x" * 100000)
+    assert client.producerState == "paused"
+    up, upstream = h.upstream()
+    assert client.producerState == "producing"
+    assert upstream.value().endswith(b"x" * 100000)
+
+
+# ---------------------------------------------------------------- tunnels
+
+
+def test_connect_handshake_and_splice() -> None:
+    """
+    CONNECT goes upstream as CONNECT with the session's credentials; the
+    upstream's 200 is relayed and then bytes flow both ways untouched,
+    including bytes the client sent before the tunnel was up.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nEARLY")
+    up, upstream = h.upstream()
+    first, lines, rest = head_of(upstream.value())
+    assert first == b"CONNECT example.com:443 HTTP/1.1"
+    assert header(lines, b"proxy-authorization") == [creds("sess0001")]
+    assert rest == b""
+    up.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\nSERVER-FIRST")
+    assert client.value() == b"HTTP/1.1 200 Connection established\r\n\r\nSERVER-FIRST"
+    assert upstream.value().endswith(b"\r\n\r\nEARLY")
+    proto.dataReceived(b"\x16\x03\x01 client hello")
+    assert upstream.value().endswith(b"EARLY\x16\x03\x01 client hello")
+    up.dataReceived(b"\x16\x03\x03 server hello")
+    assert client.value().endswith(b"\x16\x03\x03 server hello")
+    assert proto.state == "tunnel"
+    assert proto.session is not None and proto.session.bytes_down == len(
+        b"SERVER-FIRST\x16\x03\x03 server hello"
+    )
+
+
+def test_connect_407_is_502() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    up, _ = h.upstream()
+    up.dataReceived(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+    assert head_of(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+
+
+def test_connect_refused_by_upstream_relays_status() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"CONNECT example.com:25 HTTP/1.1\r\n\r\n")
+    up, _ = h.upstream()
+    up.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    first, _, body = head_of(client.value())
+    assert first.startswith(b"HTTP/1.1 403")
+    assert b"403 Forbidden" in body
+
+
+def _tunnel_over_iosim() -> tuple[object, ...]:
+    """
+    A client, the port, the upstream leg and a fake vendor, wired with iosim.
+    """
+    from twisted.internet.protocol import Protocol
+
+    h = Harness()
+
+    class Peer(Protocol):
+        def __init__(self) -> None:
+            self.data = b""
+            self.eof = False
+
+        def dataReceived(self, data: bytes) -> None:
+            self.data += data
+
+    from zope.interface import implementer
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+
+    @implementer(IHalfCloseableProtocol)
+    class HalfPeer(Peer):
+        def readConnectionLost(self) -> None:
+            self.eof = True
+
+        def writeConnectionLost(self) -> None:
+            pass
+
+    client = HalfPeer()
+    server = h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    pump1 = iosim.connect(
+        server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False
+    )
+    client.transport.write(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    pump1.flush()
+    _, _, connector_factory, _, _ = h.reactor.tcpClients[-1]
+    up = connector_factory.buildProtocol(None)
+    vendor = HalfPeer()
+    pump2 = iosim.connect(
+        vendor, iosim.makeFakeServer(vendor), up, iosim.makeFakeClient(up), greet=False
+    )
+    pump2.flush()
+    vendor.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    pump2.flush()
+    pump1.flush()
+    return h, client, server, up, vendor, pump1, pump2
+
+
+class HalfCloseTransport(StringTransport):
+    """
+    A StringTransport that records a write shutdown.
+    """
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+def test_tunnel_half_close_both_directions() -> None:
+    """
+    A client FIN becomes a write shutdown toward the vendor while the vendor
+    can still answer; the vendor's FIN then reaches the client as a write
+    shutdown; each side closes once both of its halves are closed.
+    """
+    h = Harness()
+    proto = h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    client = HalfCloseTransport()
+    proto.makeConnection(client)
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    _, _, connector_factory, _, _ = h.reactor.tcpClients[-1]
+    up = connector_factory.buildProtocol(None)
+    upstream = HalfCloseTransport()
+    up.makeConnection(upstream)
+    up.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+
+    proto.dataReceived(b"request")
+    proto.readConnectionLost()
+    assert upstream.write_closed and not client.write_closed
+    assert not client.disconnecting
+    up.dataReceived(b"answer after client FIN")
+    assert client.value().endswith(b"answer after client FIN")
+    up.writeConnectionLost()
+    assert not upstream.disconnecting
+    up.readConnectionLost()
+    assert client.write_closed
+    assert upstream.disconnecting
+    proto.writeConnectionLost()
+    assert client.disconnecting
+
+
+def test_tunnel_abort_closes_both_sides() -> None:
+    h, client, server, up, vendor, pump1, pump2 = _tunnel_over_iosim()
+    vendor.transport.abortConnection()
+    for _ in range(3):
+        pump2.flush()
+        pump1.flush()
+    assert server._gone
+    assert h.factory.connections == {}
