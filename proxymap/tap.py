@@ -15,7 +15,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -112,6 +112,8 @@ class ProxymapService(MultiService):
     def __init__(self, registry: SessionRegistry) -> None:
         super().__init__()
         self.registry = registry
+        #: The sandbox vendor served beside the ports (``--demo``), if any.
+        self.sandbox: SandboxVendor | None = None
         registry.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -154,14 +156,33 @@ def makeService(options: Options, reactor: Any = None) -> ProxymapService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    config: Config = options.config
-    registry = SessionRegistry(clock=reactor)
+    sandbox: tuple[SandboxVendor, int] | None = None
+    if options["demo"]:
+        sandbox = (
+            SandboxVendor(user=DEMO_USER, password=DEMO_PASSWORD),
+            options["demo-sandbox-port"],
+        )
+    return build_service(options.config, reactor, sandbox=sandbox)
+
+
+def build_service(
+    config: Config,
+    reactor: Any,
+    clock: IReactorTime | None = None,
+    sandbox: tuple[SandboxVendor, int] | None = None,
+) -> ProxymapService:
+    """
+    Assemble proxymap from a validated configuration.
+
+    ``clock`` drives session expiry (the reactor by default); ``sandbox`` is
+    a sandbox vendor to serve on a loopback port beside the mapped ports.
+    """
+    registry = SessionRegistry(clock=clock or reactor)
     root = ProxymapService(registry)
 
-    if options["demo"]:
-        sandbox_port = options["demo-sandbox-port"]
-        vendor = SandboxVendor(user=DEMO_USER, password=DEMO_PASSWORD)
-        root.sandbox = vendor  # type: ignore[attr-defined]
+    if sandbox is not None:
+        vendor, sandbox_port = sandbox
+        root.sandbox = vendor
         _Listener(
             serverFromString(reactor, endpoint_string(sandbox_port, "127.0.0.1")),
             vendor.factory(reactor),
@@ -178,21 +199,18 @@ def makeService(options: Options, reactor: Any = None) -> ProxymapService:
                 f"{mapping.name} port {port}",
             ).setServiceParent(root)
 
-    if options["demo"]:
+    if sandbox is not None:
         first = config.mappings[0]
         p1, p2 = first.ports[0], first.ports[min(1, len(first.ports) - 1)]
         _Banner(
             [
-                f"proxymap demo: sandbox vendor on 127.0.0.1:{options['demo-sandbox-port']}, "
+                f"proxymap demo: sandbox vendor on 127.0.0.1:{sandbox[1]}, "
                 f"sticky ports 127.0.0.1:{first.ports[0]}-{first.ports[-1]}, "
                 f"sessions last {first.lifetime:g}s",
                 f"  curl -x http://127.0.0.1:{p1} http://{SANDBOX_HOST}/json   "
                 "# the same exit every time",
                 f"  curl -x http://127.0.0.1:{p2} http://{SANDBOX_HOST}/json   "
                 "# another port, another exit",
-                f"  curl -x http://127.0.0.1:{p1} http://portmapper/session/new   "
-                "# a new session for this port",
             ]
         ).setServiceParent(root)
     return root
-

@@ -1,0 +1,123 @@
+"""
+Fixtures for integration tests: real sockets on 127.0.0.1, real curl.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, ssl, task
+from twisted.internet.utils import getProcessOutputAndValue
+
+from proxymap.config import parse_config
+from proxymap.sandbox.vendor import SandboxVendor
+from proxymap.tap import ProxymapService, build_service
+
+from .origin import OriginFactory, self_signed_certificate
+
+pytestmark = pytest.mark.integration
+
+
+def free_ports(n: int) -> list[int]:
+    """
+    ``n`` distinct ports that were free a moment ago on 127.0.0.1.
+    """
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+async def curl(*args: str, timeout: float = 60) -> tuple[int, bytes, bytes]:
+    """
+    Run curl without blocking the reactor; returns (exit code, stdout, stderr).
+    """
+    if shutil.which("curl") is None:
+        pytest.fail("curl is not installed (.ci/run installs it)")
+    out, err, code = await getProcessOutputAndValue(
+        "curl", ("-sS", "--max-time", str(timeout), "--noproxy", "", *args), env=dict(os.environ)
+    )
+    return code, out, err
+
+
+@attrs.define
+class Origin:
+    port: int
+    tls_port: int
+    cafile: Path
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[Origin]:
+    cert, key = self_signed_certificate()
+    cafile = tmp_path / "origin.pem"
+    cafile.write_bytes(cert)
+    keyfile = tmp_path / "origin.key"
+    keyfile.write_bytes(key)
+    options = ssl.DefaultOpenSSLContextFactory(str(keyfile), str(cafile))
+    plain = reactor.listenTCP(0, OriginFactory(), interface="127.0.0.1")
+    tls = reactor.listenSSL(0, OriginFactory(), options, interface="127.0.0.1")
+    yield Origin(plain.getHost().port, tls.getHost().port, cafile)
+    pytest_twisted.blockon(plain.stopListening())
+    pytest_twisted.blockon(tls.stopListening())
+
+
+@attrs.define
+class Stack:
+    """
+    proxymap (in this process) in front of the sandbox vendor.
+    """
+
+    service: ProxymapService
+    vendor: SandboxVendor
+    clock: task.Clock
+    ports: list[int]
+    sandbox_port: int
+
+    @property
+    def registry(self) -> Any:
+        return self.service.registry
+
+
+def start_stack(nports: int = 3, **mapping: Any) -> Stack:
+    sandbox_port, *ports = free_ports(nports + 1)
+    raw = {
+        "name": "sandbox",
+        "ports": ports,
+        "upstream": f"http://127.0.0.1:{sandbox_port}",
+        "user": "alice",
+        "pass": "s3cret",
+        "lifetime": "10m",
+    }
+    raw.update(mapping)
+    config = parse_config({"mapping": [raw]}, env={})
+    vendor = SandboxVendor(user="alice", password="s3cret")
+    clock = task.Clock()
+    service = build_service(config, reactor, clock=clock, sandbox=(vendor, sandbox_port))
+    service.privilegedStartService()
+    service.startService()
+    return Stack(service, vendor, clock, ports, sandbox_port)
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    s = start_stack()
+    yield s
+    for factory in [listener.factory for listener in s.service.listeners()]:
+        for conn in list(factory.connections.values()):
+            conn.abort()
+    pytest_twisted.blockon(s.service.stopService())

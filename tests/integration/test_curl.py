@@ -1,0 +1,184 @@
+"""
+Real curl through real mapped ports, over loopback, to the sandbox vendor
+and a local origin.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from .conftest import Origin, Stack, curl
+
+pytestmark = pytest.mark.integration
+
+
+async def exit_of(port: int) -> dict[str, object]:
+    code, out, err = await curl("-x", f"http://127.0.0.1:{port}", "http://ip.sandbox/json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_http_to_origin(stack: Stack, origin: Origin) -> None:
+    """
+    curl through a port reaches the origin through the vendor; the origin
+    never sees proxy credentials; the vendor saw the port's session username.
+    """
+    port = stack.ports[0]
+    code, out, err = await curl(
+        "-x", f"http://127.0.0.1:{port}", "-U", "client:pw",
+        f"http://127.0.0.1:{origin.port}/hello?x=1",
+    )
+    assert code == 0, err
+    echo = json.loads(out)
+    assert echo["path"] == "/hello?x=1"
+    assert echo["proxy_authorization"] is False
+    session = stack.registry.peek(port)
+    assert stack.vendor.usernames == {f"alice-session-{session.id}": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_through_connect_to_tls_origin(stack: Stack, origin: Origin) -> None:
+    """
+    HTTPS via CONNECT: the tunnel carries a real TLS handshake, verified by
+    curl against the origin's self-signed certificate.
+    """
+    port = stack.ports[1]
+    code, out, err = await curl(
+        "-x", f"http://127.0.0.1:{port}", "--cacert", str(origin.cafile),
+        f"https://localhost:{origin.tls_port}/secure",
+    )
+    assert code == 0, err
+    assert json.loads(out)["path"] == "/secure"
+    session = stack.registry.peek(port)
+    ((username, method, target),) = list(stack.vendor.seen)
+    assert (username, method, target) == (
+        f"alice-session-{session.id}", "CONNECT", f"localhost:{origin.tls_port}"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_stickiness_per_port_until_lifetime_ends(stack: Stack) -> None:
+    """
+    The same port keeps its exit; another port has another; when the
+    lifetime ends the port gets a new session and a new exit.
+    """
+    a1 = await exit_of(stack.ports[0])
+    a2 = await exit_of(stack.ports[0])
+    b1 = await exit_of(stack.ports[1])
+    assert a1["ip"] == a2["ip"] and a1["session"] == a2["session"]
+    assert b1["ip"] != a1["ip"] and b1["session"] != a1["session"]
+
+    stack.clock.advance(599)
+    assert (await exit_of(stack.ports[0]))["session"] == a1["session"]
+    stack.clock.advance(1)
+    a3 = await exit_of(stack.ports[0])
+    assert a3["session"] != a1["session"] and a3["ip"] != a1["ip"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_requests_follow_rotation(stack: Stack) -> None:
+    """
+    One curl invocation, one client connection, three requests: the session
+    renewed between them shows in the exits seen (curl reuses the connection).
+    """
+    port = stack.ports[2]
+    url = "http://ip.sandbox/json"
+    first = await exit_of(port)
+    stack.registry.renew(port)
+    code, out, err = await curl("-x", f"http://127.0.0.1:{port}", url, url, "-v")
+    assert code == 0, err
+    bodies = [json.loads(line) for line in out.splitlines()]
+    assert bodies[0]["session"] == bodies[1]["session"] != first["session"]
+    assert b"Re-using existing connection" in err or b"Reusing existing" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_are_http_answers_and_port_keeps_serving(stack: Stack) -> None:
+    port = stack.ports[0]
+    code, out, err = await curl("-i", f"http://127.0.0.1:{port}/")
+    assert out.startswith(b"HTTP/1.1 400")
+    # Upstream refusing the target: the sandbox cannot connect to a closed port.
+    code, out, err = await curl("-i", "-x", f"http://127.0.0.1:{port}", "http://127.0.0.1:9/")
+    assert out.startswith(b"HTTP/1.1 502")
+    assert (await exit_of(port))["ip"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_vendor_rejecting_credentials_is_502() -> None:
+    from .conftest import start_stack
+
+    s = start_stack(1, **{"pass": "wrong"})
+    try:
+        code, out, err = await curl(
+            "-i", "-x", f"http://127.0.0.1:{s.ports[0]}", "http://ip.sandbox/json"
+        )
+        assert out.startswith(b"HTTP/1.1 502")
+        assert b"rejected" in out and b"wrong" not in out
+    finally:
+        await s.service.stopService()
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfCloser(Protocol):
+    """
+    Opens a tunnel, sends a payload, shuts its write side, reads to EOF.
+    """
+
+    def __init__(self, target: bytes, payload: bytes) -> None:
+        self.target = target
+        self.payload = payload
+        self.data = b""
+        self.done: Deferred[bytes] = Deferred()
+        self.established = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (self.target,
+                                                                          self.target))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if not self.established and b"\r\n\r\n" in self.data:
+            head, self.data = self.data.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            self.established = True
+            self.transport.write(self.payload)
+            self.transport.loseWriteConnection()
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: object) -> None:
+        if not self.done.called:
+            self.done.callback(self.data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_half_close_on_real_sockets(stack: Stack, origin: Origin) -> None:
+    """
+    The client shuts its write side; the origin sees EOF, still answers, and
+    closes; the client gets the answer, then EOF; nothing stays open.
+    """
+    client = _HalfCloser(b"127.0.0.1:%d" % origin.port, b"HALFCLOSE" + b"x" * 100000)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", stack.ports[0])
+    await connectProtocol(endpoint, client)
+    data = await client.done
+    assert data == b"got %d bytes" % (100009)
+    for _ in range(50):  # bounded wait for the server side to finish closing
+        if not any(f.connections for f in (l.factory for l in stack.service.listeners())):
+            break
+        await deferLater(reactor, 0.02)
+    assert all(not listener.factory.connections for listener in stack.service.listeners())

@@ -1,0 +1,141 @@
+"""
+The tap: options, service assembly on a MemoryReactorClock, the plugin, and
+what a user sees on the command line when the configuration is bad.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from proxymap import tap
+from proxymap.dataplane.port import PortFactory
+from proxymap.sandbox.vendor import SandboxFactory
+
+GOOD = """
+[[mapping]]
+name = "a"
+ports = "20001-20003"
+upstream = "http://127.0.0.1:9"
+user = "alice"
+pass = "s3cret"
+
+[[mapping]]
+name = "b"
+ports = [20010]
+bind = "::1"
+upstream = "http://127.0.0.1:9"
+"""
+
+
+def options(*argv: str) -> tap.Options:
+    opts = tap.Options()
+    opts.parseOptions(list(argv))
+    return opts
+
+
+def test_plugin_is_found() -> None:
+    """
+    An import error in the plugin would make proxymap vanish silently from
+    ``twistd --help``; this is the test that notices.
+    """
+    makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+    assert "proxymap" in makers
+    assert makers["proxymap"].options is tap.Options
+
+
+def test_make_service_listens_on_every_port(tmp_path: Path) -> None:
+    path = tmp_path / "proxymap.toml"
+    path.write_text(GOOD)
+    reactor = MemoryReactorClock()
+    service = tap.makeService(options("--config", str(path)), reactor=reactor)
+    service.privilegedStartService()
+    service.startService()
+    listening = [(port, interface) for port, _, _, interface in reactor.tcpServers]
+    assert listening == [
+        (20001, "127.0.0.1"), (20002, "127.0.0.1"), (20003, "127.0.0.1"), (20010, "::1")
+    ]
+    factories = [factory for _, factory, _, _ in reactor.tcpServers]
+    assert all(isinstance(f, PortFactory) for f in factories)
+    assert [f.port for f in factories] == [20001, 20002, 20003, 20010]
+    assert sorted(service.registry.ports()) == [20001, 20002, 20003, 20010]
+    service.stopService()
+    assert reactor.getDelayedCalls() == []
+
+
+def test_demo_service() -> None:
+    reactor = MemoryReactorClock()
+    opts = options("--demo", "--demo-ports", "30001-30002", "--demo-sandbox-port", "30000")
+    service = tap.makeService(opts, reactor=reactor)
+    service.privilegedStartService()
+    service.startService()
+    ports = {port: factory for port, factory, _, _ in reactor.tcpServers}
+    assert set(ports) == {30000, 30001, 30002}
+    assert isinstance(ports[30000], SandboxFactory)
+    assert ports[30001].mapping.upstream.port == 30000
+    service.stopService()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--demo", "--config", "x.toml"], ["--demo-sandbox-port", "x", "--demo"]],
+)
+def test_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(usage.UsageError):
+        options(*argv)
+
+
+def test_bad_config_exits_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.replace('ports = [20010]', 'ports = [20010]\nlifetime = "soon"'))
+    with pytest.raises(SystemExit) as e:
+        options("--config", str(path))
+    assert str(e.value) == (
+        f"proxymap: {path}: mapping[1].lifetime: 'soon' is not a duration "
+        "(use a number with a unit: ms, s, m, h, d)"
+    )
+
+
+@pytest.mark.parametrize("runner", ["twistd", "twist"])
+def test_bad_config_on_the_command_line(tmp_path: Path, runner: str) -> None:
+    """
+    Through the real twistd and twist: one line on stderr, no traceback,
+    exit status 1.
+    """
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.replace('user = "alice"', 'user = "alice"\ncolour = "red"'))
+    argv = [runner, "-n", "proxymap"] if runner == "twistd" else [runner, "proxymap"]
+    result = subprocess.run(
+        [*argv, "--config", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"proxymap: {path}: mapping[0].colour: unknown key"
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_port_in_use_fails_start_up_naming_it(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "p.toml"
+        path.write_text(
+            f'[[mapping]]\nports = {port}\nupstream = "http://127.0.0.1:9"\n'
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted", "proxymap", "--config", str(path)],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
+        )
+    assert result.returncode == 1
+    assert f"proxymap: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
