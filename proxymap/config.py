@@ -147,7 +147,7 @@ def parse_duration(value: object, key: str) -> float:
     Parse ``"10m"``, ``"90s"``, ``"1h30m"``, ``"250ms"`` or a number of seconds.
     """
     if isinstance(value, bool):
-        raise ConfigError(key, "expected a duration such as \"10m\" or \"90s\"")
+        raise ConfigError(key, 'expected a duration such as "10m" or "90s"')
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
@@ -164,7 +164,7 @@ def parse_duration(value: object, key: str) -> float:
                 key, f"{value!r} is not a duration (use a number with a unit: ms, s, m, h, d)"
             )
     else:
-        raise ConfigError(key, "expected a duration such as \"10m\" or \"90s\"")
+        raise ConfigError(key, 'expected a duration such as "10m" or "90s"')
     if seconds <= 0:
         raise ConfigError(key, "must be greater than zero")
     return seconds
@@ -188,7 +188,7 @@ def parse_ports(value: object, key: str) -> tuple[int, ...]:
                 high = int(last) if sep else low
             except ValueError:
                 raise ConfigError(
-                    key, f"{item!r} is not a port or a range such as \"10201-10300\""
+                    key, f'{item!r} is not a port or a range such as "10201-10300"'
                 ) from None
             _check_port(low, key)
             _check_port(high, key)
@@ -218,14 +218,14 @@ def parse_upstream(value: object, key: str) -> Upstream:
     Parse ``http://host:port``.
     """
     if not isinstance(value, str):
-        raise ConfigError(key, "expected a URL such as \"http://gw.example.com:10000\"")
+        raise ConfigError(key, 'expected a URL such as "http://gw.example.com:10000"')
     match = re.fullmatch(
         r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<userinfo>[^@/]*@)?"
         r"(?P<host>\[[0-9a-fA-F:.]+\]|[^:/\[\]]+)(?::(?P<port>\d+))?/?",
         value.strip(),
     )
     if match is None:
-        raise ConfigError(key, f"{value!r} is not a URL such as \"http://gw.example.com:10000\"")
+        raise ConfigError(key, f'{value!r} is not a URL such as "http://gw.example.com:10000"')
     scheme = match.group("scheme").lower()
     if scheme != "http":
         raise ConfigError(key, f"unsupported scheme {scheme!r} (supported: http)")
@@ -267,7 +267,7 @@ def resolve_secret(value: object, key: str, env: MappingABC[str, str]) -> Secret
     Resolve an inline secret or an ``env:NAME`` / ``file:PATH`` reference.
     """
     if not isinstance(value, str):
-        raise ConfigError(key, "expected a string, \"env:NAME\" or \"file:PATH\"")
+        raise ConfigError(key, 'expected a string, "env:NAME" or "file:PATH"')
     if value.startswith("env:"):
         name = value[4:]
         if name not in env:

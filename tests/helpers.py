@@ -86,7 +86,7 @@ class Harness:
         """
         Complete the ``index``-th outgoing connection the data plane started.
         """
-        host, port, connector_factory, timeout, bind = self.reactor.tcpClients[index]
+        host, port, connector_factory, _timeout, _bind = self.reactor.tcpClients[index]
         proto = connector_factory.buildProtocol(IPv4Address("TCP", host, port))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
         proto.makeConnection(transport)

@@ -23,8 +23,12 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "proxymap.toml"
 
 
 def base(**overrides: Any) -> dict[str, Any]:
-    m = {"ports": "10201-10203", "upstream": "http://gw.example.com:10000", "user": "alice",
-         "pass": "s3cret"}
+    m = {
+        "ports": "10201-10203",
+        "upstream": "http://gw.example.com:10000",
+        "user": "alice",
+        "pass": "s3cret",
+    }
     m.update(overrides)
     return {"mapping": [m]}
 

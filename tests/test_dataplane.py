@@ -6,8 +6,8 @@ StringTransports and a MemoryReactorClock, and tunnels over iosim.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
@@ -129,7 +129,7 @@ def test_chunked_request_body_streams_and_next_request_follows() -> None:
     recognised where the body's framing ends.
     """
     h = Harness()
-    proto, client = h.client()
+    proto, _client = h.client()
     proto.dataReceived(
         b"POST http://example.com/up HTTP/1.1\r\nHost: example.com\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n5\r\nhel"
@@ -139,8 +139,14 @@ def test_chunked_request_body_streams_and_next_request_follows() -> None:
     proto.dataReceived(b"lo\r\n0\r\n\r\n" + GET)
     assert upstream.value().endswith(b"5\r\nhello\r\n0\r\n\r\n")
     up.dataReceived(OK)
-    assert upstream.value().endswith(GET.split(b"\r\n")[0] + b"\r\n" + GET.split(b"\r\n", 1)[1][:-2]
-                                     + b"Proxy-Authorization: " + creds("sess0001") + b"\r\n\r\n")
+    assert upstream.value().endswith(
+        GET.split(b"\r\n")[0]
+        + b"\r\n"
+        + GET.split(b"\r\n", 1)[1][:-2]
+        + b"Proxy-Authorization: "
+        + creds("sess0001")
+        + b"\r\n\r\n"
+    )
 
 
 def test_content_length_body_split_across_reads() -> None:
@@ -149,7 +155,7 @@ def test_content_length_body_split_across_reads() -> None:
     proto.dataReceived(
         b"PUT http://example.com/x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 10\r\n\r\n01234"
     )
-    up, upstream = h.upstream()
+    _up, upstream = h.upstream()
     proto.dataReceived(b"56789")
     assert upstream.value().endswith(b"\r\n\r\n0123456789")
     assert proto.session is not None and proto.session.bytes_up == 10
@@ -215,7 +221,8 @@ def test_hop_by_hop_fields_removed_both_ways() -> None:
     h = Harness()
     proto, client = h.client()
     proto.dataReceived(
-        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: X-Hop, keep-alive\r\n"
+        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n"
+        b"Connection: X-Hop, keep-alive\r\n"
         b"X-Hop: 1\r\nKeep-Alive: 300\r\nTE: trailers\r\nUpgrade: h2c\r\nX-End: 2\r\n\r\n"
     )
     up, upstream = h.upstream()
@@ -233,7 +240,7 @@ def test_hop_by_hop_fields_removed_both_ways() -> None:
 
 def test_head_response_has_no_body() -> None:
     h = Harness()
-    proto, client = h.client()
+    proto, _client = h.client()
     proto.dataReceived(b"HEAD http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
     up, _ = h.upstream()
     up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
@@ -249,7 +256,7 @@ def test_interim_response_forwarded() -> None:
         b"POST http://example.com/ HTTP/1.1\r\nHost: example.com\r\nExpect: 100-continue\r\n"
         b"Content-Length: 2\r\n\r\n"
     )
-    up, upstream = h.upstream()
+    up, _upstream = h.upstream()
     up.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
     assert client.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
     proto.dataReceived(b"ok")
@@ -261,7 +268,7 @@ def test_response_until_close() -> None:
     h = Harness()
     proto, client = h.client()
     proto.dataReceived(GET)
-    up, upstream = h.upstream()
+    up, _upstream = h.upstream()
     up.dataReceived(b"HTTP/1.0 200 OK\r\n\r\nstream")
     up.dataReceived(b"ing")
     up.connectionLost(Failure(ConnectionLost()))
@@ -393,7 +400,7 @@ def test_connection_records() -> None:
     client address, target and counters.
     """
     h = Harness()
-    proto, client = h.client()
+    proto, _client = h.client()
     assert h.factory.connections == {proto.id: proto}
     proto.dataReceived(GET)
     up, _ = h.upstream()
@@ -416,7 +423,7 @@ def test_session_close_aborts_its_connections() -> None:
     h = Harness()
     proto, client = h.client()
     proto.dataReceived(GET)
-    up, upstream = h.upstream()
+    _up, upstream = h.upstream()
     session = h.registry.current(PORT)
     h.registry.close(session.id)
     assert session.ended is EndReason.CLOSED
@@ -464,7 +471,7 @@ def test_writes_before_connect_are_buffered_then_flushed() -> None:
     )
     proto.dataReceived(b"x" * 100000)
     assert client.producerState == "paused"
-    up, upstream = h.upstream()
+    _up, upstream = h.upstream()
     assert client.producerState == "producing"
     assert upstream.value().endswith(b"x" * 100000)
 
@@ -519,53 +526,6 @@ def test_connect_refused_by_upstream_relays_status() -> None:
     assert b"403 Forbidden" in body
 
 
-def _tunnel_over_iosim() -> tuple[object, ...]:
-    """
-    A client, the port, the upstream leg and a fake vendor, wired with iosim.
-    """
-    from twisted.internet.protocol import Protocol
-
-    h = Harness()
-
-    class Peer(Protocol):
-        def __init__(self) -> None:
-            self.data = b""
-            self.eof = False
-
-        def dataReceived(self, data: bytes) -> None:
-            self.data += data
-
-    from zope.interface import implementer
-    from twisted.internet.interfaces import IHalfCloseableProtocol
-
-    @implementer(IHalfCloseableProtocol)
-    class HalfPeer(Peer):
-        def readConnectionLost(self) -> None:
-            self.eof = True
-
-        def writeConnectionLost(self) -> None:
-            pass
-
-    client = HalfPeer()
-    server = h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    pump1 = iosim.connect(
-        server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False
-    )
-    client.transport.write(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
-    pump1.flush()
-    _, _, connector_factory, _, _ = h.reactor.tcpClients[-1]
-    up = connector_factory.buildProtocol(None)
-    vendor = HalfPeer()
-    pump2 = iosim.connect(
-        vendor, iosim.makeFakeServer(vendor), up, iosim.makeFakeClient(up), greet=False
-    )
-    pump2.flush()
-    vendor.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
-    pump2.flush()
-    pump1.flush()
-    return h, client, server, up, vendor, pump1, pump2
-
-
 class HalfCloseTransport(StringTransport):
     """
     A StringTransport that records a write shutdown.
@@ -610,10 +570,34 @@ def test_tunnel_half_close_both_directions() -> None:
 
 
 def test_tunnel_abort_closes_both_sides() -> None:
-    h, client, server, up, vendor, pump1, pump2 = _tunnel_over_iosim()
+    """
+    Over iosim: when the vendor's side of a tunnel is aborted, the client's
+    side closes too and the port forgets the connection.
+    """
+    from twisted.internet.protocol import Protocol
+
+    h = Harness()
+    client = Protocol()
+    server = h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    pump1 = iosim.connect(
+        server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False
+    )
+    client.transport.write(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    pump1.flush()
+    up = h.reactor.tcpClients[-1][2].buildProtocol(None)
+    vendor = Protocol()
+    pump2 = iosim.connect(
+        vendor, iosim.makeFakeServer(vendor), up, iosim.makeFakeClient(up), greet=False
+    )
+    vendor.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    pump2.flush()
+    pump1.flush()
+    assert server.state == "tunnel"
+
     vendor.transport.abortConnection()
     for _ in range(3):
         pump2.flush()
         pump1.flush()
     assert server._gone
+    assert client.transport.disconnected
     assert h.factory.connections == {}

@@ -57,8 +57,9 @@ def test_request_errors(head: bytes, status: int) -> None:
 def test_response_framing() -> None:
     r = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 3", b"GET")
     assert r.content_length == 3 and r.keep_alive
-    r = parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n"
-                            b"Content-Length: 3", b"GET")
+    r = parse_response_head(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3", b"GET"
+    )
     assert r.chunked and r.content_length is None
     assert not any(line.lower().startswith(b"content-length") for line in r.lines)
     r = parse_response_head(b"HTTP/1.0 200 OK", b"GET")

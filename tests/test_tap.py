@@ -60,7 +60,10 @@ def test_make_service_listens_on_every_port(tmp_path: Path) -> None:
     service.startService()
     listening = [(port, interface) for port, _, _, interface in reactor.tcpServers]
     assert listening == [
-        (20001, "127.0.0.1"), (20002, "127.0.0.1"), (20003, "127.0.0.1"), (20010, "::1")
+        (20001, "127.0.0.1"),
+        (20002, "127.0.0.1"),
+        (20003, "127.0.0.1"),
+        (20010, "::1"),
     ]
     factories = [factory for _, factory, _, _ in reactor.tcpServers]
     assert all(isinstance(f, PortFactory) for f in factories)
@@ -94,7 +97,7 @@ def test_usage_errors(argv: list[str]) -> None:
 
 def test_bad_config_exits_with_one_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(GOOD.replace('ports = [20010]', 'ports = [20010]\nlifetime = "soon"'))
+    path.write_text(GOOD.replace("ports = [20010]", 'ports = [20010]\nlifetime = "soon"'))
     with pytest.raises(SystemExit) as e:
         options("--config", str(path))
     assert str(e.value) == (
@@ -114,7 +117,11 @@ def test_bad_config_on_the_command_line(tmp_path: Path, runner: str) -> None:
     argv = [runner, "-n", "proxymap"] if runner == "twistd" else [runner, "proxymap"]
     result = subprocess.run(
         [*argv, "--config", str(path)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"proxymap: {path}: mapping[0].colour: unknown key"
@@ -129,12 +136,14 @@ def test_port_in_use_fails_start_up_naming_it(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         path = tmp_path / "p.toml"
-        path.write_text(
-            f'[[mapping]]\nports = {port}\nupstream = "http://127.0.0.1:9"\n'
-        )
+        path.write_text(f'[[mapping]]\nports = {port}\nupstream = "http://127.0.0.1:9"\n')
         result = subprocess.run(
             [sys.executable, "-m", "twisted", "proxymap", "--config", str(path)],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            check=False,
         )
     assert result.returncode == 1
     assert f"proxymap: cannot listen on 127.0.0.1:{port}" in result.stderr

@@ -18,8 +18,8 @@ import itertools
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTCP, IReactorTime
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,12 +44,6 @@ if TYPE_CHECKING:
 log = Logger()
 
 _ids = itertools.count(1)
-
-
-class ReactorLike(IReactorTCP, IReactorTime):
-    """
-    The reactor interfaces the data plane uses (for type annotations).
-    """
 
 
 @attrs.frozen
@@ -83,42 +77,6 @@ class LocalResponse:
     close: bool = False
 
 
-class ProxyFactory(Factory):
-    """
-    Base of the factories that own a listening port's proxy behaviour.
-    """
-
-    noisy = False
-
-    def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
-        self.reactor = reactor
-        self.connect_timeout = connect_timeout
-        #: Live client connections of this port, by connection id.
-        self.connections: dict[int, ProxyServer] = {}
-
-    def buildProtocol(self, addr: IAddress) -> ProxyServer:
-        proto = ProxyServer()
-        proto.factory = self
-        return proto
-
-    def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
-        """
-        Answer ``request`` locally, or return ``None`` to let it through.
-        """
-        return None
-
-    def target(self, request: Request, conn: ProxyServer) -> UpstreamTarget:
-        """
-        Where to send ``request`` (absolute form or CONNECT).
-
-        :raises HTTPError: to refuse it.
-        """
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        return type(self).__name__
-
-
 @implementer(IHalfCloseableProtocol)
 class ProxyServer(flow.Throttled):
     """
@@ -131,7 +89,7 @@ class ProxyServer(flow.Throttled):
         self.id = next(_ids)
         self.client = ""
         self.target = ""
-        self.connected = 0.0
+        self.connected_at = 0.0
         self.last_activity = 0.0
         self.session: Session | None = None
         self.requests = 0
@@ -185,7 +143,7 @@ class ProxyServer(flow.Throttled):
         factory = self.factory
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
-        self.connected = self.last_activity = factory.reactor.seconds()
+        self.connected_at = self.last_activity = factory.reactor.seconds()
         factory.connections[self.id] = self
 
     def dataReceived(self, data: bytes) -> None:
@@ -330,8 +288,8 @@ class ProxyServer(flow.Throttled):
             return
         if request.has_body:
             # Read and discard the body, then carry on with the next request.
-            self._body = ChunkedFramer() if request.chunked else LengthFramer(
-                request.content_length or 0
+            self._body = (
+                ChunkedFramer() if request.chunked else LengthFramer(request.content_length or 0)
             )
             self._body_sink = None
             return
@@ -356,8 +314,8 @@ class ProxyServer(flow.Throttled):
             extra.append(b"Host: " + request.host_header)
         up.send_request(request, build_head(line, request.lines, extra))
         if request.has_body:
-            self._body = ChunkedFramer() if request.chunked else LengthFramer(
-                request.content_length or 0
+            self._body = (
+                ChunkedFramer() if request.chunked else LengthFramer(request.content_length or 0)
             )
             self._body_sink = up
 
@@ -367,7 +325,9 @@ class ProxyServer(flow.Throttled):
         try:
             n = body.feed(data)
         except HTTPError as e:
-            log.debug("bad request body from {client}: {error}", client=self.client, error=e.message)
+            log.debug(
+                "bad request body from {client}: {error}", client=self.client, error=e.message
+            )
             self.abort()
             return b""
         if n:
@@ -503,3 +463,35 @@ class ProxyServer(flow.Throttled):
             up.close()
         self.resume_reading(flow.PIPELINE)
         self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class ProxyFactory(Factory[ProxyServer]):
+    """
+    Base of the factories that own a listening port's proxy behaviour.
+    """
+
+    protocol = ProxyServer
+    noisy = False
+
+    def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        #: Live client connections of this port, by connection id.
+        self.connections: dict[int, ProxyServer] = {}
+
+    def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
+        """
+        Answer ``request`` locally, or return ``None`` to let it through.
+        """
+        return None
+
+    def target(self, request: Request, conn: ProxyServer) -> UpstreamTarget:
+        """
+        Where to send ``request`` (absolute form or CONNECT).
+
+        :raises HTTPError: to refuse it.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__

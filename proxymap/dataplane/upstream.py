@@ -26,8 +26,8 @@ from proxymap.dataplane.http import (
     HTTPError,
     LengthFramer,
     Request,
-    UntilCloseFramer,
     Response,
+    UntilCloseFramer,
     build_head,
     parse_response_head,
 )
@@ -53,7 +53,7 @@ class _Connector(ClientFactory):
     def __init__(self, proto: UpstreamProtocol) -> None:
         self.proto = proto
 
-    def buildProtocol(self, addr: IAddress) -> UpstreamProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> UpstreamProtocol:
         return self.proto
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
@@ -73,7 +73,7 @@ class UpstreamProtocol(flow.Throttled):
         self.target = target
         self.key = target.key
         #: When the connection was made (0 until then).
-        self.connected = 0.0
+        self.connected_at = 0.0
         #: True once any byte of the current response went to the client.
         self.started = False
         self.connector: IConnector | None = None
@@ -186,7 +186,7 @@ class UpstreamProtocol(flow.Throttled):
 
     def connectionMade(self) -> None:
         server = self.server
-        self.connected = server.factory.reactor.seconds()
+        self.connected_at = server.factory.reactor.seconds()
         if server._gone:
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
@@ -265,8 +265,9 @@ class UpstreamProtocol(flow.Throttled):
                     return
                 if request.version == b"HTTP/1.1":
                     self.started = True
-                    self.deliver(build_head(b"HTTP/1.1 %d %s" % (status, response.reason),
-                                            response.lines))
+                    self.deliver(
+                        build_head(b"HTTP/1.1 %d %s" % (status, response.reason), response.lines)
+                    )
                 continue
             self._respond(request, response)
             if self._framer is not None and self._buffer:

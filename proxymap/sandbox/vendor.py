@@ -81,8 +81,9 @@ class SandboxVendor:
             raise HTTPError(407, "wrong sandbox user or password", _CHALLENGE)
         tokens = username[len(prefix) :].split("-")
         if len(tokens) % 2:
-            raise HTTPError(407, "the username must be <user>-session-<id>[-key-value...]",
-                            _CHALLENGE)
+            raise HTTPError(
+                407, "the username must be <user>-session-<id>[-key-value...]", _CHALLENGE
+            )
         params = dict(zip(tokens[::2], tokens[1::2], strict=True))
         session = params.pop("session", "")
         if not session or not all(c.isalnum() or c == "_" for c in session):
@@ -113,8 +114,7 @@ class SandboxVendor:
     def record(self, identity: Identity, request: Request) -> None:
         self.usernames[identity.username] += 1
         self.seen.append(
-            (identity.username, request.method.decode("latin-1"),
-             request.target.decode("latin-1"))
+            (identity.username, request.method.decode("latin-1"), request.target.decode("latin-1"))
         )
 
     def factory(self, reactor: Any, connect_timeout: float = 10.0) -> SandboxFactory:

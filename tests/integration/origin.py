@@ -2,8 +2,8 @@
 A small HTTP/1.1 origin for integration tests, plain or TLS.
 
 - ``GET /bytes/N``: N bytes, streamed with a push producer.
-- ``PUT|POST /count[?pause=S]``: (after stalling S seconds) reads the body (Content-Length or chunked), answers
-  ``{"received": N}``.
+- ``PUT|POST /count[?pause=S]``: after stalling S seconds, reads the body
+  (Content-Length or chunked) and answers ``{"received": N}``.
 - anything else: JSON echo of what arrived (method, path, header lines, and
   whether a Proxy-Authorization reached the origin).
 - A connection whose first bytes are ``HALFCLOSE`` reads until EOF, then
@@ -106,9 +106,7 @@ class OriginProtocol(Protocol):
 
                 reactor.callLater(seconds, self.transport.resumeProducing)
             self.received = 0
-            self.body = ChunkedFramer() if request.chunked else LengthFramer(
-                request.content_length
-            )
+            self.body = ChunkedFramer() if request.chunked else LengthFramer(request.content_length)
         else:
             self._reply(
                 200,

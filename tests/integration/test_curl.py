@@ -10,11 +10,11 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
-from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from .conftest import Origin, Stack, curl
@@ -36,7 +36,10 @@ async def test_plain_http_to_origin(stack: Stack, origin: Origin) -> None:
     """
     port = stack.ports[0]
     code, out, err = await curl(
-        "-x", f"http://127.0.0.1:{port}", "-U", "client:pw",
+        "-x",
+        f"http://127.0.0.1:{port}",
+        "-U",
+        "client:pw",
         f"http://127.0.0.1:{origin.port}/hello?x=1",
     )
     assert code == 0, err
@@ -55,7 +58,10 @@ async def test_https_through_connect_to_tls_origin(stack: Stack, origin: Origin)
     """
     port = stack.ports[1]
     code, out, err = await curl(
-        "-x", f"http://127.0.0.1:{port}", "--cacert", str(origin.cafile),
+        "-x",
+        f"http://127.0.0.1:{port}",
+        "--cacert",
+        str(origin.cafile),
         f"https://localhost:{origin.tls_port}/secure",
     )
     assert code == 0, err
@@ -63,7 +69,9 @@ async def test_https_through_connect_to_tls_origin(stack: Stack, origin: Origin)
     session = stack.registry.peek(port)
     ((username, method, target),) = list(stack.vendor.seen)
     assert (username, method, target) == (
-        f"alice-session-{session.id}", "CONNECT", f"localhost:{origin.tls_port}"
+        f"alice-session-{session.id}",
+        "CONNECT",
+        f"localhost:{origin.tls_port}",
     )
 
 
@@ -106,10 +114,10 @@ async def test_keep_alive_requests_follow_rotation(stack: Stack) -> None:
 @pytest_twisted.ensureDeferred
 async def test_errors_are_http_answers_and_port_keeps_serving(stack: Stack) -> None:
     port = stack.ports[0]
-    code, out, err = await curl("-i", f"http://127.0.0.1:{port}/")
+    _code, out, _err = await curl("-i", f"http://127.0.0.1:{port}/")
     assert out.startswith(b"HTTP/1.1 400")
     # Upstream refusing the target: the sandbox cannot connect to a closed port.
-    code, out, err = await curl("-i", "-x", f"http://127.0.0.1:{port}", "http://127.0.0.1:9/")
+    _code, out, _err = await curl("-i", "-x", f"http://127.0.0.1:{port}", "http://127.0.0.1:9/")
     assert out.startswith(b"HTTP/1.1 502")
     assert (await exit_of(port))["ip"]
 
@@ -120,7 +128,7 @@ async def test_vendor_rejecting_credentials_is_502() -> None:
 
     s = start_stack(1, **{"pass": "wrong"})
     try:
-        code, out, err = await curl(
+        _code, out, _err = await curl(
             "-i", "-x", f"http://127.0.0.1:{s.ports[0]}", "http://ip.sandbox/json"
         )
         assert out.startswith(b"HTTP/1.1 502")
@@ -143,8 +151,9 @@ class _HalfCloser(Protocol):
         self.established = False
 
     def connectionMade(self) -> None:
-        self.transport.write(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (self.target,
-                                                                          self.target))
+        self.transport.write(
+            b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (self.target, self.target)
+        )
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
@@ -178,7 +187,7 @@ async def test_tunnel_half_close_on_real_sockets(stack: Stack, origin: Origin) -
     data = await client.done
     assert data == b"got %d bytes" % (100009)
     for _ in range(50):  # bounded wait for the server side to finish closing
-        if not any(f.connections for f in (l.factory for l in stack.service.listeners())):
+        if not any(listener.factory.connections for listener in stack.service.listeners()):
             break
         await deferLater(reactor, 0.02)
     assert all(not listener.factory.connections for listener in stack.service.listeners())

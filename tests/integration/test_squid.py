@@ -103,10 +103,17 @@ async def test_squid_sees_each_ports_session(squid: tuple[int, Path], origin: Or
     squid_port, directory = squid
     ports = free_ports(2)
     config = parse_config(
-        {"mapping": [{
-            "name": "squid", "ports": ports, "upstream": f"http://127.0.0.1:{squid_port}",
-            "user": "alice", "pass": "s3cret",
-        }]},
+        {
+            "mapping": [
+                {
+                    "name": "squid",
+                    "ports": ports,
+                    "upstream": f"http://127.0.0.1:{squid_port}",
+                    "user": "alice",
+                    "pass": "s3cret",
+                }
+            ]
+        },
         env={},
     )
     service = build_service(config, reactor, clock=task.Clock())
@@ -121,7 +128,10 @@ async def test_squid_sees_each_ports_session(squid: tuple[int, Path], origin: Or
             assert code == 0, err
             assert b'"path": "/via-squid"' in out
         code, out, err = await curl(
-            "-x", f"http://127.0.0.1:{ports[0]}", "--cacert", str(origin.cafile),
+            "-x",
+            f"http://127.0.0.1:{ports[0]}",
+            "--cacert",
+            str(origin.cafile),
             f"https://localhost:{origin.tls_port}/tunnel-via-squid",
         )
         assert code == 0, err

@@ -40,9 +40,20 @@ def _status(pid: int, field: str) -> int:
 def demo_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     sandbox, port = free_ports(2)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "twisted", "proxymap", "--demo",
-         "--demo-ports", str(port), "--demo-sandbox-port", str(sandbox)],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "twisted",
+            "proxymap",
+            "--demo",
+            "--demo-ports",
+            str(port),
+            "--demo-sandbox-port",
+            str(sandbox),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         yield proc, port
@@ -103,8 +114,14 @@ async def test_large_download_and_upload_in_bounded_memory(
     baseline = _status(proc.pid, "VmRSS")
 
     code, out, err = await curl(
-        "-x", proxy, "-o", "/dev/null", "-w", "%{size_download}",
-        f"http://127.0.0.1:{origin.port}/bytes/{SIZE}", timeout=120,
+        "-x",
+        proxy,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        f"http://127.0.0.1:{origin.port}/bytes/{SIZE}",
+        timeout=120,
     )
     assert code == 0, err
     assert int(out) == SIZE
@@ -113,8 +130,14 @@ async def test_large_download_and_upload_in_bounded_memory(
     with upload.open("wb") as f:
         f.truncate(SIZE)  # sparse: costs no disk
     code, out, err = await curl(
-        "-x", proxy, "-H", "Expect:", "-T", str(upload),
-        f"http://127.0.0.1:{origin.port}/count", timeout=120,
+        "-x",
+        proxy,
+        "-H",
+        "Expect:",
+        "-T",
+        str(upload),
+        f"http://127.0.0.1:{origin.port}/count",
+        timeout=120,
     )
     assert code == 0, err
     assert json.loads(out) == {"received": SIZE}
@@ -125,8 +148,14 @@ async def test_large_download_and_upload_in_bounded_memory(
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), reader)
     assert await reader.done > SIZE
     code, out, err = await curl(
-        "-x", proxy, "-H", "Expect:", "-T", str(upload),
-        f"http://127.0.0.1:{origin.port}/count?pause=1.5", timeout=120,
+        "-x",
+        proxy,
+        "-H",
+        "Expect:",
+        "-T",
+        str(upload),
+        f"http://127.0.0.1:{origin.port}/count?pause=1.5",
+        timeout=120,
     )
     assert code == 0, err
     assert json.loads(out) == {"received": SIZE}
