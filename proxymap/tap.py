@@ -22,6 +22,7 @@ from twisted.python import usage
 from proxymap.config import Config, ConfigError, load_config, parse_config
 from proxymap.dataplane.port import PortFactory
 from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
+from proxymap.sessionapi import SessionAPI
 from proxymap.sessions import PortPolicy, SessionRegistry
 
 log = Logger()
@@ -189,13 +190,14 @@ def build_service(
             "sandbox vendor",
         ).setServiceParent(root)
 
+    session_api = SessionAPI(registry)
     for mapping in config.mappings:
         policy = PortPolicy(mapping)
         for port in mapping.ports:
             registry.add_port(port, policy)
             _Listener(
                 serverFromString(reactor, endpoint_string(port, mapping.bind)),
-                PortFactory(reactor, registry, port, mapping),
+                PortFactory(reactor, registry, port, mapping, session_api),
                 f"{mapping.name} port {port}",
             ).setServiceParent(root)
 
@@ -211,6 +213,8 @@ def build_service(
                 "# the same exit every time",
                 f"  curl -x http://127.0.0.1:{p2} http://{SANDBOX_HOST}/json   "
                 "# another port, another exit",
+                f"  curl -x http://127.0.0.1:{p1} http://{first.session_api.domain}/session/new   "
+                "# a new session (and exit) for this port, now",
             ]
         ).setServiceParent(root)
     return root

@@ -14,6 +14,7 @@ from typing import Any
 from proxymap.config import MappingConfig
 from proxymap.dataplane.http import Request
 from proxymap.dataplane.server import LocalResponse, ProxyFactory, ProxyServer, UpstreamTarget
+from proxymap.sessionapi import SessionAPI, addressed_to_api
 from proxymap.sessions import SessionRegistry
 
 
@@ -23,14 +24,25 @@ class PortFactory(ProxyFactory):
     """
 
     def __init__(
-        self, reactor: Any, registry: SessionRegistry, port: int, mapping: MappingConfig
+        self,
+        reactor: Any,
+        registry: SessionRegistry,
+        port: int,
+        mapping: MappingConfig,
+        session_api: SessionAPI | None = None,
     ) -> None:
         super().__init__(reactor, connect_timeout=mapping.connect_timeout)
         self.registry = registry
         self.port = port
         self.mapping = mapping
+        self.session_api = session_api or SessionAPI(registry)
 
     def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
+        """
+        Answer Session API requests; everything else goes upstream.
+        """
+        if addressed_to_api(request, conn, self.mapping.session_api):
+            return self.session_api.handle(request, self.port)
         return None
 
     def target(self, request: Request, conn: ProxyServer) -> UpstreamTarget:

@@ -71,10 +71,15 @@ class UpstreamTarget:
 class LocalResponse:
     """
     A complete response the factory answers itself, without any upstream.
+
+    With ``tunnel`` (an answer to CONNECT) the connection stays open as a
+    *local tunnel*: the requests that follow in it are the factory's to
+    answer (see :attr:`ProxyServer.local_tunnel`).
     """
 
     data: bytes
     close: bool = False
+    tunnel: bool = False
 
 
 @implementer(IHalfCloseableProtocol)
@@ -97,6 +102,9 @@ class ProxyServer(flow.Throttled):
         self.writes = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        #: True once a CONNECT was answered locally: what follows in this
+        #: connection is addressed to the factory itself, not to a target.
+        self.local_tunnel = False
 
         self._buffer = b""
         self._request: Request | None = None
@@ -283,6 +291,10 @@ class ProxyServer(flow.Throttled):
 
     def _answer_locally(self, request: Request, local: LocalResponse) -> None:
         self.write(local.data)
+        if local.tunnel and not local.close:
+            self.local_tunnel = True
+            self._finish_request()
+            return
         if local.close or not request.keep_alive or request.method == b"CONNECT":
             self._fail_quietly()
             return

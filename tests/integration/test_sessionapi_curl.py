@@ -1,0 +1,108 @@
+"""
+The reference article's curl commands against a running proxymap and the
+sandbox vendor: the exit seen through a port changes after /session/new and
+after /session/reset plus a request, and not otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from .conftest import curl, start_stack
+
+pytestmark = pytest.mark.integration
+
+
+async def call(*args: str) -> Any:
+    code, out, err = await curl(*args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+async def check_rotation(port: int, api: list[str]) -> None:
+    """
+    ``api`` is the curl prefix reaching the Session API of ``port``.
+    """
+    proxy = ["-x", f"http://127.0.0.1:{port}"]
+    exit1 = await call(*proxy, "http://ip.sandbox/json")
+    shown = await call(*api[:-1], api[-1] + "/session/")
+    assert shown["session_id"] == exit1["session"]
+    assert set(shown) >= {"session_id", "expires_at", "expired"}
+    assert shown["expires_at"].endswith(" GMT") and shown["expired"] is False
+    again = await call(*api[:-1], api[-1] + "/session/")
+    assert again["session_id"] == shown["session_id"]
+    assert (await call(*proxy, "http://ip.sandbox/json"))["ip"] == exit1["ip"]
+
+    renewed = await call(*api[:-1], api[-1] + "/session/new")
+    assert renewed["session_id"] != exit1["session"]
+    exit2 = await call(*proxy, "http://ip.sandbox/json")
+    assert exit2["session"] == renewed["session_id"] and exit2["ip"] != exit1["ip"]
+
+    assert (await call(*api[:-1], api[-1] + "/session/reset"))["success"] is True
+    exit3 = await call(*proxy, "http://ip.sandbox/json")
+    assert exit3["session"] not in (exit1["session"], exit2["session"])
+    assert exit3["ip"] not in (exit1["ip"], exit2["ip"])
+    assert (await call(*proxy, "http://ip.sandbox/json"))["ip"] == exit3["ip"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_article_commands_with_domain() -> None:
+    stack = start_stack(2, session_api={"enabled": True, "domain": "portmapper"})
+    try:
+        port = stack.ports[0]
+        # curl -x http://127.0.0.1:10201 http://portmapper/session/ (and reset, new)
+        await check_rotation(port, ["-x", f"http://127.0.0.1:{port}", "http://portmapper"])
+        # The other port was never touched.
+        assert stack.registry.peek(stack.ports[1]) is None
+        # Only check_rotation's five ip.sandbox lookups reached the vendor.
+        assert sum(stack.vendor.usernames.values()) == 5
+    finally:
+        await stack.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_article_commands_with_empty_domain() -> None:
+    stack = start_stack(1, session_api={"enabled": True, "domain": ""})
+    try:
+        port = stack.ports[0]
+        # curl http://127.0.0.1:10201/session/
+        await check_rotation(port, [f"http://127.0.0.1:{port}"])
+        # Whatever Host says (the reference product broke this once).
+        shown = await call("-H", "Host: example.com", f"http://127.0.0.1:{port}/session/")
+        assert shown["port"] == port
+    finally:
+        await stack.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_through_a_connect_tunnel() -> None:
+    """
+    curl --proxytunnel CONNECTs to portmapper:80 first and sends the request
+    inside the tunnel; it is answered locally.
+    """
+    stack = start_stack(1, session_api={"enabled": True, "domain": "portmapper"})
+    try:
+        port = stack.ports[0]
+        body = await call("-p", "-x", f"http://127.0.0.1:{port}", "http://portmapper/session/new")
+        assert body["session_id"] == stack.registry.peek(port).id
+        assert not stack.vendor.seen
+    finally:
+        await stack.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_disabled_api_requests_are_proxied() -> None:
+    stack = start_stack(1)
+    try:
+        _code, out, _ = await curl(
+            "-i", "-x", f"http://127.0.0.1:{stack.ports[0]}", "http://portmapper/session/"
+        )
+        # The sandbox vendor tried to reach the (non-existent) host portmapper.
+        assert out.startswith(b"HTTP/1.1 502")
+        assert [seen[2] for seen in stack.vendor.seen] == ["http://portmapper/session/"]
+    finally:
+        await stack.service.stopService()

@@ -1,0 +1,237 @@
+"""
+The in-band Session API, in memory: routing, JSON, and how it mixes with
+proxied traffic on one connection.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from proxymap.sessionapi import http_date
+from proxymap.sessions import EndReason
+
+from .helpers import PORT, Harness, creds, head_of, header
+
+ON = {"enabled": True, "domain": "portmapper"}
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def api(h: Harness, request: bytes, port: int = PORT) -> tuple[bytes, list[bytes], Any]:
+    """
+    Send one request on a new connection; return status line, headers, JSON.
+    """
+    proto, client = h.client(port)
+    proto.dataReceived(request)
+    first, lines, body = head_of(client.value())
+    return first, lines, json.loads(body) if body else None
+
+
+def get(path: str, host: str = "portmapper", method: str = "GET") -> bytes:
+    return f"{method} http://{host}{path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+def test_show_creates_then_repeats() -> None:
+    h = Harness(session_api=ON)
+    h.reactor.advance(1_781_107_783)  # Wed, 10 Jun 2026 16:09:43 GMT minus the lifetime
+    first, lines, body = api(h, get("/session/"))
+    assert first == b"HTTP/1.1 200 OK"
+    session = h.registry.peek(PORT)
+    assert session is not None
+    assert list(body)[:3] == ["session_id", "expires_at", "expired"]
+    assert body["session_id"] == session.id
+    assert body["expires_at"] == "Wed, 10 Jun 2026 16:19:43 GMT"
+    assert body["expired"] is False
+    assert body["port"] == PORT and body["lifetime"] == 600 and body["seconds_left"] == 600
+    assert header(lines, b"x-session-id") == [session.id.encode()]
+    assert header(lines, b"x-expires-at") == [b"Wed, 10 Jun 2026 16:19:43 GMT"]
+    assert header(lines, b"content-type") == [b"application/json"]
+    h.reactor.advance(100)
+    _, _, again = api(h, get("/session"))
+    assert again["session_id"] == session.id and again["seconds_left"] == 500
+
+
+def test_reset_then_next_request_makes_a_new_session() -> None:
+    h = Harness(session_api=ON)
+    old = h.registry.current(PORT)
+    first, _, body = api(h, get("/session/reset"))
+    assert first == b"HTTP/1.1 200 OK"
+    assert body == {"success": True, "ended_session_id": old.id}
+    assert old.ended is EndReason.RESET
+    assert h.registry.peek(PORT) is None
+    _, _, again = api(h, get("/session/reset"))
+    assert again == {"success": True, "ended_session_id": None}
+
+    proto, _ = h.client()
+    proto.dataReceived(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    _, upstream = h.upstream()
+    new = h.registry.peek(PORT)
+    assert new is not None and new.id != old.id
+    assert header(head_of(upstream.value())[1], b"proxy-authorization") == [creds(new.id)]
+
+
+def test_new_replaces_immediately() -> None:
+    h = Harness(session_api=ON)
+    old = h.registry.current(PORT)
+    _, lines, body = api(h, get("/session/new"))
+    new = h.registry.peek(PORT)
+    assert new is not None and new.id != old.id
+    assert old.ended is EndReason.RENEWED
+    assert body["session_id"] == new.id
+    assert header(lines, b"x-session-id") == [new.id.encode()]
+
+
+@pytest.mark.parametrize("path", ["/session/reset", "/session/new"])
+def test_post_is_accepted(path: str) -> None:
+    h = Harness(session_api=ON)
+    first, _, _ = api(h, get(path, method="POST"))
+    assert first == b"HTTP/1.1 200 OK"
+
+
+def test_post_with_body_keeps_connection_usable() -> None:
+    h = Harness(session_api=ON)
+    proto, client = h.client()
+    proto.dataReceived(
+        b"POST http://portmapper/session/new HTTP/1.1\r\nHost: portmapper\r\n"
+        b"Content-Length: 5\r\n\r\nhello" + get("/session/")
+    )
+    assert client.value().count(b"HTTP/1.1 200 OK") == 2
+    assert not client.disconnecting
+
+
+def test_unknown_path_is_json_404() -> None:
+    h = Harness(session_api=ON)
+    first, _, body = api(h, get("/sessions"))
+    assert first == b"HTTP/1.1 404 Not Found"
+    assert body["error"] == "not found" and "/session/new" in body["description"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [("DELETE", "/session/", b"GET, HEAD"), ("PUT", "/session/new", b"GET, POST")],
+)
+def test_wrong_method_is_json_405_with_allow(method: str, path: str, allow: bytes) -> None:
+    h = Harness(session_api=ON)
+    first, lines, body = api(h, get(path, method=method))
+    assert first == b"HTTP/1.1 405 Method Not Allowed"
+    assert header(lines, b"allow") == [allow]
+    assert body["error"] == "method not allowed"
+
+
+def test_api_never_goes_upstream_nor_counts_as_traffic() -> None:
+    h = Harness(session_api=ON)
+    for path in ("/session/", "/session/new", "/session/", "/nope"):
+        api(h, get(path))
+    assert h.reactor.tcpClients == []
+    session = h.registry.peek(PORT)
+    assert session is not None and session.requests == 0 and session.bytes_down == 0
+
+
+def test_domain_is_case_insensitive_and_any_port() -> None:
+    h = Harness(session_api=ON)
+    first, _, body = api(h, get("/session/", host="PortMapper:8080"))
+    assert first == b"HTTP/1.1 200 OK" and body["port"] == PORT
+
+
+def test_acts_on_the_port_the_request_arrived_on() -> None:
+    h = Harness(session_api=ON)
+    a = h.registry.current(10201)
+    b = h.registry.current(10202)
+    _, _, body = api(h, get("/session/new"), port=10202)
+    assert h.registry.peek(10201) is a
+    assert b.ended is EndReason.RENEWED and body["session_id"] != b.id
+
+
+def test_mixed_with_proxied_requests_in_order() -> None:
+    """
+    On one keep-alive connection: proxied, API, proxied.  The API answer waits
+    its turn and the second proxied request uses the new session.
+    """
+    h = Harness(session_api=ON)
+    proto, client = h.client()
+    proto.dataReceived(
+        b"GET http://example.com/1 HTTP/1.1\r\nHost: example.com\r\n\r\n"
+        + get("/session/new")
+        + b"GET http://example.com/2 HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    )
+    first_session = h.registry.peek(PORT)
+    assert first_session is not None
+    up1, upstream1 = h.upstream()
+    assert client.value() == b""
+    up1.dataReceived(OK)
+    out = client.value()
+    assert out.index(b"\r\n\r\nok") < out.index(b'"session_id"')
+    assert first_session.ended is EndReason.RENEWED
+    up2, upstream2 = h.upstream()
+    assert upstream1.disconnecting
+    second = h.registry.peek(PORT)
+    assert second is not None
+    assert header(head_of(upstream2.value())[1], b"proxy-authorization") == [creds(second.id)]
+    up2.dataReceived(OK)
+    assert client.value().count(b"\r\n\r\nok") == 2
+
+
+def test_disabled_means_proxied() -> None:
+    h = Harness()
+    proto, _ = h.client()
+    proto.dataReceived(get("/session/new"))
+    assert [c[:2] for c in h.reactor.tcpClients] == [("gw.example.com", 10000)]
+    assert h.registry.peek(PORT) is not None
+
+
+def test_empty_domain_serves_origin_form_whatever_host_says() -> None:
+    h = Harness(session_api={"enabled": True, "domain": ""})
+    for host in (b"127.0.0.1:10201", b"portmapper", b"example.com"):
+        proto, client = h.client()
+        proto.dataReceived(b"GET /session/ HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert head_of(client.value())[0] == b"HTTP/1.1 200 OK", host
+    # Absolute-form requests are still proxied, even to a host named portmapper.
+    proto, _ = h.client()
+    proto.dataReceived(get("/session/"))
+    assert len(h.reactor.tcpClients) == 1
+
+
+def test_connect_to_domain_then_plain_http_inside() -> None:
+    h = Harness(session_api=ON)
+    proto, client = h.client()
+    proto.dataReceived(b"CONNECT portmapper:80 HTTP/1.1\r\nHost: portmapper:80\r\n\r\n")
+    assert client.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    client.clear()
+    proto.dataReceived(b"GET /session/new HTTP/1.1\r\nHost: portmapper\r\n\r\n")
+    first, _, body = head_of(client.value())
+    assert first == b"HTTP/1.1 200 OK"
+    assert json.loads(body)["session_id"] == h.registry.peek(PORT).id
+    assert h.reactor.tcpClients == []
+    assert not client.disconnecting
+
+
+def test_head_has_headers_only() -> None:
+    h = Harness(session_api=ON)
+    proto, client = h.client()
+    proto.dataReceived(get("/session/", method="HEAD"))
+    _, lines, body = head_of(client.value())
+    assert body == b"" and int(header(lines, b"content-length")[0]) > 0
+
+
+def test_connection_close_honoured() -> None:
+    h = Harness(session_api=ON)
+    proto, client = h.client()
+    proto.dataReceived(get("/session/").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    assert client.disconnecting
+
+
+def test_http_date() -> None:
+    assert http_date(1_781_107_783) == "Wed, 10 Jun 2026 16:09:43 GMT"
+
+
+def test_per_mapping_override_of_global_default() -> None:
+    from proxymap.config import parse_config
+
+    raw = {"ports": "1", "upstream": "http://h:1", "session_api": {"domain": "ctl"}}
+    config = parse_config({"mapping": [raw], "session_api": {"enabled": True}}, env={})
+    assert (config.mappings[0].session_api.enabled, config.mappings[0].session_api.domain) == (
+        True,
+        "ctl",
+    )
