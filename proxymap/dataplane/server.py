@@ -443,7 +443,11 @@ class ProxyServer(flow.Throttled):
         transport = self.transport
         if transport is not None and getattr(transport, "producer", None) is up:
             transport.unregisterProducer()  # type: ignore[attr-defined]
-        self.resume_reading(flow.PEER | flow.CONNECTING)
+        # Its transport may have paused us (backpressure): that pause is void
+        # now.  A connecting-pause belongs to the current upstream only.
+        self.resume_reading(flow.PEER)
+        if up is self._upstream or up is self._tunnel:
+            self.resume_reading(flow.CONNECTING)
         if up is self._tunnel:
             if clean:
                 self.transport.loseConnection()  # type: ignore[union-attr]
