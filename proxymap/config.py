@@ -13,6 +13,7 @@ never shows the value.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -119,10 +120,53 @@ class MappingConfig:
 @attrs.frozen
 class AdminConfig:
     """
-    Where the admin API listens.
+    Where the admin API listens (``""``: nowhere) and who may use it.
     """
 
     listen: str = DEFAULT_ADMIN_LISTEN
+    users: tuple[tuple[str, Secret], ...] = ()
+
+
+def _split_endpoint(description: str) -> list[str]:
+    """
+    Split an endpoint description at unescaped colons, unescaping ``\\:``.
+    """
+    parts, current, escaped = [], "", False
+    for char in description:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return parts
+
+
+def listen_is_loopback(description: str) -> bool:
+    """
+    Whether a server endpoint description only accepts local connections:
+    a UNIX socket, or TCP bound to a loopback interface.
+    """
+    kind, *args = _split_endpoint(description)
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6"):
+        return False
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if sep and name == "interface":
+            if value == "localhost":
+                return True
+            try:
+                return ipaddress.ip_address(value).is_loopback
+            except ValueError:
+                return False
+    return False
 
 
 @attrs.frozen
@@ -298,6 +342,9 @@ class _Table:
     def name(self, field: str) -> str:
         return f"{self.key}.{field}" if self.key else field
 
+    def keys(self) -> list[str]:
+        return list(self._data)
+
     def pop(self, field: str, default: Any = None) -> Any:
         return self._data.pop(field, default)
 
@@ -397,6 +444,32 @@ def _mapping(
     )
 
 
+def _admin(table: _Table, env: MappingABC[str, str]) -> AdminConfig:
+    listen = table.pop_typed("listen", str, DEFAULT_ADMIN_LISTEN).strip()
+    if listen and _split_endpoint(listen)[0] not in ("tcp", "tcp6", "unix", "ssl"):
+        raise ConfigError(
+            table.name("listen"),
+            f'{listen!r} is not a server endpoint such as "{DEFAULT_ADMIN_LISTEN}"',
+        )
+    users_table = _Table(table.pop("users", {}), table.name("users"))
+    users = []
+    for name in list(users_table._data):
+        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
+            raise ConfigError(users_table.name(name), "user names are letters, digits, _.@-")
+        users.append((name, resolve_secret(users_table.pop(name), users_table.name(name), env)))
+    for name, secret in users:
+        if not secret.value:
+            raise ConfigError(users_table.name(name), "the password is empty")
+    table.finish()
+    if listen and not users and not listen_is_loopback(listen):
+        raise ConfigError(
+            table.name("listen"),
+            f"the admin API would listen beyond loopback ({listen!r}) without users; "
+            "add [admin.users] or bind it to 127.0.0.1",
+        )
+    return AdminConfig(listen=listen, users=tuple(users))
+
+
 def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = None) -> Config:
     """
     Validate a parsed TOML document into a :class:`Config`.
@@ -404,9 +477,7 @@ def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = 
     env = os.environ if env is None else env
     top = _Table(dict(data), "")
     api = _session_api(_Table(top.pop("session_api", {}), "session_api"), SessionAPIConfig())
-    admin_table = _Table(top.pop("admin", {}), "admin")
-    admin = AdminConfig(listen=admin_table.pop_typed("listen", str, DEFAULT_ADMIN_LISTEN))
-    admin_table.finish()
+    admin = _admin(_Table(top.pop("admin", {}), "admin"), env)
 
     raw_mappings = top.pop("mapping", None)
     if raw_mappings is None:

@@ -46,8 +46,11 @@ class EndReason(enum.Enum):
 
 class SessionConnection(Protocol):
     """
-    What the registry needs of a client connection using a session.
+    What the registry (and its readers) need of a client connection using a session.
     """
+
+    id: int
+    last_activity: float
 
     def abort(self) -> None:
         """

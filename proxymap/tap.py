@@ -18,7 +18,9 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 
+from proxymap.admin.api import AdminAPI
 from proxymap.config import Config, ConfigError, load_config, parse_config
 from proxymap.dataplane.port import PortFactory
 from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
@@ -115,10 +117,17 @@ class ProxymapService(MultiService):
         self.registry = registry
         #: The sandbox vendor served beside the ports (``--demo``), if any.
         self.sandbox: SandboxVendor | None = None
+        #: The admin API, unless ``[admin] listen`` is empty.
+        self.admin: AdminAPI | None = None
         registry.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         self._loudly(super().privilegedStartService)
+
+    def stopService(self) -> Any:
+        if self.admin is not None:
+            self.admin.cancel_pending()
+        return super().stopService()
 
     def startService(self) -> None:
         self._loudly(super().startService)
@@ -191,15 +200,33 @@ def build_service(
         ).setServiceParent(root)
 
     session_api = SessionAPI(registry)
+    factories: dict[int, PortFactory] = {}
     for mapping in config.mappings:
         policy = PortPolicy(mapping)
         for port in mapping.ports:
             registry.add_port(port, policy)
+            factory = factories[port] = PortFactory(reactor, registry, port, mapping, session_api)
             _Listener(
                 serverFromString(reactor, endpoint_string(port, mapping.bind)),
-                PortFactory(reactor, registry, port, mapping, session_api),
+                factory,
                 f"{mapping.name} port {port}",
             ).setServiceParent(root)
+
+    if config.admin.listen:
+        api = AdminAPI(registry, factories, config.admin.users)
+        site = Site(api.app.resource())
+        site.displayTracebacks = False
+        site.noisy = False
+        root.admin = api
+        _Listener(
+            serverFromString(reactor, config.admin.listen), site, "admin API"
+        ).setServiceParent(root)
+        if not config.admin.users:
+            log.warn(
+                "the admin API on {listen} has no users: anyone on this host can use it "
+                "(add [admin.users] to require credentials)",
+                listen=config.admin.listen,
+            )
 
     if sandbox is not None:
         first = config.mappings[0]

@@ -20,6 +20,9 @@ from proxymap.dataplane.port import PortFactory
 from proxymap.sandbox.vendor import SandboxFactory
 
 GOOD = """
+[admin]
+listen = "tcp:28700:interface=127.0.0.1"
+
 [[mapping]]
 name = "a"
 ports = "20001-20003"
@@ -64,8 +67,10 @@ def test_make_service_listens_on_every_port(tmp_path: Path) -> None:
         (20002, "127.0.0.1"),
         (20003, "127.0.0.1"),
         (20010, "::1"),
+        (28700, "127.0.0.1"),
     ]
-    factories = [factory for _, factory, _, _ in reactor.tcpServers]
+    assert service.admin is not None
+    factories = [factory for _, factory, _, _ in reactor.tcpServers[:-1]]
     assert all(isinstance(f, PortFactory) for f in factories)
     assert [f.port for f in factories] == [20001, 20002, 20003, 20010]
     assert sorted(service.registry.ports()) == [20001, 20002, 20003, 20010]
@@ -80,7 +85,7 @@ def test_demo_service() -> None:
     service.privilegedStartService()
     service.startService()
     ports = {port: factory for port, factory, _, _ in reactor.tcpServers}
-    assert set(ports) == {30000, 30001, 30002}
+    assert set(ports) == {30000, 30001, 30002, 8700}
     assert isinstance(ports[30000], SandboxFactory)
     assert ports[30001].mapping.upstream.port == 30000
     service.stopService()

@@ -151,11 +151,13 @@ class ProxyServer(flow.Throttled):
         factory = self.factory
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
-        self.connected_at = self.last_activity = factory.reactor.seconds()
+        self.seconds = factory.reactor.seconds
+        self.connected_at = self.last_activity = self.seconds()
         factory.connections[self.id] = self
 
     def dataReceived(self, data: bytes) -> None:
         self.reads += 1
+        self.last_activity = self.seconds()
         tunnel = self._tunnel
         if tunnel is not None:
             n = len(data)
@@ -287,7 +289,7 @@ class ProxyServer(flow.Throttled):
             session.connections.add(self)
             session.connections_total += 1
         session.requests += 1
-        session.last_activity = self.last_activity = self.factory.reactor.seconds()
+        session.last_activity = self.last_activity
 
     def _answer_locally(self, request: Request, local: LocalResponse) -> None:
         self.write(local.data)

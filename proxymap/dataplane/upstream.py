@@ -141,6 +141,7 @@ class UpstreamProtocol(flow.Throttled):
         n = len(data)
         server.bytes_down += n
         server.writes += 1
+        server.last_activity = server.seconds()
         session = server.session
         if session is not None:
             session.bytes_down += n

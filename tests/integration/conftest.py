@@ -18,6 +18,7 @@ from twisted.internet import reactor, ssl, task
 from twisted.internet.utils import getProcessOutputAndValue
 
 from proxymap.config import parse_config
+from proxymap.dataplane.server import ProxyFactory
 from proxymap.sandbox.vendor import SandboxVendor
 from proxymap.tap import ProxymapService, build_service
 
@@ -93,7 +94,11 @@ class Stack:
         return self.service.registry
 
 
-def start_stack(nports: int = 3, **mapping: Any) -> Stack:
+def start_stack(nports: int = 3, admin: dict[str, Any] | None = None, **mapping: Any) -> Stack:
+    """
+    proxymap on ``nports`` free ports in front of a sandbox vendor; the admin
+    API only where ``admin`` says (never on the default port 8700).
+    """
     sandbox_port, *ports = free_ports(nports + 1)
     raw = {
         "name": "sandbox",
@@ -104,7 +109,7 @@ def start_stack(nports: int = 3, **mapping: Any) -> Stack:
         "lifetime": "10m",
     }
     raw.update(mapping)
-    config = parse_config({"mapping": [raw]}, env={})
+    config = parse_config({"mapping": [raw], "admin": admin or {"listen": ""}}, env={})
     vendor = SandboxVendor(user="alice", password="s3cret")
     clock = task.Clock()
     service = build_service(config, reactor, clock=clock, sandbox=(vendor, sandbox_port))
@@ -117,7 +122,8 @@ def start_stack(nports: int = 3, **mapping: Any) -> Stack:
 def stack() -> Iterator[Stack]:
     s = start_stack()
     yield s
-    for factory in [listener.factory for listener in s.service.listeners()]:
-        for conn in list(factory.connections.values()):
-            conn.abort()
+    for listener in s.service.listeners():
+        if isinstance(listener.factory, ProxyFactory):
+            for conn in list(listener.factory.connections.values()):
+                conn.abort()
     pytest_twisted.blockon(s.service.stopService())

@@ -186,8 +186,9 @@ async def test_tunnel_half_close_on_real_sockets(stack: Stack, origin: Origin) -
     await connectProtocol(endpoint, client)
     data = await client.done
     assert data == b"got %d bytes" % (100009)
+    factories = [listener.factory for listener in stack.service.listeners()]
     for _ in range(50):  # bounded wait for the server side to finish closing
-        if not any(listener.factory.connections for listener in stack.service.listeners()):
+        if not any(factory.connections for factory in factories):
             break
         await deferLater(reactor, 0.02)
-    assert all(not listener.factory.connections for listener in stack.service.listeners())
+    assert all(not factory.connections for factory in factories)

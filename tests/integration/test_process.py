@@ -54,6 +54,9 @@ upstream = "http://127.0.0.1:{sandbox.getHost().port}"
 user = "alice"
 pass = "file:{tmp_path / "secret"}"
 lifetime = "5m"
+
+[admin]
+listen = ""
 """
     )
     log = (tmp_path / "out.log").open("wb")

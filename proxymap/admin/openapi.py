@@ -1,0 +1,316 @@
+"""
+The OpenAPI 3 document of the admin API, served at ``/openapi.json``.
+
+Kept beside the routes and checked against the live API by schemathesis in
+the test suite, so the document cannot drift from the behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxymap.admin.views import CONNECTION_FIELDS, PORT_FIELDS, SESSION_FIELDS
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _fields(names: tuple[str, ...]) -> dict[str, Any]:
+    alternatives = "|".join(names)
+    return {
+        "name": "fields",
+        "in": "query",
+        "required": False,
+        "description": "Comma-separated fields to return (the identity is always kept).",
+        "schema": {"type": "string", "pattern": f"^({alternatives})(,({alternatives}))*$"},
+    }
+
+
+RANGE = {
+    "name": "range",
+    "in": "query",
+    "required": False,
+    "description": "Inclusive slice N-M of the collection, counted from 0.",
+    "schema": {"type": "string", "pattern": "^[0-9]{1,9}-[0-9]{1,9}$"},
+}
+SESSION_ID = {
+    "name": "session_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[^/]+$"},
+}
+PORT = {
+    "name": "port",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0, "maximum": 65535},
+}
+
+ERROR = _ref("Error")
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Invalid parameter or body",
+        401: "Missing or wrong credentials",
+        404: "No such resource",
+    }
+    return {str(code): _json(ERROR, text[code]) for code in codes}
+
+
+def openapi_document(secured: bool) -> dict[str, Any]:
+    """
+    The document; ``secured`` when admin users are configured (HTTP Basic).
+    """
+    auth = (401,) if secured else ()
+
+    def op(summary: str, responses: dict[str, Any], *errors: int, **more: Any) -> dict[str, Any]:
+        return {"summary": summary, "responses": {**responses, **_errors(*errors, *auth)}, **more}
+
+    session = _ref("Session")
+    document: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {"title": "proxymap admin API", "version": "1"},
+        "paths": {
+            "/sessions": {
+                "get": op(
+                    "List live and closing sessions",
+                    {"200": _json({"type": "array", "items": session}, "Sessions")},
+                    400,
+                    parameters=[
+                        _fields(SESSION_FIELDS),
+                        RANGE,
+                        {
+                            "name": "port",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 65535},
+                        },
+                        {
+                            "name": "state",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "enum": ["active", "closing"]},
+                        },
+                    ],
+                )
+            },
+            "/sessions/{session_id}": {
+                "get": op(
+                    "One session",
+                    {"200": _json(session, "The session")},
+                    400,
+                    404,
+                    parameters=[SESSION_ID, _fields(SESSION_FIELDS)],
+                ),
+                "delete": op(
+                    "Close a session and all its connections (after ttl seconds of grace)",
+                    {"204": {"description": "Closed"}},
+                    400,
+                    404,
+                    parameters=[
+                        SESSION_ID,
+                        {
+                            "name": "ttl",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "number", "minimum": 0, "maximum": 86400},
+                        },
+                    ],
+                ),
+            },
+            "/sessions/{session_id}/connections": {
+                "get": op(
+                    "The client connections using a session",
+                    {"200": _json({"type": "array", "items": _ref("Connection")}, "Connections")},
+                    400,
+                    404,
+                    parameters=[SESSION_ID, _fields(CONNECTION_FIELDS), RANGE],
+                )
+            },
+            "/sessions/release": {
+                "put": op(
+                    "Release sessions by local port, port and session id, or all",
+                    {"200": _json(_ref("ReleaseResult"), "What was released")},
+                    400,
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("ReleaseRequest")}},
+                    },
+                )
+            },
+            "/sessions/release/{mapping}": {
+                "put": op(
+                    "Release sessions of one mapping",
+                    {"200": _json(_ref("ReleaseResult"), "What was released")},
+                    400,
+                    404,
+                    parameters=[
+                        {
+                            "name": "mapping",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^[^/]+$"},
+                        }
+                    ],
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("ReleaseRequest")}},
+                    },
+                )
+            },
+            "/ports": {
+                "get": op(
+                    "Mapped ports",
+                    {"200": _json({"type": "array", "items": _ref("Port")}, "Ports")},
+                    400,
+                    parameters=[_fields(PORT_FIELDS), RANGE],
+                )
+            },
+            "/ports/{port}": {
+                "get": op(
+                    "One mapped port",
+                    {"200": _json(_ref("Port"), "The port")},
+                    404,
+                    parameters=[PORT],
+                )
+            },
+            "/ports/{port}/session/new": {
+                "post": op(
+                    "Replace the port's session now",
+                    {"200": _json(session, "The new session")},
+                    404,
+                    parameters=[PORT],
+                )
+            },
+            "/ports/{port}/session/reset": {
+                "post": op(
+                    "End the port's session; the next request makes a new one",
+                    {"200": _json(_ref("ResetResult"), "Done")},
+                    404,
+                    parameters=[PORT],
+                )
+            },
+            "/openapi.json": {
+                "get": op(
+                    "This document",
+                    {"200": _json({"type": "object"}, "OpenAPI 3 document")},
+                )
+            },
+        },
+        "components": {"schemas": SCHEMAS},
+    }
+    if secured:
+        document["components"]["securitySchemes"] = {"basic": {"type": "http", "scheme": "basic"}}
+        document["security"] = [{"basic": []}]
+    return document
+
+
+_STATISTICS = {
+    "type": "object",
+    "additionalProperties": {"type": "integer", "minimum": 0},
+}
+_DATE = {"type": "string", "description": "RFC 1123 date, GMT"}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "description"],
+        "properties": {
+            "error": {"type": "string"},
+            "description": {"type": "string"},
+            "success": {"type": "boolean", "enum": [False]},
+        },
+    },
+    "Session": {
+        "type": "object",
+        "required": ["id"],
+        "properties": {
+            "id": {"type": "string"},
+            "port": {"type": "integer"},
+            "mapping": {"type": "string"},
+            "state": {"type": "string", "enum": ["active", "closing"]},
+            "upstream": {"type": "string"},
+            "user": {"type": "string"},
+            "created": _DATE,
+            "expires": _DATE,
+            "idle": {"type": "number", "minimum": 0},
+            "connections": {"type": "integer", "minimum": 0},
+            "statistics": _STATISTICS,
+        },
+    },
+    "Connection": {
+        "type": "object",
+        "required": ["id"],
+        "properties": {
+            "id": {"type": "integer"},
+            "state": {
+                "type": "string",
+                "enum": ["idle", "request", "connecting", "tunnel", "closed"],
+            },
+            "client": {"type": "string"},
+            "target": {"type": "string", "nullable": True},
+            "upstream": {"type": "string", "nullable": True},
+            "connected": _DATE,
+            "idle": {"type": "number", "minimum": 0},
+            "statistics": _STATISTICS,
+        },
+    },
+    "Port": {
+        "type": "object",
+        "required": ["port"],
+        "properties": {
+            "port": {"type": "integer"},
+            "bind": {"type": "string"},
+            "mapping": {"type": "string"},
+            "upstream": {"type": "string"},
+            "session": {"type": "string", "nullable": True},
+            "connections": {"type": "integer", "minimum": 0},
+        },
+    },
+    "ReleaseRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "data": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["port"],
+                    "properties": {"port": {"type": "integer"}, "sessionId": {"type": "string"}},
+                },
+            },
+            "releaseAll": {"type": "boolean"},
+        },
+    },
+    "ReleaseResult": {
+        "type": "object",
+        "required": ["success", "released"],
+        "properties": {
+            "success": {"type": "boolean", "enum": [True]},
+            "released": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["port", "sessionId"],
+                    "properties": {"port": {"type": "integer"}, "sessionId": {"type": "string"}},
+                },
+            },
+        },
+    },
+    "ResetResult": {
+        "type": "object",
+        "required": ["success", "ended_session_id"],
+        "properties": {
+            "success": {"type": "boolean", "enum": [True]},
+            "ended_session_id": {"type": "string", "nullable": True},
+        },
+    },
+}

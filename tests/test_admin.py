@@ -1,0 +1,372 @@
+"""
+The admin API in memory: StubTreq against the Klein resource, over a
+registry and ports on a MemoryReactorClock.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+
+from proxymap.admin.api import AdminAPI
+from proxymap.config import Secret
+from proxymap.sessions import EndReason
+
+from .helpers import PORT, Harness
+
+URL = "http://admin.test"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Admin:
+    def __init__(self, users: tuple[tuple[str, Secret], ...] = ()) -> None:
+        self.h = Harness()
+        self.api = AdminAPI(self.h.registry, self.h.factories, users)
+        self.treq = StubTreq(self.api.app.resource())
+        self.auth: tuple[str, str] | None = None
+
+    async def call(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None, **kw: Any
+    ) -> tuple[int, Any, Any]:
+        if self.auth is not None:
+            kw.setdefault("auth", self.auth)
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        response = await self.treq.request(method, URL + path, data=data, **kw)
+        content = await response.content()
+        parsed = json.loads(content) if content else None
+        if parsed is not None:
+            assert response.headers.getRawHeaders("content-type") == ["application/json"]
+        return response.code, parsed, response.headers
+
+    def proxied(self, port: int = PORT) -> Any:
+        """
+        A client connection with one completed request and its upstream leg.
+        """
+        proto, client = self.h.client(port)
+        proto.dataReceived(b"GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        up, upstream = self.h.upstream()
+        up.dataReceived(OK)
+        return proto, client, upstream
+
+
+@pytest.fixture
+def admin() -> Admin:
+    return Admin()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_list_and_get(admin: Admin) -> None:
+    assert (await admin.call("GET", "/sessions"))[:2] == (200, [])
+    admin.proxied()
+    session = admin.h.registry.peek(PORT)
+    code, body, _ = await admin.call("GET", "/sessions")
+    assert code == 200
+    (item,) = body
+    assert item == {
+        "id": session.id,
+        "port": PORT,
+        "mapping": "vendor-a",
+        "state": "active",
+        "upstream": "gw.example.com:10000",
+        "user": f"alice-session-{session.id}",
+        "created": "Thu, 01 Jan 1970 00:00:00 GMT",
+        "expires": "Thu, 01 Jan 1970 00:10:00 GMT",
+        "idle": 0.0,
+        "connections": 1,
+        "statistics": {
+            "requests": 1,
+            "connections_total": 1,
+            "bytes_to_upstream": 0,
+            "bytes_from_upstream": len(OK),
+        },
+    }
+    assert (await admin.call("GET", f"/sessions/{session.id}"))[1] == item
+    admin.h.reactor.advance(7)
+    assert (await admin.call("GET", f"/sessions/{session.id}"))[1]["idle"] == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_secret_in_any_answer(admin: Admin) -> None:
+    admin.proxied()
+    for path in ("/sessions", "/ports", f"/ports/{PORT}", "/openapi.json"):
+        code, body, _ = await admin.call("GET", path)
+        assert code == 200 and "s3cret" not in json.dumps(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fields_and_range(admin: Admin) -> None:
+    for port in (10201, 10202, 10203):
+        admin.h.registry.current(port)
+    code, body, _ = await admin.call("GET", "/sessions?fields=port,idle")
+    assert code == 200 and [set(item) for item in body] == [{"id", "port", "idle"}] * 3
+    code, body, _ = await admin.call("GET", "/sessions?range=1-2&fields=port")
+    assert [item["port"] for item in body] == [10202, 10203]
+    assert (await admin.call("GET", "/sessions?range=5-9"))[1] == []
+    assert (await admin.call("GET", "/ports?fields=session"))[1][0].keys() == {"port", "session"}
+    for bad in ("fields=nope", "fields=", "range=1", "range=a-b", "port=x", "state=asleep"):
+        code, body, _ = await admin.call("GET", f"/sessions?{bad}")
+        assert code == 400, bad
+        assert body["error"] == "bad request" and body["description"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_and_state_filters(admin: Admin) -> None:
+    a = admin.h.registry.current(10201)
+    admin.h.registry.current(10202)
+    body = (await admin.call("GET", "/sessions?port=10201"))[1]
+    assert [item["id"] for item in body] == [a.id]
+    assert (await admin.call("GET", "/sessions?state=closing"))[1] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_session_is_json_404(admin: Admin) -> None:
+    for method, path in (
+        ("GET", "/sessions/nope"),
+        ("GET", "/sessions/nope/connections"),
+        ("DELETE", "/sessions/nope"),
+    ):
+        code, body, _ = await admin.call(method, path)
+        assert code == 404 and body["error"] == "not found"
+
+
+@pytest_twisted.ensureDeferred
+async def test_routing_errors_are_json(admin: Admin) -> None:
+    code, body, _ = await admin.call("GET", "/nowhere")
+    assert code == 404 and body == {
+        "error": "not found",
+        "description": "no such resource: /nowhere",
+    }
+    code, body, headers = await admin.call("PATCH", "/sessions")
+    assert code == 405 and body["error"] == "method not allowed"
+    assert "GET" in headers.getRawHeaders("allow")[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_of_a_session(admin: Admin) -> None:
+    proto, _, _ = admin.proxied()
+    session = admin.h.registry.peek(PORT)
+    code, body, _ = await admin.call("GET", f"/sessions/{session.id}/connections")
+    assert code == 200
+    assert body == [
+        {
+            "id": proto.id,
+            "state": "idle",
+            "client": "127.0.0.1:50000",
+            "target": "example.com:80",
+            "upstream": "gw.example.com:10000",
+            "connected": "Thu, 01 Jan 1970 00:00:00 GMT",
+            "idle": 0.0,
+            "statistics": {
+                "reads": 1,
+                "writes": 2,
+                "bytes_in": 0,
+                "bytes_out": len(OK),
+                "requests": 1,
+            },
+        }
+    ]
+    fields = (await admin.call("GET", f"/sessions/{session.id}/connections?fields=client"))[1]
+    assert fields == [{"id": proto.id, "client": "127.0.0.1:50000"}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_closes_connections_and_session(admin: Admin) -> None:
+    _, client, upstream = admin.proxied()
+    session = admin.h.registry.peek(PORT)
+    code, body, _ = await admin.call("DELETE", f"/sessions/{session.id}")
+    assert (code, body) == (204, None)
+    assert session.ended is EndReason.CLOSED
+    assert client.disconnected and upstream.disconnected
+    assert admin.h.registry.peek(PORT) is None
+    assert (await admin.call("GET", f"/sessions/{session.id}"))[0] == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_with_grace(admin: Admin) -> None:
+    _, client, upstream = admin.proxied()
+    session = admin.h.registry.peek(PORT)
+    assert (await admin.call("DELETE", f"/sessions/{session.id}?ttl=30"))[0] == 204
+    assert session.ended is EndReason.CLOSED
+    assert admin.h.registry.peek(PORT) is None  # new requests get a new session
+    assert not client.disconnected
+    body = (await admin.call("GET", "/sessions?state=closing"))[1]
+    assert [(item["id"], item["state"]) for item in body] == [(session.id, "closing")]
+    admin.h.reactor.advance(30)
+    assert client.disconnected and upstream.disconnected
+    assert (await admin.call("GET", "/sessions"))[1] == []
+    assert (await admin.call("DELETE", f"/sessions/{session.id}?ttl=-1"))[0] == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_during_grace_closes_now(admin: Admin) -> None:
+    _, client, _ = admin.proxied()
+    session = admin.h.registry.peek(PORT)
+    await admin.call("DELETE", f"/sessions/{session.id}?ttl=30")
+    assert (await admin.call("DELETE", f"/sessions/{session.id}"))[0] == 204
+    assert client.disconnected
+    assert admin.h.reactor.getDelayedCalls() == []
+
+
+# ---------------------------------------------------------------- release
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_by_port_whatever_the_id(admin: Admin) -> None:
+    _, client, _ = admin.proxied()
+    session = admin.h.registry.peek(PORT)
+    code, body, _ = await admin.call("PUT", "/sessions/release", {"data": [{"port": PORT}]})
+    assert code == 200
+    assert body == {"success": True, "released": [{"port": PORT, "sessionId": session.id}]}
+    assert session.ended is EndReason.RELEASED and client.disconnected
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_by_port_and_session_id(admin: Admin) -> None:
+    session = admin.h.registry.current(PORT)
+    body = (
+        await admin.call(
+            "PUT", "/sessions/release", {"data": [{"port": PORT, "sessionId": "someone-else"}]}
+        )
+    )[1]
+    assert body == {"success": True, "released": []}
+    assert session.live
+    body = (
+        await admin.call(
+            "PUT", "/sessions/release", {"data": [{"port": PORT, "sessionId": session.id}]}
+        )
+    )[1]
+    assert body["released"] == [{"port": PORT, "sessionId": session.id}]
+    assert not session.live
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_several_ports(admin: Admin) -> None:
+    a, b, c = (admin.h.registry.current(p) for p in (10201, 10202, 10203))
+    body = (
+        await admin.call(
+            "PUT",
+            "/sessions/release",
+            {"data": [{"port": 10201}, {"port": 10202}, {"port": 10202}]},
+        )
+    )[1]
+    assert [r["port"] for r in body["released"]] == [10201, 10202]
+    assert not a.live and not b.live and c.live
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_all_and_by_mapping(admin: Admin) -> None:
+    sessions = [admin.h.registry.current(p) for p in (10201, 10202, 10203)]
+    code, body, _ = await admin.call("PUT", "/sessions/release/nope", {"releaseAll": True})
+    assert code == 404 and body["success"] is False
+    assert all(s.live for s in sessions)
+    body = (await admin.call("PUT", "/sessions/release/vendor-a", {"releaseAll": True}))[1]
+    assert len(body["released"]) == 3
+    assert not any(s.live for s in sessions)
+    assert all(s.ended is EndReason.RELEASED for s in sessions)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        b"{}",
+        b'{"data": []}',
+        b'{"data": [{"port": "10201"}]}',
+        b'{"data": [{"port": 10201}, {"port": 9}]}',
+        b'{"data": [{"port": 10201, "x": 1}]}',
+        b'{"releaseAll": "yes"}',
+        b'{"releaseAll": true, "data": [{"port": 10201}]}',
+        b'{"data": [{"port": 10201, "sessionId": 5}]}',
+        b'{"extra": 1}',
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_malformed_release_releases_nothing(admin: Admin, body: bytes) -> None:
+    session = admin.h.registry.current(PORT)
+    code, answer, _ = await admin.call("PUT", "/sessions/release", raw=body)
+    assert code == 400
+    assert answer["success"] is False and answer["error"] == "bad request"
+    assert session.live
+
+
+# ---------------------------------------------------------------- ports
+
+
+@pytest_twisted.ensureDeferred
+async def test_ports(admin: Admin) -> None:
+    admin.proxied()
+    session = admin.h.registry.peek(PORT)
+    body = (await admin.call("GET", "/ports"))[1]
+    assert [item["port"] for item in body] == [10201, 10202, 10203]
+    assert body[0] == {
+        "port": PORT,
+        "bind": "127.0.0.1",
+        "mapping": "vendor-a",
+        "upstream": "gw.example.com:10000",
+        "session": session.id,
+        "connections": 1,
+    }
+    assert body[1]["session"] is None
+    assert (await admin.call("GET", f"/ports/{PORT}"))[1] == body[0]
+    assert (await admin.call("GET", "/ports/1"))[0] == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_session_new_and_reset(admin: Admin) -> None:
+    old = admin.h.registry.current(PORT)
+    code, body, _ = await admin.call("POST", f"/ports/{PORT}/session/new")
+    new = admin.h.registry.peek(PORT)
+    assert code == 200 and body["id"] == new.id != old.id
+    assert old.ended is EndReason.RENEWED
+    code, body, _ = await admin.call("POST", f"/ports/{PORT}/session/reset")
+    assert body == {"success": True, "ended_session_id": new.id}
+    assert admin.h.registry.peek(PORT) is None
+    assert (await admin.call("POST", "/ports/1/session/new"))[0] == 404
+    assert (await admin.call("GET", f"/ports/{PORT}/session/new"))[0] == 405
+
+
+@pytest_twisted.ensureDeferred
+async def test_openapi_document_names_every_route(admin: Admin) -> None:
+    code, doc, _ = await admin.call("GET", "/openapi.json")
+    assert code == 200 and doc["openapi"].startswith("3.")
+    routes = {
+        rule.rule.replace("<string:", "{").replace("<int:", "{").replace(">", "}")
+        for rule in admin.api.app.url_map.iter_rules()
+    }
+    assert routes == set(doc["paths"])
+
+
+# ---------------------------------------------------------------- auth
+
+
+@pytest_twisted.ensureDeferred
+async def test_basic_auth() -> None:
+    admin = Admin(users=(("ops", Secret("pa55word")), ("ci", Secret("other"))))
+    code, body, headers = await admin.call("GET", "/sessions")
+    assert code == 401 and body["error"] == "unauthorized"
+    assert headers.getRawHeaders("www-authenticate") == ['Basic realm="proxymap admin"']
+    for wrong in (("ops", "other"), ("ci", "pa55word"), ("nobody", "pa55word")):
+        assert (await admin.call("GET", "/sessions", auth=wrong))[0] == 401
+    assert (await admin.call("GET", "/sessions", auth=("ops", "pa55word")))[0] == 200
+    assert (await admin.call("DELETE", "/sessions/x", auth=("ci", "nope")))[0] == 401
+    code, doc, _ = await admin.call("GET", "/openapi.json", auth=("ci", "other"))
+    assert doc["security"] == [{"basic": []}] and "pa55word" not in json.dumps(doc)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unexpected_failure_is_json_500_and_logged(
+    admin: Admin, logged_failures: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(port: int) -> None:
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(admin.h.registry, "peek", broken)
+    code, body, _ = await admin.call("GET", "/ports")
+    assert code == 500 and body["error"] == "internal error"
+    assert "bug" not in json.dumps(body)
+    assert len(logged_failures.expect(ZeroDivisionError)) == 1
