@@ -6,6 +6,7 @@ registry and ports on a MemoryReactorClock.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -107,7 +108,16 @@ async def test_fields_and_range(admin: Admin) -> None:
     assert [item["port"] for item in body] == [10202, 10203]
     assert (await admin.call("GET", "/sessions?range=5-9"))[1] == []
     assert (await admin.call("GET", "/ports?fields=session"))[1][0].keys() == {"port", "session"}
-    for bad in ("fields=nope", "fields=", "range=1", "range=a-b", "port=x", "state=asleep"):
+    for bad in (
+        "fields=nope",
+        "fields=",
+        "range=1",
+        "range=a-b",
+        "port=x",
+        "port=70000",
+        "state=closing",
+        "feilds=port",
+    ):
         code, body, _ = await admin.call("GET", f"/sessions?{bad}")
         assert code == 400, bad
         assert body["error"] == "bad request" and body["description"]
@@ -115,11 +125,13 @@ async def test_fields_and_range(admin: Admin) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_port_and_state_filters(admin: Admin) -> None:
-    a = admin.h.registry.current(10201)
-    admin.h.registry.current(10202)
+    admin.proxied(10201)
+    a = admin.h.registry.peek(10201)
+    b = admin.h.registry.current(10202)
     body = (await admin.call("GET", "/sessions?port=10201"))[1]
     assert [item["id"] for item in body] == [a.id]
-    assert (await admin.call("GET", "/sessions?state=closing"))[1] == []
+    assert [i["id"] for i in (await admin.call("GET", "/sessions?state=active"))[1]] == [a.id]
+    assert [i["id"] for i in (await admin.call("GET", "/sessions?state=idle"))[1]] == [b.id]
 
 
 @pytest_twisted.ensureDeferred
@@ -187,28 +199,35 @@ async def test_delete_closes_connections_and_session(admin: Admin) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_delete_with_grace(admin: Admin) -> None:
+    """
+    With ?ttl= the session is gone at once (new requests get a new one, the
+    API no longer shows it) while its connections may finish for ttl seconds.
+    """
     _, client, upstream = admin.proxied()
     session = admin.h.registry.peek(PORT)
     assert (await admin.call("DELETE", f"/sessions/{session.id}?ttl=30"))[0] == 204
     assert session.ended is EndReason.CLOSED
-    assert admin.h.registry.peek(PORT) is None  # new requests get a new session
-    assert not client.disconnected
-    body = (await admin.call("GET", "/sessions?state=closing"))[1]
-    assert [(item["id"], item["state"]) for item in body] == [(session.id, "closing")]
-    admin.h.reactor.advance(30)
-    assert client.disconnected and upstream.disconnected
+    assert admin.h.registry.peek(PORT) is None
+    assert (await admin.call("GET", f"/sessions/{session.id}"))[0] == 404
     assert (await admin.call("GET", "/sessions"))[1] == []
+    assert not client.disconnected
+    admin.h.reactor.advance(29)
+    assert not client.disconnected
+    admin.h.reactor.advance(1)
+    assert client.disconnected and upstream.disconnected
     assert (await admin.call("DELETE", f"/sessions/{session.id}?ttl=-1"))[0] == 400
+    assert (await admin.call("DELETE", f"/sessions/{session.id}?ttl=x"))[0] == 400
 
 
 @pytest_twisted.ensureDeferred
-async def test_delete_during_grace_closes_now(admin: Admin) -> None:
+async def test_delete_again_during_grace_closes_now(admin: Admin) -> None:
     _, client, _ = admin.proxied()
     session = admin.h.registry.peek(PORT)
     await admin.call("DELETE", f"/sessions/{session.id}?ttl=30")
     assert (await admin.call("DELETE", f"/sessions/{session.id}"))[0] == 204
     assert client.disconnected
     assert admin.h.reactor.getDelayedCalls() == []
+    assert (await admin.call("DELETE", f"/sessions/{session.id}"))[0] == 404
 
 
 # ---------------------------------------------------------------- release
@@ -263,7 +282,11 @@ async def test_release_all_and_by_mapping(admin: Admin) -> None:
     code, body, _ = await admin.call("PUT", "/sessions/release/nope", {"releaseAll": True})
     assert code == 404 and body["success"] is False
     assert all(s.live for s in sessions)
-    body = (await admin.call("PUT", "/sessions/release/vendor-a", {"releaseAll": True}))[1]
+    body = (
+        await admin.call(
+            "PUT", "/sessions/release/vendor-a", {"releaseAll": True, "data": [{"port": 10201}]}
+        )
+    )[1]
     assert len(body["released"]) == 3
     assert not any(s.live for s in sessions)
     assert all(s.ended is EndReason.RELEASED for s in sessions)
@@ -274,13 +297,13 @@ async def test_release_all_and_by_mapping(admin: Admin) -> None:
     [
         b"not json",
         b"[]",
-        b"{}",
+        b'{"data": null}',
         b'{"data": []}',
         b'{"data": [{"port": "10201"}]}',
-        b'{"data": [{"port": 10201}, {"port": 9}]}',
+        b'{"data": [{"port": 10201}, {"port": 70000}]}',
         b'{"data": [{"port": 10201, "x": 1}]}',
         b'{"releaseAll": "yes"}',
-        b'{"releaseAll": true, "data": [{"port": 10201}]}',
+        b'{"data": [{"port": 10201, "sessionId": null}]}',
         b'{"data": [{"port": 10201, "sessionId": 5}]}',
         b'{"extra": 1}',
     ],
@@ -291,6 +314,19 @@ async def test_malformed_release_releases_nothing(admin: Admin, body: bytes) -> 
     code, answer, _ = await admin.call("PUT", "/sessions/release", raw=body)
     assert code == 400
     assert answer["success"] is False and answer["error"] == "bad request"
+    assert session.live
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_of_nothing(admin: Admin) -> None:
+    """
+    A body that asks for nothing, or names a port with no session of ours
+    (outside the mapping too), releases nothing and says so.
+    """
+    session = admin.h.registry.current(PORT)
+    for body in ({}, {"releaseAll": False}, {"data": [{"port": 9}]}):
+        code, answer, _ = await admin.call("PUT", "/sessions/release", body)
+        assert (code, answer) == (200, {"success": True, "released": []}), body
     assert session.live
 
 
@@ -335,7 +371,7 @@ async def test_openapi_document_names_every_route(admin: Admin) -> None:
     code, doc, _ = await admin.call("GET", "/openapi.json")
     assert code == 200 and doc["openapi"].startswith("3.")
     routes = {
-        rule.rule.replace("<string:", "{").replace("<int:", "{").replace(">", "}")
+        re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
         for rule in admin.api.app.url_map.iter_rules()
     }
     assert routes == set(doc["paths"])

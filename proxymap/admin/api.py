@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import BaseConverter
 
 from proxymap.admin import views
 from proxymap.admin.openapi import openapi_document
@@ -68,6 +69,16 @@ class ReleaseError(APIError):
         super().__init__(status, error, description, extra={"success": False})
 
 
+class SessionIdConverter(BaseConverter):
+    """
+    A session id in a path: any segment but ``release``, which names
+    ``/sessions/release`` (so its ``Allow`` is exactly ``PUT``).  Generated
+    ids of the default length (8) can never be ``release``.
+    """
+
+    regex = "(?!release$)[^/]+"
+
+
 def write_json(request: IRequest, value: Any, status: int = 200) -> bytes:
     """
     The one JSON response helper.
@@ -86,16 +97,25 @@ def _arg(request: IRequest, name: str) -> str | None:
 
 
 def _route(
-    app: Klein, path: str, methods: tuple[str, ...] = ("GET",)
+    app: Klein, path: str, methods: tuple[str, ...] = ("GET",), params: tuple[str, ...] = ()
 ) -> Callable[[Callable[..., Any]], Any]:
     """
-    A Klein route whose handler runs only for an authenticated request.
+    A Klein route whose handler runs only for an authenticated request that
+    uses no query parameter but ``params`` (a misspelt one is an error, not
+    silently ignored).
     """
 
     def decorator(handler: Callable[..., Any]) -> Any:
         @functools.wraps(handler)
         def authenticated(self: AdminAPI, request: IRequest, **kwargs: Any) -> Any:
             self.authenticate(request)
+            for name in request.args or {}:
+                if name.decode("utf-8", "replace") not in params:
+                    shown = name.decode("utf-8", "replace")[:40]
+                    known = ", ".join(params) or "none"
+                    raise APIError(
+                        400, "bad request", f"unknown parameter {shown!r} (known: {known})"
+                    )
             return handler(self, request, **kwargs)
 
         return app.route(path, methods=list(methods), strict_slashes=False)(authenticated)
@@ -112,10 +132,12 @@ class AdminAPI:
     registry: SessionRegistry
     factories: dict[int, PortFactory]
     users: tuple[tuple[str, Secret], ...] = ()
-    #: Sessions closed with a grace (``DELETE ...?ttl=``): id -> (session, timer).
+    #: Sessions ended with a grace (``DELETE ...?ttl=``) whose connections
+    #: are draining: id -> (session, timer).
     _closing: dict[str, tuple[Session, IDelayedCall]] = attrs.field(factory=dict, init=False)
 
     app: ClassVar[Klein] = Klein()
+    app.url_map.converters["session"] = SessionIdConverter
 
     # ------------------------------------------------------------ plumbing
 
@@ -186,22 +208,14 @@ class AdminAPI:
     def now(self) -> float:
         return self.registry.clock.seconds()
 
-    def _session_views(self) -> list[dict[str, Any]]:
-        now = self.now
-        items = [views.session_view(s, self.factories[s.port], now) for s in self.registry.list()]
-        items += [
-            views.session_view(s, self.factories[s.port], now, state="closing")
-            for s, _ in self._closing.values()
-        ]
-        return items
+    def _view(self, session: Session) -> dict[str, Any]:
+        return views.session_view(session, self.factories[session.port], self.now)
 
-    def _find(self, session_id: str) -> tuple[Session, str]:
+    def _find(self, session_id: str) -> Session:
         session = self.registry.get(session_id)
-        if session is not None:
-            return session, "active"
-        if session_id in self._closing:
-            return self._closing[session_id][0], "closing"
-        raise APIError(404, "not found", f"no session {session_id!r}")
+        if session is None:
+            raise APIError(404, "not found", f"no session {session_id!r}")
+        return session
 
     def _factory(self, port: int) -> PortFactory:
         factory = self.factories.get(port)
@@ -229,39 +243,37 @@ class AdminAPI:
 
     # ------------------------------------------------------------ sessions
 
-    @_route(app, "/sessions")
+    @_route(app, "/sessions", params=("fields", "range", "port", "state"))
     def list_sessions(self, request: IRequest) -> bytes:
         fields, window = self._parameters(request, views.SESSION_FIELDS)
-        items = self._session_views()
+        items = [self._view(session) for session in self.registry.list()]
         port = _arg(request, "port")
         if port is not None:
-            if not port.isdigit():
-                raise APIError(400, "bad request", "port: expected a port number")
+            if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+                raise APIError(400, "bad request", "port: expected a port number (1-65535)")
             items = [item for item in items if item["port"] == int(port)]
         state = _arg(request, "state")
         if state is not None:
-            if state not in ("active", "closing"):
-                raise APIError(400, "bad request", "state: expected active or closing")
+            if state not in views.SESSION_STATES:
+                raise APIError(400, "bad request", "state: expected active or idle")
             items = [item for item in items if item["state"] == state]
         return write_json(request, views.collection(items, fields, window))
 
-    @_route(app, "/sessions/<string:session_id>")
+    @_route(app, "/sessions/<session:session_id>", params=("fields",))
     def get_session(self, request: IRequest, session_id: str) -> bytes:
         fields, _ = self._parameters(request, views.SESSION_FIELDS)
-        session, state = self._find(session_id)
-        item = views.session_view(session, self.factories[session.port], self.now, state)
-        return write_json(request, views.select(item, fields))
+        return write_json(request, views.select(self._view(self._find(session_id)), fields))
 
-    @_route(app, "/sessions/<string:session_id>/connections")
+    @_route(app, "/sessions/<session:session_id>/connections", params=("fields", "range"))
     def session_connections(self, request: IRequest, session_id: str) -> bytes:
         fields, window = self._parameters(request, views.CONNECTION_FIELDS)
-        session, _ = self._find(session_id)
+        session = self._find(session_id)
         now = self.now
         conns = sorted(session.connections, key=lambda c: c.id)
         items = [views.connection_view(c, now) for c in conns if isinstance(c, ProxyServer)]
         return write_json(request, views.collection(items, fields, window))
 
-    @_route(app, "/sessions/<string:session_id>", methods=("DELETE",))
+    @_route(app, "/sessions/<session:session_id>", methods=("DELETE",), params=("ttl",))
     def close_session(self, request: IRequest, session_id: str) -> bytes:
         ttl_arg = _arg(request, "ttl")
         ttl = 0.0
@@ -272,17 +284,20 @@ class AdminAPI:
                 ttl = -1
             if not 0 <= ttl <= 86400:
                 raise APIError(400, "bad request", "ttl: expected seconds from 0 to 86400")
-        session, state = self._find(session_id)
-        if state == "closing":
-            _, timer = self._closing.pop(session_id)
+        if session_id in self._closing:
+            # Deleted already and draining: DELETE is idempotent, and this one
+            # cuts the grace short.
+            session, timer = self._closing.pop(session_id)
             if timer.active():
                 timer.cancel()
             self._abort(session)
         elif ttl:
+            session = self._find(session_id)
             self.registry.end(session_id, EndReason.CLOSED)
             timer = self.registry.clock.callLater(ttl, self._grace_over, session_id)
             self._closing[session_id] = (session, timer)
         else:
+            self._find(session_id)
             self.registry.close(session_id, EndReason.CLOSED)
         log.info(
             "admin API closed session {session_id} (grace {ttl}s)", session_id=session_id, ttl=ttl
@@ -329,40 +344,36 @@ class AdminAPI:
         release_all = body.get("releaseAll", False)
         if not isinstance(release_all, bool):
             raise ReleaseError("releaseAll must be true or false")
-        data = body.get("data")
         ports = [
             port
             for port, f in self.factories.items()
             if mapping is None or f.mapping.name == mapping
         ]
         targets: list[tuple[int, str | None]] = []
-        if release_all:
-            if data:
-                raise ReleaseError("give data or releaseAll, not both")
-            targets = [(port, None) for port in ports]
-        elif data is None:
-            raise ReleaseError("nothing to release: give data or releaseAll")
-        elif not isinstance(data, list) or not data:
-            raise ReleaseError("data must be a non-empty list of {port, sessionId}")
-        else:
+        if "data" in body:
+            data = body["data"]
+            if not isinstance(data, list) or not data:
+                raise ReleaseError("data must be a non-empty list of {port, sessionId}")
             for index, entry in enumerate(data):
                 where = f"data[{index}]"
                 if not isinstance(entry, dict) or set(entry) - {"port", "sessionId"}:
                     raise ReleaseError(f"{where}: expected {{port, sessionId}}")
                 port = entry.get("port")
-                if not isinstance(port, int) or isinstance(port, bool):
-                    raise ReleaseError(f"{where}.port: expected a port number")
-                if port not in ports:
-                    where_mapped = f"in mapping {mapping!r}" if mapping else "mapped"
-                    raise ReleaseError(f"{where}.port: port {port} is not {where_mapped}")
+                if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+                    raise ReleaseError(f"{where}.port: expected a port number (1-65535)")
                 session_id = entry.get("sessionId")
-                if session_id is not None and not isinstance(session_id, str):
+                if "sessionId" in entry and not isinstance(session_id, str):
                     raise ReleaseError(f"{where}.sessionId: expected a string")
                 targets.append((port, session_id))
+        if release_all:
+            # "All" includes whatever data lists as well.
+            targets = [(port, None) for port in ports]
+        # {} or {"releaseAll": false}: nothing asked, nothing released.
 
         released = []
         for port, session_id in targets:
-            session = self.registry.peek(port)
+            # A port that is not ours (or not the mapping's) has no session to release.
+            session = self.registry.peek(port) if port in ports else None
             if session is None or (session_id is not None and session.id != session_id):
                 continue
             self.registry.close(session.id, EndReason.RELEASED)
@@ -372,7 +383,7 @@ class AdminAPI:
 
     # ------------------------------------------------------------ ports
 
-    @_route(app, "/ports")
+    @_route(app, "/ports", params=("fields", "range"))
     def list_ports(self, request: IRequest) -> bytes:
         fields, window = self._parameters(request, views.PORT_FIELDS)
         items = [
@@ -404,4 +415,5 @@ class AdminAPI:
 
     @_route(app, "/openapi.json")
     def openapi(self, request: IRequest) -> bytes:
-        return write_json(request, openapi_document(secured=bool(self.users)))
+        mappings = sorted({f.mapping.name for f in self.factories.values()})
+        return write_json(request, openapi_document(bool(self.users), mappings))

@@ -63,9 +63,10 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _json(ERROR, text[code]) for code in codes}
 
 
-def openapi_document(secured: bool) -> dict[str, Any]:
+def openapi_document(secured: bool, mappings: list[str] | None = None) -> dict[str, Any]:
     """
-    The document; ``secured`` when admin users are configured (HTTP Basic).
+    The document; ``secured`` when admin users are configured (HTTP Basic);
+    ``mappings``, the configured mapping names, make the release path exact.
     """
     auth = (401,) if secured else ()
 
@@ -89,13 +90,13 @@ def openapi_document(secured: bool) -> dict[str, Any]:
                             "name": "port",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "integer", "minimum": 0, "maximum": 65535},
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 65535},
                         },
                         {
                             "name": "state",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "string", "enum": ["active", "closing"]},
+                            "schema": {"type": "string", "enum": ["active", "idle"]},
                         },
                     ],
                 )
@@ -234,7 +235,7 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "string"},
             "port": {"type": "integer"},
             "mapping": {"type": "string"},
-            "state": {"type": "string", "enum": ["active", "closing"]},
+            "state": {"type": "string", "enum": ["active", "idle"]},
             "upstream": {"type": "string"},
             "user": {"type": "string"},
             "created": _DATE,
@@ -284,7 +285,10 @@ SCHEMAS: dict[str, Any] = {
                     "type": "object",
                     "additionalProperties": False,
                     "required": ["port"],
-                    "properties": {"port": {"type": "integer"}, "sessionId": {"type": "string"}},
+                    "properties": {
+                        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "sessionId": {"type": "string"},
+                    },
                 },
             },
             "releaseAll": {"type": "boolean"},

@@ -39,6 +39,8 @@ CONNECTION_FIELDS = (
     "idle",
     "statistics",
 )
+#: ``active``: client connections are using the session; ``idle``: none are.
+SESSION_STATES = ("active", "idle")
 PORT_FIELDS = ("port", "bind", "mapping", "upstream", "session", "connections")
 
 
@@ -58,12 +60,11 @@ def session_idle(session: Session, now: float) -> float:
     return round(max(0.0, now - last), 3)
 
 
-def session_view(
-    session: Session, factory: PortFactory, now: float, state: str = "active"
-) -> dict[str, Any]:
+def session_view(session: Session, factory: PortFactory, now: float) -> dict[str, Any]:
     """
     A session as the admin API shows it; never its password.
     """
+    state = SESSION_STATES[0] if session.connections else SESSION_STATES[1]
     return {
         "id": session.id,
         "port": session.port,
