@@ -21,7 +21,13 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from proxymap.admin.api import AdminAPI
-from proxymap.config import Config, ConfigError, load_config, parse_config
+from proxymap.config import (
+    DEFAULT_ADMIN_LISTEN,
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
+)
 from proxymap.dataplane.port import PortFactory
 from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
 from proxymap.sessionapi import SessionAPI
@@ -243,5 +249,10 @@ def build_service(
                 f"  curl -x http://127.0.0.1:{p1} http://{first.session_api.domain}/session/new   "
                 "# a new session (and exit) for this port, now",
             ]
+            + (
+                [f"  admin API on {config.admin.listen}: curl http://127.0.0.1:8700/sessions"]
+                if config.admin.listen == DEFAULT_ADMIN_LISTEN
+                else []
+            )
         ).setServiceParent(root)
     return root

@@ -55,7 +55,7 @@ def test_defaults() -> None:
 
 
 def test_example_file_loads() -> None:
-    c = load_config(EXAMPLE, env={"VENDOR_A_PASSWORD": "x"})
+    c = load_config(EXAMPLE, env={"VENDOR_A_PASSWORD": "x", "PROXYMAP_ADMIN_PASSWORD": "y"})
     assert c.mappings[0].name == "vendor-a"
     assert len(c.mappings[0].ports) == 100
 
@@ -163,3 +163,45 @@ def test_file_errors(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_admin_users_and_listen() -> None:
+    c = parse_config({**base(), "admin": {"users": {"ops": "env:PW"}}}, env={"PW": "pw"})
+    assert [(name, secret.value) for name, secret in c.admin.users] == [("ops", "pw")]
+    assert "pw" not in repr(c.admin)
+    assert parse_config({**base(), "admin": {"listen": ""}}, env={}).admin.listen == ""
+    off_host = {"listen": "tcp:8700:interface=0.0.0.0", "users": {"ops": "pw"}}
+    assert parse_config({**base(), "admin": off_host}, env={}).admin.users
+
+
+@pytest.mark.parametrize(
+    ("admin", "message"),
+    [
+        ({"listen": "tcp:8700"}, "admin.listen: the admin API would listen beyond loopback"),
+        ({"listen": "tcp:8700:interface=10.1.2.3"}, "admin.listen: the admin API would listen"),
+        ({"listen": "carrier-pigeon:1"}, "admin.listen: 'carrier-pigeon:1' is not a server"),
+        ({"users": {"ops": ""}}, "admin.users.ops: the password is empty"),
+        ({"users": {"bad name": "x"}}, "admin.users.bad name: user names are"),
+        ({"users": {"ops": "env:NOPE"}}, "admin.users.ops: environment variable NOPE is not set"),
+    ],
+)
+def test_admin_errors(admin: dict[str, Any], message: str) -> None:
+    assert error({**base(), "admin": admin}).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("tcp:8700:interface=127.0.0.1", True),
+        ("tcp6:8700:interface=\\:\\:1", True),
+        ("unix:/run/proxymap/admin.sock", True),
+        ("tcp:8700:interface=localhost", True),
+        ("tcp:8700", False),
+        ("tcp:8700:interface=0.0.0.0", False),
+        ("tcp:8700:interface=192.0.2.1", False),
+    ],
+)
+def test_listen_is_loopback(listen: str, loopback: bool) -> None:
+    from proxymap.config import listen_is_loopback
+
+    assert listen_is_loopback(listen) is loopback
