@@ -9,6 +9,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,36 @@ listen = ""
     assert "Main loop terminated" in output
     assert "from-a-file" not in output
     assert "session" in output and "started on port" in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_sandbox_runs_alone() -> None:
+    (port,) = free_ports(1)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "proxymap.sandbox",
+            "--port",
+            str(port),
+            "--user",
+            "u",
+            "--password",
+            "p",
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_listening(port, proc)
+        code, out, err = await curl(
+            "-x", f"http://127.0.0.1:{port}", "-U", "u-session-abc:p", "http://ip.sandbox/"
+        )
+        assert code == 0, err
+        assert json.loads(out)["session"] == "abc"
+        code, out, _ = await curl("-i", "-x", f"http://127.0.0.1:{port}", "http://ip.sandbox/")
+        assert out.startswith(b"HTTP/1.1 407")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
