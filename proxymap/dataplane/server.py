@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -483,7 +483,7 @@ class ProxyServer(flow.Throttled):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 
-class ProxyFactory(Factory[ProxyServer]):
+class ProxyFactory(ServerFactory[ProxyServer]):
     """
     Base of the factories that own a listening port's proxy behaviour.
     """

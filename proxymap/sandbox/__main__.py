@@ -29,8 +29,13 @@ def main(argv: list[str] | None = None) -> None:
         import sys
 
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    from twisted.internet.endpoints import serverFromString
+
+    from proxymap.tap import endpoint_string
+
     vendor = SandboxVendor(user=args.user, password=args.password)
-    reactor.listenTCP(args.port, vendor.factory(reactor), interface=args.interface)  # type: ignore[attr-defined]
+    endpoint = serverFromString(reactor, endpoint_string(args.port, args.interface))
+    endpoint.listen(vendor.factory(reactor))
     reactor.run()  # type: ignore[attr-defined]
 
 
