@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     vendor = SandboxVendor(user=args.user, password=args.password)
     endpoint = serverFromString(reactor, endpoint_string(args.port, args.interface))
     endpoint.listen(vendor.factory(reactor))
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":
