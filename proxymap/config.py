@@ -17,13 +17,14 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from collections.abc import Mapping as MappingABC
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from proxymap.credentials import Template, TemplateError
+from proxymap.credentials import KNOWN_FIELDS, Template, TemplateError
 
 DEFAULT_LIFETIME = 600.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -80,11 +81,13 @@ class Upstream:
 @attrs.frozen
 class SessionIdSpec:
     """
-    How session ids are spelled: characters drawn from ``alphabet``, ``length`` long.
+    How session ids are spelled: characters drawn from ``alphabet``, ``length``
+    long; or, for vendors whose ids are numbers, a number in ``number_range``.
     """
 
     alphabet: str
     length: int
+    number_range: tuple[int, int] | None = None
 
 
 @attrs.frozen
@@ -115,6 +118,30 @@ class MappingConfig:
     session_id: SessionIdSpec
     connect_timeout: float
     session_api: SessionAPIConfig
+    #: The vendor preset this mapping started from, if any.
+    preset: str | None = None
+    #: Mapping-level template values (``customer``, ``zone``, ...).
+    params: tuple[tuple[str, str], ...] = ()
+    #: Parameters a session may carry, with their defaults ("" = absent).
+    session_params: tuple[tuple[str, str], ...] = ()
+
+    def template_values(
+        self, session_id: str, port: int, params: Mapping[str, str]
+    ) -> dict[str, str]:
+        """
+        Everything a credential template may use, for one session.
+        """
+        values = {
+            "user": self.user,
+            "pass": self.password.value,
+            "session": session_id,
+            "port": str(port),
+            "lifetime_s": str(round(self.lifetime)),
+            "lifetime_m": str(round(self.lifetime / 60)),
+        }
+        values.update(self.params)
+        values.update(params)
+        return values
 
 
 @attrs.frozen
@@ -370,6 +397,39 @@ _KIND_NAMES = {str: "a string", bool: "true or false", int: "a whole number", di
 # ---------------------------------------------------------------- the file
 
 
+_PARAM_VALUE = re.compile(r"[A-Za-z0-9_.]{0,64}")
+
+
+def param_value_problem(value: str) -> str | None:
+    """
+    Why ``value`` cannot be a session parameter value, or ``None``.
+    """
+    if _PARAM_VALUE.fullmatch(value):
+        return None
+    return "use at most 64 letters, digits, '_' and '.'"
+
+
+def _span(seconds: float) -> str:
+    if seconds % 86400 == 0:
+        return f"{seconds / 86400:g}d"
+    if seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+def _string_table(table: _Table, field: str, defaults: dict[str, str]) -> dict[str, str]:
+    raw = _Table(table.pop(field, {}), table.name(field))
+    values = dict(defaults)
+    for name in raw.keys():
+        value = raw.pop(name)
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
+            raise ConfigError(raw.name(name), "names are lowercase letters, digits and _")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise ConfigError(raw.name(name), "expected a string")
+        values[name] = str(value)
+    return values
+
+
 def _session_api(table: _Table, default: SessionAPIConfig) -> SessionAPIConfig:
     enabled = table.pop_typed("enabled", bool, default.enabled)
     domain = table.pop_typed("domain", str, default.domain).strip().lower()
@@ -397,20 +457,74 @@ def _mapping(
         table.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT), table.name("connect_timeout")
     )
 
+    preset_name = table.pop_typed("preset", str, "")
+    preset = None
+    if preset_name:
+        from proxymap.vendors.presets import PRESETS
+
+        preset = PRESETS.get(preset_name)
+        if preset is None:
+            raise ConfigError(
+                table.name("preset"),
+                f"unknown preset {preset_name!r} (known: {', '.join(sorted(PRESETS))})",
+            )
+
+    params = _string_table(table, "params", dict(preset.params) if preset else {})
+    session_params = _string_table(
+        table, "session_params", dict(preset.session_params) if preset else {}
+    )
+    for key, value in session_params.items():
+        problem = param_value_problem(value)
+        if problem:
+            raise ConfigError(f"{table.name('session_params')}.{key}", problem)
+    clash = (set(params) | set(session_params)) & KNOWN_FIELDS
+    if clash or set(params) & set(session_params):
+        taken = sorted(clash or set(params) & set(session_params))[0]
+        raise ConfigError(table.name("params"), f"{taken!r} is taken; choose another name")
+
     id_table = _Table(table.pop("session_id", {}), table.name("session_id"))
     alphabet = expand_alphabet(
-        id_table.pop_typed("alphabet", str, DEFAULT_ALPHABET), id_table.name("alphabet")
+        id_table.pop_typed("alphabet", str, preset.alphabet if preset else DEFAULT_ALPHABET),
+        id_table.name("alphabet"),
     )
-    length = id_table.pop_typed("length", int, DEFAULT_ID_LENGTH)
+    length = id_table.pop_typed("length", int, preset.length if preset else DEFAULT_ID_LENGTH)
     if not 4 <= length <= 64:
         raise ConfigError(id_table.name("length"), "must be between 4 and 64")
     id_table.finish()
-    session_id = SessionIdSpec(alphabet, length)
+    session_id = SessionIdSpec(alphabet, length, preset.number_range if preset else None)
 
+    if preset is not None:
+        if not re.fullmatch(preset.id_rule, alphabet):
+            raise ConfigError(
+                id_table.name("alphabet"), f"{preset.name} ids are {preset.id_rule_text} only"
+            )
+        low, high = preset.id_lengths
+        if preset.number_range is None and not low <= length <= high:
+            span = f"exactly {low}" if low == high else f"{low}-{high}"
+            raise ConfigError(
+                id_table.name("length"), f"{preset.name} ids are {span} characters long"
+            )
+        if preset.lifetime_bounds is not None:
+            low_s, high_s = preset.lifetime_bounds
+            if not low_s <= lifetime <= high_s:
+                raise ConfigError(
+                    table.name("lifetime"),
+                    f"{preset.name} sessions last {_span(low_s)} to {_span(high_s)}; "
+                    f"got {_span(lifetime)}",
+                )
+        if preset.whole_minutes and lifetime % 60:
+            raise ConfigError(
+                table.name("lifetime"), f"{preset.name} takes whole minutes; got {_span(lifetime)}"
+            )
+
+    known = KNOWN_FIELDS | set(params) | set(session_params)
     templates = {}
-    for field, default in (("username", "{user}-session-{session}"), ("password", "{pass}")):
+    for field, default in (
+        ("username", preset.username if preset else "{user}-session-{session}"),
+        ("password", preset.password if preset else "{pass}"),
+    ):
         try:
-            templates[field] = Template.parse(table.pop_typed(field, str, default))
+            templates[field] = Template.parse(table.pop_typed(field, str, default), known)
         except TemplateError as e:
             raise ConfigError(table.name(field), str(e)) from None
     username, password_template = templates["username"], templates["password"]
@@ -419,12 +533,35 @@ def _mapping(
             table.name("username"),
             "neither username nor password contains {session}: sessions would not be sticky",
         )
-    sample = {"user": user, "pass": password.value, "session": "x" * length, "port": "65535"}
-    if ":" in username.render(sample):
-        raise ConfigError(table.name("username"), "the rendered username contains ':'")
     for field, template in (("username", username), ("password", password_template)):
-        if len(template.render(sample).encode("utf-8")) > 255:
-            raise ConfigError(table.name(field), "renders longer than 255 bytes")
+        for needed in sorted(template.required_fields):
+            if needed in params and not params[needed]:
+                what = f"the {preset.name} preset" if preset else f"the {field} template"
+                raise ConfigError(f"{table.name('params')}.{needed}", f"{what} needs a value")
+            if needed in session_params and not session_params[needed]:
+                raise ConfigError(
+                    f"{table.name('session_params')}.{needed}",
+                    f"{{{needed}}} is outside [...] in {field}, so it needs a default",
+                )
+    # Render with every session parameter absent and with every one present.
+    longest = {key: "x" * 64 for key in session_params}
+    for sample_params in ({}, longest):
+        sample = {
+            "user": user,
+            "pass": password.value,
+            "session": "9" * length,
+            "port": "65535",
+            "lifetime_s": str(round(lifetime)),
+            "lifetime_m": str(round(lifetime / 60)),
+            **params,
+            **session_params,
+            **sample_params,
+        }
+        if ":" in username.render(sample):
+            raise ConfigError(table.name("username"), "the rendered username contains ':'")
+        for field, template in (("username", username), ("password", password_template)):
+            if len(template.render(sample).encode("utf-8")) > 255:
+                raise ConfigError(table.name(field), "renders longer than 255 bytes")
 
     api = _session_api(_Table(table.pop("session_api", {}), table.name("session_api")), api_default)
     table.finish()
@@ -441,6 +578,9 @@ def _mapping(
         session_id=session_id,
         connect_timeout=connect_timeout,
         session_api=api,
+        preset=preset.name if preset else None,
+        params=tuple(params.items()),
+        session_params=tuple(session_params.items()),
     )
 
 

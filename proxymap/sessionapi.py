@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from email.utils import formatdate
 from typing import Any
+from urllib.parse import parse_qs
 
 import attrs
 from twisted.logger import Logger
@@ -33,7 +34,7 @@ from twisted.logger import Logger
 from proxymap.config import SessionAPIConfig
 from proxymap.dataplane.http import REASONS, Request, simple_response
 from proxymap.dataplane.server import LocalResponse, ProxyServer
-from proxymap.sessions import Session, SessionRegistry
+from proxymap.sessions import InvalidParameter, Session, SessionRegistry
 
 log = Logger()
 
@@ -81,7 +82,7 @@ class SessionAPI:
         """
         if request.method == b"CONNECT":
             return LocalResponse(_TUNNEL_OPEN, tunnel=True)
-        path = request.path.split(b"?", 1)[0].split(b"#", 1)[0]
+        path, _, query = request.path.split(b"#", 1)[0].partition(b"?")
         if len(path) > 1:
             path = path.rstrip(b"/")
         route = _ROUTES.get(path)
@@ -106,7 +107,16 @@ class SessionAPI:
         if action == "show":
             return self._session(self.registry.current(port), request)
         if action == "new":
-            session = self.registry.renew(port)
+            params = {
+                name: values[-1]
+                for name, values in parse_qs(
+                    query.decode("utf-8", "replace"), keep_blank_values=True
+                ).items()
+            }
+            try:
+                session = self.registry.renew(port, params)
+            except InvalidParameter as e:
+                return self._error(400, "bad parameter", str(e), request)
             log.info(
                 "session API renewed port {port}: {session_id}", port=port, session_id=session.id
             )
@@ -132,6 +142,7 @@ class SessionAPI:
             "created_at": http_date(session.created),
             "seconds_left": max(0.0, round(session.expires - now, 3)),
             "lifetime": session.lifetime,
+            "params": {name: value for name, value in session.params.items() if value},
         }
 
     def _session(self, session: Session, request: Request) -> LocalResponse:

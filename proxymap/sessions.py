@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 import attrs
@@ -23,7 +23,7 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from proxymap.config import MappingConfig, SessionIdSpec
+from proxymap.config import MappingConfig, SessionIdSpec, param_value_problem
 from proxymap.credentials import basic_authorization
 
 log = Logger()
@@ -80,10 +80,24 @@ class IdSpaceExhausted(RuntimeError):
     """
 
 
+class InvalidParameter(ValueError):
+    """
+    A session parameter the mapping does not declare, or an invalid value.
+    """
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
 def secure_id(spec: SessionIdSpec) -> str:
     """
     A session id drawn with :mod:`secrets` from the spec's alphabet.
     """
+    if spec.number_range is not None:
+        low, high = spec.number_range
+        return str(low + secrets.randbelow(high - low + 1))
     alphabet = spec.alphabet
     return "".join(secrets.choice(alphabet) for _ in range(spec.length))
 
@@ -98,14 +112,26 @@ class PortPolicy:
 
     mapping: MappingConfig
 
-    def credentials(self, session_id: str, port: int) -> tuple[str, str]:
+    def session_params(self, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+        """
+        A session's parameters: the mapping's defaults with ``overrides``.
+
+        :raises InvalidParameter: for an undeclared name or an invalid value.
+        """
+        params = dict(self.mapping.session_params)
+        for name, value in (overrides or {}).items():
+            if name not in params:
+                declared = ", ".join(sorted(params)) or "none"
+                raise InvalidParameter(name, f"not a session parameter here (declared: {declared})")
+            problem = param_value_problem(value)
+            if problem:
+                raise InvalidParameter(name, problem)
+            params[name] = value
+        return params
+
+    def credentials(self, session_id: str, port: int, params: Mapping[str, str]) -> tuple[str, str]:
         mapping = self.mapping
-        values = {
-            "user": mapping.user,
-            "pass": mapping.password.value,
-            "session": session_id,
-            "port": str(port),
-        }
+        values = mapping.template_values(session_id, port, params)
         return mapping.username.render(values), mapping.password_template.render(values)
 
 
@@ -127,6 +153,8 @@ class Session:
     #: The ``Proxy-Authorization`` value sent upstream (holds the password).
     authorization: bytes = attrs.field(repr=False)
     last_activity: float
+    #: The session's parameters (``country``, ...); "" means absent.
+    params: dict[str, str] = attrs.field(factory=dict)
     requests: int = 0
     connections_total: int = 0
     bytes_up: int = 0
@@ -268,25 +296,31 @@ class SessionRegistry(Service):
             return None
         return self.end(session.id, EndReason.RESET)
 
-    def renew(self, port: int) -> Session:
+    def renew(self, port: int, params: Mapping[str, str] | None = None) -> Session:
         """
-        Replace the port's current session by a new one, now.
+        Replace the port's current session by a new one, now, with ``params``
+        over the mapping's defaults.
+
+        :raises InvalidParameter: before anything changes.
         """
+        chosen = self.policy(port).session_params(params)
         session = self.peek(port)
         if session is not None:
             self.end(session.id, EndReason.RENEWED)
-        return self._create(port)
+        return self._create(port, chosen)
 
-    def _create(self, port: int) -> Session:
+    def _create(self, port: int, params: dict[str, str] | None = None) -> Session:
         policy = self.policy(port)
         mapping = policy.mapping
+        if params is None:
+            params = policy.session_params()
         for _ in range(MAX_ID_ATTEMPTS):
             session_id = self.new_id(mapping.session_id)
             if session_id not in self._by_id:
                 break
         else:
             raise IdSpaceExhausted(f"no unused session id after {MAX_ID_ATTEMPTS} draws")
-        username, password = policy.credentials(session_id, port)
+        username, password = policy.credentials(session_id, port, params)
         now = self.clock.seconds()
         session = Session(
             id=session_id,
@@ -297,6 +331,7 @@ class SessionRegistry(Service):
             username=username,
             authorization=basic_authorization(username, password),
             last_activity=now,
+            params=params,
         )
         self._schedule(session)
         self._current[port] = session

@@ -74,6 +74,7 @@ async def test_sessions_list_and_get(admin: Admin) -> None:
         "state": "active",
         "upstream": "gw.example.com:10000",
         "user": f"alice-session-{session.id}",
+        "params": {},
         "created": "Thu, 01 Jan 1970 00:00:00 GMT",
         "expires": "Thu, 01 Jan 1970 00:10:00 GMT",
         "idle": 0.0,
@@ -406,3 +407,28 @@ async def test_unexpected_failure_is_json_500_and_logged(
     assert code == 500 and body["error"] == "internal error"
     assert "bug" not in json.dumps(body)
     assert len(logged_failures.expect(ZeroDivisionError)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_session_new_with_parameters() -> None:
+    admin = Admin()
+    admin.h = Harness(
+        session_params={"country": "us"},
+        username="{user}[-country-{country}]-session-{session}",
+    )
+    admin.api = AdminAPI(admin.h.registry, admin.h.factories)
+    admin.treq = StubTreq(admin.api.app.resource())
+    code, body, _ = await admin.call("POST", f"/ports/{PORT}/session/new", {"country": "de"})
+    assert code == 200 and body["params"] == {"country": "de"}
+    assert body["user"] == f"alice-country-de-session-{body['id']}"
+    before = admin.h.registry.peek(PORT)
+    for bad in ({"city": "x"}, {"country": "d e"}, {"country": 5}, ["de"]):
+        code, _, _ = await admin.call("POST", f"/ports/{PORT}/session/new", bad)
+        assert code == 400, bad
+    assert (await admin.call("POST", f"/ports/{PORT}/session/new", raw=b"{"))[0] == 400
+    assert admin.h.registry.peek(PORT) is before  # unchanged by the bad requests
+    code, body, _ = await admin.call("POST", f"/ports/{PORT}/session/new")
+    assert body["params"] == {"country": "us"}
+    doc = (await admin.call("GET", "/openapi.json"))[1]
+    schema = doc["paths"]["/ports/{port}/session/new"]["post"]["requestBody"]["content"]
+    assert list(schema["application/json"]["schema"]["properties"]) == ["country"]

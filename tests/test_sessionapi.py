@@ -235,3 +235,28 @@ def test_per_mapping_override_of_global_default() -> None:
         True,
         "ctl",
     )
+
+
+def test_new_with_parameters() -> None:
+    """
+    /session/new?country=de makes a session with that parameter; an
+    undeclared or invalid one is a 400 and the session stays as it was.
+    """
+    h = Harness(
+        session_api=ON,
+        session_params={"country": ""},
+        username="{user}[-country-{country}]-session-{session}",
+    )
+    first, _, body = api(h, get("/session/new?country=de"))
+    assert first == b"HTTP/1.1 200 OK"
+    session = h.registry.peek(PORT)
+    assert body["params"] == {"country": "de"} and session.params == {"country": "de"}
+    assert session.username == f"alice-country-de-session-{session.id}"
+    for bad in ("/session/new?city=paris", "/session/new?country=%20x"):
+        first, _, body = api(h, get(bad))
+        assert first == b"HTTP/1.1 400 Bad Request" and body["error"] == "bad parameter"
+        assert h.registry.peek(PORT) is session
+    _, _, shown = api(h, get("/session/"))
+    assert shown["params"] == {"country": "de"}
+    _, _, plain = api(h, get("/session/new"))
+    assert plain["params"] == {}

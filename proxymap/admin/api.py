@@ -31,7 +31,7 @@ from proxymap.config import Secret
 from proxymap.credentials import parse_basic_authorization
 from proxymap.dataplane.port import PortFactory
 from proxymap.dataplane.server import ProxyServer
-from proxymap.sessions import EndReason, Session, SessionRegistry
+from proxymap.sessions import EndReason, InvalidParameter, Session, SessionRegistry
 
 log = Logger()
 
@@ -399,8 +399,22 @@ class AdminAPI:
 
     @_route(app, "/ports/<int:port>/session/new", methods=("POST",))
     def port_new(self, request: IRequest, port: int) -> bytes:
+        """
+        A new session now; an optional JSON object body gives its parameters
+        (``{"country": "de"}``).
+        """
         factory = self._factory(port)
-        session = self.registry.renew(port)
+        raw = request.content.read() if request.content is not None else b""
+        try:
+            params = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            raise APIError(400, "bad request", "the body is not JSON") from None
+        if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+            raise APIError(400, "bad request", 'expected {"name": "value", ...}')
+        try:
+            session = self.registry.renew(port, params)
+        except InvalidParameter as e:
+            raise APIError(400, "bad parameter", str(e)) from None
         return write_json(request, views.session_view(session, factory, self.now))
 
     @_route(app, "/ports/<int:port>/session/reset", methods=("POST",))
@@ -416,4 +430,5 @@ class AdminAPI:
     @_route(app, "/openapi.json")
     def openapi(self, request: IRequest) -> bytes:
         mappings = sorted({f.mapping.name for f in self.factories.values()})
-        return write_json(request, openapi_document(bool(self.users), mappings))
+        params = sorted({n for f in self.factories.values() for n, _ in f.mapping.session_params})
+        return write_json(request, openapi_document(bool(self.users), mappings, params))

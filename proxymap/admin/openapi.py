@@ -63,7 +63,9 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _json(ERROR, text[code]) for code in codes}
 
 
-def openapi_document(secured: bool, mappings: list[str] | None = None) -> dict[str, Any]:
+def openapi_document(
+    secured: bool, mappings: list[str] | None = None, session_params: list[str] | None = None
+) -> dict[str, Any]:
     """
     The document; ``secured`` when admin users are configured (HTTP Basic);
     ``mappings``, the configured mapping names, make the release path exact.
@@ -185,8 +187,25 @@ def openapi_document(secured: bool, mappings: list[str] | None = None) -> dict[s
                 "post": op(
                     "Replace the port's session now",
                     {"200": _json(session, "The new session")},
+                    400,
                     404,
                     parameters=[PORT],
+                    requestBody={
+                        "required": False,
+                        "description": "The new session's parameters (declared by the mapping).",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        name: {"type": "string", "pattern": "^[A-Za-z0-9_.]{0,64}$"}
+                                        for name in session_params or []
+                                    },
+                                }
+                            }
+                        },
+                    },
                 )
             },
             "/ports/{port}/session/reset": {
@@ -238,6 +257,7 @@ SCHEMAS: dict[str, Any] = {
             "state": {"type": "string", "enum": ["active", "idle"]},
             "upstream": {"type": "string"},
             "user": {"type": "string"},
+            "params": {"type": "object", "additionalProperties": {"type": "string"}},
             "created": _DATE,
             "expires": _DATE,
             "idle": {"type": "number", "minimum": 0},

@@ -100,6 +100,8 @@ async def test_schemathesis_against_the_live_api(tmp_path: Path) -> None:
     stack = start_stack(
         3,
         admin={"listen": f"tcp:{admin_port}:interface=127.0.0.1", "users": {"ops": "pa55word"}},
+        session_params={"country": ""},
+        username="{user}[-country-{country}]-session-{session}",
     )
     for port in stack.ports[:2]:
         stack.registry.current(port)

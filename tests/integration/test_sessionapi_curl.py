@@ -106,3 +106,25 @@ async def test_disabled_api_requests_are_proxied() -> None:
         assert [seen[2] for seen in stack.vendor.seen] == ["http://portmapper/session/"]
     finally:
         await stack.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_parameters_reach_the_vendor() -> None:
+    stack = start_stack(
+        1,
+        session_api={"enabled": True, "domain": "portmapper"},
+        session_params={"country": ""},
+        username="{user}[-country-{country|lower}]-session-{session}",
+    )
+    try:
+        port = stack.ports[0]
+        proxy = ["-x", f"http://127.0.0.1:{port}"]
+        assert (await call(*proxy, "http://ip.sandbox/json"))["params"] == {}
+        renewed = await call(*proxy, "http://portmapper/session/new?country=DE")
+        assert renewed["params"] == {"country": "DE"}
+        seen = await call(*proxy, "http://ip.sandbox/json")
+        assert seen["session"] == renewed["session_id"]
+        assert seen["params"] == {"country": "de"}
+        assert seen["username"] == f"alice-country-de-session-{renewed['session_id']}"
+    finally:
+        await stack.service.stopService()
