@@ -20,11 +20,14 @@ import tomllib
 from collections.abc import Mapping
 from collections.abc import Mapping as MappingABC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from proxymap.credentials import KNOWN_FIELDS, Template, TemplateError
+
+if TYPE_CHECKING:
+    from proxymap.vendors.release import ReleaseConfig
 
 DEFAULT_LIFETIME = 600.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -124,6 +127,8 @@ class MappingConfig:
     params: tuple[tuple[str, str], ...] = ()
     #: Parameters a session may carry, with their defaults ("" = absent).
     session_params: tuple[tuple[str, str], ...] = ()
+    #: How to release sessions at the vendor, if configured.
+    release: ReleaseConfig | None = None
 
     def template_values(
         self, session_id: str, port: int, params: Mapping[str, str]
@@ -563,6 +568,18 @@ def _mapping(
             if len(template.render(sample).encode("utf-8")) > 255:
                 raise ConfigError(table.name(field), "renders longer than 255 bytes")
 
+    release = None
+    if "release" in table.keys():
+        from proxymap.vendors.release import parse_release
+
+        release = parse_release(
+            table.pop("release"),
+            table.name("release"),
+            preset.release if preset else None,
+            params,
+            session_params,
+            env,
+        )
     api = _session_api(_Table(table.pop("session_api", {}), table.name("session_api")), api_default)
     table.finish()
     return MappingConfig(
@@ -581,6 +598,7 @@ def _mapping(
         preset=preset.name if preset else None,
         params=tuple(params.items()),
         session_params=tuple(session_params.items()),
+        release=release,
     )
 
 

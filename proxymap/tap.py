@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
@@ -18,6 +19,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from proxymap.admin.api import AdminAPI
@@ -29,14 +31,18 @@ from proxymap.config import (
     parse_config,
 )
 from proxymap.dataplane.port import PortFactory
+from proxymap.sandbox.release_api import ReleaseAPI
 from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
 from proxymap.sessionapi import SessionAPI
 from proxymap.sessions import PortPolicy, SessionRegistry
+from proxymap.vendors.release import VendorRelease
 
 log = Logger()
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-secret"  # noqa: S105 - the sandbox's public demo password
+DEMO_API_USER = "api"
+DEMO_API_PASSWORD = "api-secret"  # noqa: S105 - the sandbox release API's demo password
 
 
 def endpoint_string(port: int, bind: str) -> str:
@@ -46,9 +52,10 @@ def endpoint_string(port: int, bind: str) -> str:
     return f"tcp:{port}:interface={bind.replace(':', chr(92) + ':')}"
 
 
-def demo_config(ports: str, sandbox_port: int) -> Config:
+def demo_config(ports: str, sandbox_port: int, release_port: int) -> Config:
     """
-    The configuration ``--demo`` runs: one mapping onto the sandbox vendor.
+    The configuration ``--demo`` runs: one mapping onto the sandbox vendor,
+    releasing ended sessions through the sandbox's release API.
     """
     return parse_config(
         {
@@ -60,6 +67,14 @@ def demo_config(ports: str, sandbox_port: int) -> Config:
                     "user": DEMO_USER,
                     "pass": DEMO_PASSWORD,
                     "lifetime": "60s",
+                    "params": {"service_type": "RESIDENTIAL-PREMIUM"},
+                    "release": {
+                        "url": f"http://127.0.0.1:{release_port}/sessions/release/{{service_type}}",
+                        "user": DEMO_API_USER,
+                        "pass": DEMO_API_PASSWORD,
+                        "body": '{"data": {entries}}',
+                        "entry": '{"port": {upstream_port}, "sessionId": {session}}',
+                    },
                 }
             ],
             "session_api": {"enabled": True, "domain": "portmapper"},
@@ -83,6 +98,7 @@ class Options(usage.Options):
         ["config", "c", None, "The TOML configuration file."],
         ["demo-ports", None, "10201-10210", "Ports of the demo mapping."],
         ["demo-sandbox-port", None, "10200", "Port of the demo's sandbox vendor.", int],
+        ["demo-release-port", None, "10199", "Port of the sandbox's release API.", int],
     ]
     optFlags = [["demo", None, "Run the demo on the built-in sandbox vendor."]]
 
@@ -93,7 +109,9 @@ class Options(usage.Options):
             raise usage.UsageError("give --config FILE (or --demo to try proxymap out)")
         try:
             if self["demo"]:
-                self.config = demo_config(self["demo-ports"], self["demo-sandbox-port"])
+                self.config = demo_config(
+                    self["demo-ports"], self["demo-sandbox-port"], self["demo-release-port"]
+                )
             else:
                 self.config = load_config(self["config"])
         except ConfigError as e:
@@ -125,6 +143,8 @@ class ProxymapService(MultiService):
         self.sandbox: SandboxVendor | None = None
         #: The admin API, unless ``[admin] listen`` is empty.
         self.admin: AdminAPI | None = None
+        #: Vendor release callers, one per mapping that configures one.
+        self.releases: list[VendorRelease] = []
         registry.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -133,6 +153,8 @@ class ProxymapService(MultiService):
     def stopService(self) -> Any:
         if self.admin is not None:
             self.admin.cancel_pending()
+        for release in self.releases:
+            release.stop()
         return super().stopService()
 
     def startService(self) -> None:
@@ -174,11 +196,19 @@ def makeService(options: Options, reactor: Any = None) -> ProxymapService:
         reactor = global_reactor
     sandbox: tuple[SandboxVendor, int] | None = None
     if options["demo"]:
-        sandbox = (
-            SandboxVendor(user=DEMO_USER, password=DEMO_PASSWORD),
-            options["demo-sandbox-port"],
+        vendor = SandboxVendor(
+            user=DEMO_USER,
+            password=DEMO_PASSWORD,
+            api_user=DEMO_API_USER,
+            api_password=DEMO_API_PASSWORD,
         )
-    return build_service(options.config, reactor, sandbox=sandbox)
+        sandbox = (vendor, options["demo-sandbox-port"])
+    return build_service(
+        options.config,
+        reactor,
+        sandbox=sandbox,
+        sandbox_release_port=options["demo-release-port"] if options["demo"] else None,
+    )
 
 
 def build_service(
@@ -186,6 +216,7 @@ def build_service(
     reactor: Any,
     clock: IReactorTime | None = None,
     sandbox: tuple[SandboxVendor, int] | None = None,
+    sandbox_release_port: int | None = None,
 ) -> ProxymapService:
     """
     Assemble proxymap from a validated configuration.
@@ -204,6 +235,12 @@ def build_service(
             vendor.factory(reactor),
             "sandbox vendor",
         ).setServiceParent(root)
+        if sandbox_release_port is not None:
+            _Listener(
+                serverFromString(reactor, endpoint_string(sandbox_release_port, "127.0.0.1")),
+                Site(ReleaseAPI(vendor)),
+                "sandbox release API",
+            ).setServiceParent(root)
 
     session_api = SessionAPI(registry)
     factories: dict[int, PortFactory] = {}
@@ -217,6 +254,21 @@ def build_service(
                 factory,
                 f"{mapping.name} port {port}",
             ).setServiceParent(root)
+
+    releases = []
+    for mapping in config.mappings:
+        if mapping.release is not None:
+            release = VendorRelease(
+                clock=reactor,
+                client=HTTPClient(Agent(reactor)),
+                mapping=mapping.name,
+                config=mapping.release,
+                upstream=(mapping.upstream.host, mapping.upstream.port),
+                params=dict(mapping.params),
+            )
+            registry.subscribe(release)
+            releases.append(release)
+    root.releases = releases
 
     if config.admin.listen:
         api = AdminAPI(registry, factories, config.admin.users)

@@ -85,7 +85,7 @@ def test_demo_service() -> None:
     service.privilegedStartService()
     service.startService()
     ports = {port: factory for port, factory, _, _ in reactor.tcpServers}
-    assert set(ports) == {30000, 30001, 30002, 8700}
+    assert set(ports) == {30000, 30001, 30002, 8700, 10199}
     assert isinstance(ports[30000], SandboxFactory)
     assert ports[30001].mapping.upstream.port == 30000
     service.stopService()

@@ -64,6 +64,12 @@ class SandboxVendor:
     usernames: Counter[str] = attrs.field(factory=Counter)
     #: The last requests seen: (username, method, target).
     seen: deque[tuple[str, str, str]] = attrs.field(factory=lambda: deque(maxlen=1000))
+    #: Credentials of the release API (proxymap.sandbox.release_api), separate
+    #: from the proxy credentials as at real vendors.
+    api_user: str = "api"
+    api_password: str = attrs.field(default="api-secret", repr=False)
+    #: Release API calls received: method, path, API user, body.
+    release_calls: list[dict[str, Any]] = attrs.field(factory=list)
 
     def authenticate(self, header: bytes | None) -> Identity:
         """

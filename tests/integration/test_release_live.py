@@ -1,0 +1,79 @@
+"""
+Vendor release end to end on loopback: the admin API releases a session,
+proxymap calls the sandbox vendor's release API with a real HTTP client, and
+the sandbox gives the released id a new exit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.web.server import Site
+
+from proxymap.sandbox.release_api import ReleaseAPI
+
+from .conftest import curl, free_ports, start_stack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_reaches_the_sandbox_vendor() -> None:
+    api_port, admin_port = free_ports(2)
+    stack = start_stack(
+        1,
+        admin={"listen": f"tcp:{admin_port}:interface=127.0.0.1"},
+        params={"service_type": "RESIDENTIAL-PREMIUM"},
+        release={
+            "url": f"http://127.0.0.1:{api_port}/sessions/release/{{service_type}}",
+            "user": "api",
+            "pass": "api-secret",
+            "body": '{"data": {entries}}',
+            "entry": '{"port": {upstream_port}, "sessionId": {session}}',
+        },
+    )
+    stack.vendor.api_user, stack.vendor.api_password = "api", "api-secret"
+    site = reactor.listenTCP(api_port, Site(ReleaseAPI(stack.vendor)), interface="127.0.0.1")
+    try:
+        port = stack.ports[0]
+        code, out, err = await curl("-x", f"http://127.0.0.1:{port}", "http://ip.sandbox/")
+        assert code == 0, err
+        before = json.loads(out)
+
+        response = await treq.put(
+            f"http://127.0.0.1:{admin_port}/sessions/release",
+            data=json.dumps({"data": [{"port": port}]}).encode(),
+        )
+        assert (await response.json())["released"] == [
+            {"port": port, "sessionId": before["session"]}
+        ]
+        for _ in range(100):  # bounded wait for the batched call to land
+            if stack.vendor.release_calls:
+                break
+            await deferLater(reactor, 0.02)
+        assert stack.vendor.release_calls == [
+            {
+                "method": "PUT",
+                "path": "/sessions/release/RESIDENTIAL-PREMIUM",
+                "user": "api",
+                "body": {"data": [{"port": stack.sandbox_port, "sessionId": before["session"]}]},
+            }
+        ]
+        assert stack.service.releases[0].succeeded == 1
+        # The sandbox forgot the id: used again, it gets another exit.
+        code, out, err = await curl(
+            "-x",
+            f"http://127.0.0.1:{stack.sandbox_port}",
+            "-U",
+            f"alice-session-{before['session']}:s3cret",
+            "http://ip.sandbox/",
+        )
+        assert json.loads(out)["ip"] != before["ip"]
+    finally:
+        await site.stopListening()
+        await stack.service.stopService()

@@ -1,0 +1,293 @@
+"""
+Vendor-side release on a Clock, with StubTreq standing in for the network
+and the sandbox's release API (or a scripted resource) as the vendor.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from proxymap.config import ConfigError, parse_config
+from proxymap.sandbox.release_api import ReleaseAPI
+from proxymap.sandbox.vendor import SandboxVendor
+from proxymap.sessions import EndReason, PortPolicy, SessionRegistry
+from proxymap.vendors.release import VendorRelease
+
+from .helpers import counting_ids
+
+RELEASE = {"user": "api", "pass": "api-secret"}
+
+
+def mapping(**release: Any) -> Any:
+    raw = {
+        "name": "geo",
+        "ports": "10201-10202",
+        "upstream": "http://gw.example:10000",
+        "user": "alice",
+        "pass": "pw",
+        "preset": "geonode",
+        "lifetime": "10m",
+        "release": {**RELEASE, **release},
+    }
+    return parse_config({"mapping": [raw]}, env={}).mappings[0]
+
+
+class Setup:
+    def __init__(self, resource: Resource, **release: Any) -> None:
+        self.clock = Clock()
+        self.mapping = mapping(**release)
+        self.registry = SessionRegistry(clock=self.clock, new_id=counting_ids())
+        for port in self.mapping.ports:
+            self.registry.add_port(port, PortPolicy(self.mapping))
+        self.treq = StubTreq(resource)
+        self.release = VendorRelease(
+            clock=self.clock,
+            client=self.treq,
+            mapping="geo",
+            config=self.mapping.release,
+            upstream=("gw.example", 10000),
+            params=dict(self.mapping.params),
+        )
+        self.registry.subscribe(self.release)
+
+
+class Scripted(Resource):
+    """
+    Answers each call with the next status of a script; None never answers.
+    """
+
+    isLeaf = True
+
+    def __init__(self, statuses: list[int | None]) -> None:
+        super().__init__()
+        self.statuses = statuses
+        self.calls = 0
+
+    def render(self, request: Any) -> Any:
+        status = self.statuses[min(self.calls, len(self.statuses) - 1)]
+        self.calls += 1
+        if status is None:
+            return NOT_DONE_YET
+        request.setResponseCode(status)
+        return json.dumps({"success": status == 200}).encode()
+
+
+def test_geonode_request_exactly() -> None:
+    """
+    A reset sends Geonode's release call: PUT to the service type's path,
+    Basic auth with the API credentials, the vendor's port and session id.
+    """
+    vendor = SandboxVendor(api_user="api", api_password="api-secret")
+    vendor.exit_for("sess0001")
+    s = Setup(ReleaseAPI(vendor), url="http://vendor.test/sessions/release/{service_type}")
+    s.registry.current(10201)
+    s.registry.reset(10201)
+    assert vendor.release_calls == []  # batched for a moment
+    s.clock.advance(0.2)
+    s.treq.flush()
+    assert vendor.release_calls == [
+        {
+            "method": "PUT",
+            "path": "/sessions/release/RESIDENTIAL-PREMIUM",
+            "user": "api",
+            "body": {"data": [{"port": 10000, "sessionId": "sess0001"}]},
+        }
+    ]
+    assert "sess0001" not in vendor.exits  # the sandbox gave the id up
+    assert (s.release.succeeded, s.release.failed) == (1, 0)
+
+
+def test_default_url_is_geonodes() -> None:
+    assert mapping().release.url == "https://monitor.geonode.com/sessions/release/{service_type}"
+    assert mapping().release.method == "PUT"
+
+
+def test_ends_close_together_are_batched() -> None:
+    vendor = SandboxVendor()
+    s = Setup(ReleaseAPI(vendor))
+    vendor.api_user, vendor.api_password = "api", "api-secret"
+    a, b = s.registry.current(10201), s.registry.current(10202)
+    s.registry.renew(10201)
+    s.registry.close(b.id, EndReason.RELEASED)
+    s.clock.advance(0.2)
+    s.treq.flush()
+    ((call,),) = [vendor.release_calls]
+    assert call["body"]["data"] == [
+        {"port": 10000, "sessionId": a.id},
+        {"port": 10000, "sessionId": b.id},
+    ]
+
+
+def test_no_call_on_natural_expiry_by_default() -> None:
+    resource = Scripted([200])
+    s = Setup(resource)
+    s.registry.current(10201)
+    s.clock.advance(600)
+    s.clock.advance(1)
+    s.treq.flush()
+    assert resource.calls == 0
+
+
+def test_expiry_when_configured() -> None:
+    resource = Scripted([200])
+    s = Setup(resource, on=["expired"])
+    s.registry.current(10201)
+    s.clock.advance(600)
+    s.clock.advance(0.2)
+    s.treq.flush()
+    assert resource.calls == 1
+    s.registry.reset(10201)  # not in "on" any more
+    s.clock.advance(1)
+    s.treq.flush()
+    assert resource.calls == 1
+
+
+def test_retries_on_500_with_backoff() -> None:
+    resource = Scripted([500, 500, 200])
+    s = Setup(resource, backoff="1s", batch="250ms")
+    s.registry.current(10201)
+    s.registry.reset(10201)
+    s.clock.advance(0.25)
+    s.treq.flush()
+    assert resource.calls == 1
+    s.clock.advance(1)
+    s.treq.flush()
+    assert resource.calls == 2
+    s.clock.advance(1.75)
+    s.treq.flush()
+    assert resource.calls == 2  # the second wait is twice as long
+    s.clock.advance(0.25)
+    s.treq.flush()
+    assert resource.calls == 3
+    assert (s.release.succeeded, s.release.retried, s.release.failed) == (1, 2, 0)
+
+
+def test_retries_on_timeout() -> None:
+    resource = Scripted([None, 200])
+    s = Setup(resource, timeout="5s", backoff="1s")
+    s.registry.current(10201)
+    s.registry.reset(10201)
+    s.clock.advance(0.2)
+    s.treq.flush()
+    assert resource.calls == 1 and s.release.pending
+    s.clock.advance(5)  # the call times out
+    s.clock.advance(1)  # backoff
+    s.treq.flush()
+    assert resource.calls == 2
+    assert (s.release.succeeded, s.release.retried) == (1, 1)
+    assert not s.release.pending
+
+
+def test_gives_up_logs_and_counts_without_credentials() -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        resource = Scripted([503])
+        s = Setup(resource, retries=2, backoff="1s")
+        s.registry.current(10201)
+        s.registry.reset(10201)
+        s.clock.advance(0.2)
+        for _ in range(4):
+            s.treq.flush()
+            s.clock.advance(4)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert resource.calls == 3
+    assert (s.release.succeeded, s.release.failed) == (0, 1)
+    warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
+    assert len(warnings) == 1 and warnings[0]["problem"] == "HTTP 503"
+    text = json.dumps([{k: str(v) for k, v in e.items()} for e in events])
+    assert "api-secret" not in text
+    assert base64.b64encode(b"api:api-secret").decode() not in text
+
+
+def test_a_vendor_saying_no_is_a_failure() -> None:
+    class No(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            return b'{"success": false}'
+
+    s = Setup(No(), retries=0)
+    s.registry.current(10201)
+    s.registry.reset(10201)
+    s.clock.advance(0.2)
+    s.treq.flush()
+    assert s.release.failed == 1
+
+
+def test_per_session_url_sends_one_call_each() -> None:
+    class Recorder(Resource):
+        isLeaf = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[bytes, bytes]] = []
+
+        def render(self, request: Any) -> bytes:
+            self.calls.append((request.method, request.path))
+            return b"{}"
+
+    resource = Recorder()
+    s = Setup(
+        resource,
+        method="DELETE",
+        url="https://api.vendor.test/sessions/{session}",
+        body="",
+        entry="",
+    )
+    a, b = s.registry.current(10201), s.registry.current(10202)
+    s.registry.reset(10201)
+    s.registry.reset(10202)
+    s.treq.flush()
+    assert resource.calls == [
+        (b"DELETE", f"/sessions/{a.id}".encode()),
+        (b"DELETE", f"/sessions/{b.id}".encode()),
+    ]
+
+
+def test_stop_cancels_queued_and_running_calls() -> None:
+    resource = Scripted([None])
+    s = Setup(resource)
+    s.registry.current(10201)
+    s.registry.reset(10201)
+    s.clock.advance(0.2)
+    s.treq.flush()
+    assert s.release.pending
+    s.release.stop()
+    assert not s.release.pending
+    assert s.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize(
+    ("release", "message"),
+    [
+        ({"user": ""}, "mapping[0].release.user: the release API needs its own user and pass"),
+        ({"url": "ftp://x"}, "mapping[0].release.url: expected an http:// or https:// URL"),
+        ({"url": "https://x/{nope}"}, "mapping[0].release.url: unknown placeholder {nope}"),
+        ({"body": "{entries"}, "mapping[0].release.body: does not render to JSON"),
+        ({"entry": "{port"}, "mapping[0].release.entry: does not render to JSON"),
+        ({"on": ["sometimes"]}, "mapping[0].release.on: expected a list of: closed, expired"),
+        ({"retries": 99}, "mapping[0].release.retries: must be between 0 and 10"),
+        ({"colour": "red"}, "mapping[0].release.colour: unknown key"),
+    ],
+)
+def test_config_errors(release: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        mapping(**release)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_no_preset_needs_a_url() -> None:
+    raw = {"ports": "1", "upstream": "http://h:1", "release": {**RELEASE}}
+    with pytest.raises(ConfigError, match=r"release\.url: expected an http"):
+        parse_config({"mapping": [raw]}, env={})
