@@ -60,6 +60,22 @@ def test_example_file_loads() -> None:
     assert len(c.mappings[0].ports) == 100
 
 
+@pytest.mark.parametrize("path", sorted(EXAMPLE.parent.glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_loads(path: Path) -> None:
+    """
+    The shipped examples stay valid as the configuration grows.
+    """
+
+    class AnyEnv(dict[str, str]):
+        def __contains__(self, key: object) -> bool:
+            return True
+
+        def __getitem__(self, key: str) -> str:
+            return "example-secret"
+
+    assert load_config(path, env=AnyEnv()).mappings
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("10m", 600), ("90s", 90), ("1h30m", 5400), ("250ms", 0.25), (45, 45), ("1.5m", 90)],
