@@ -291,3 +291,30 @@ def test_no_preset_needs_a_url() -> None:
     raw = {"ports": "1", "upstream": "http://h:1", "release": {**RELEASE}}
     with pytest.raises(ConfigError, match=r"release\.url: expected an http"):
         parse_config({"mapping": [raw]}, env={})
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        lambda reg, s: reg.reset(10201),
+        lambda reg, s: reg.renew(10201),
+        lambda reg, s: reg.close(s.id, EndReason.CLOSED),
+        lambda reg, s: reg.close(s.id, EndReason.RELEASED),
+    ],
+    ids=["reset", "renewed", "closed", "released"],
+)
+def test_each_way_of_ending_sends_the_same_exact_request(end: Any) -> None:
+    vendor = SandboxVendor(api_user="api", api_password="api-secret")
+    s = Setup(ReleaseAPI(vendor), url="http://vendor.test/sessions/release/{service_type}")
+    session = s.registry.current(10201)
+    end(s.registry, session)
+    s.clock.advance(0.2)
+    s.treq.flush()
+    assert vendor.release_calls == [
+        {
+            "method": "PUT",
+            "path": "/sessions/release/RESIDENTIAL-PREMIUM",
+            "user": "api",
+            "body": {"data": [{"port": 10000, "sessionId": session.id}]},
+        }
+    ]
