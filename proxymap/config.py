@@ -129,6 +129,8 @@ class MappingConfig:
     session_params: tuple[tuple[str, str], ...] = ()
     #: How to release sessions at the vendor, if configured.
     release: ReleaseConfig | None = None
+    #: What clients may speak on the ports: "http", "socks5", "socks4".
+    protocols: frozenset[str] = frozenset({"http", "socks5", "socks4"})
 
     def template_values(
         self, session_id: str, port: int, params: Mapping[str, str]
@@ -568,6 +570,15 @@ def _mapping(
             if len(template.render(sample).encode("utf-8")) > 255:
                 raise ConfigError(table.name(field), "renders longer than 255 bytes")
 
+    protocols = table.pop("protocols", ["http", "socks5", "socks4"])
+    if (
+        not isinstance(protocols, list)
+        or not protocols
+        or not set(protocols) <= {"http", "socks5", "socks4"}
+    ):
+        raise ConfigError(
+            table.name("protocols"), 'expected a non-empty list of "http", "socks5", "socks4"'
+        )
     release = None
     if "release" in table.keys():
         from proxymap.vendors.release import parse_release
@@ -599,6 +610,7 @@ def _mapping(
         params=tuple(params.items()),
         session_params=tuple(session_params.items()),
         release=release,
+        protocols=frozenset(protocols),
     )
 
 

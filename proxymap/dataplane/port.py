@@ -36,6 +36,7 @@ class PortFactory(ProxyFactory):
         self.port = port
         self.mapping = mapping
         self.session_api = session_api or SessionAPI(registry)
+        self.protocols = mapping.protocols
 
     def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
         """

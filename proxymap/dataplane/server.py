@@ -25,7 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from proxymap.dataplane import flow
+from proxymap.credentials import basic_authorization
+from proxymap.dataplane import flow, socks
 from proxymap.dataplane.http import (
     MAX_HEAD_SIZE,
     ChunkedFramer,
@@ -105,6 +106,11 @@ class ProxyServer(flow.Throttled):
         #: True once a CONNECT was answered locally: what follows in this
         #: connection is addressed to the factory itself, not to a target.
         self.local_tunnel = False
+        #: "http", "socks5" or "socks4": told from the first byte.
+        self.protocol = ""
+        self._socks: socks.Socks5Handshake | socks.Socks4Handshake | None = None
+        #: The SOCKS version whose CONNECT still awaits its reply (0: none).
+        self._socks_pending = 0
 
         self._buffer = b""
         self._request: Request | None = None
@@ -169,6 +175,13 @@ class ProxyServer(flow.Throttled):
             return
         if self._closing:
             return
+        if not self.protocol:
+            self._choose_protocol(data[:1])
+            if self._closing:
+                return
+        if self._socks is not None:
+            self._socks_feed(data)
+            return
         if self._body is not None:
             data = self._feed_body(data)
             if not data:
@@ -209,6 +222,76 @@ class ProxyServer(flow.Throttled):
             else:
                 up.abort()
         self._upstream = self._tunnel = None
+
+    # ------------------------------------------------------------ SOCKS
+
+    def _choose_protocol(self, first: bytes) -> None:
+        allowed = self.factory.protocols
+        if first == b"\x05" and "socks5" in allowed:
+            self.protocol = "socks5"
+            self._socks = socks.Socks5Handshake(self.factory.socks_auth_required)
+        elif first == b"\x04" and "socks4" in allowed:
+            self.protocol = "socks4"
+            self._socks = socks.Socks4Handshake()
+        elif "http" in allowed:
+            self.protocol = "http"
+        else:
+            self._fail_quietly()
+
+    def _socks_feed(self, data: bytes) -> None:
+        assert self._socks is not None
+        step = self._socks.feed(data)
+        if step.reply:
+            self.write(step.reply)
+        if step.close:
+            self._fail_quietly()
+            return
+        connect = step.connect
+        if connect is None:
+            return
+        self._socks = None
+        if connect.username is not None and not self.factory.socks_credentials_ok(
+            connect.username, connect.password or ""
+        ):
+            if connect.version == socks.SOCKS5:
+                self.write(socks.socks5_reply(socks.NOT_ALLOWED))
+            else:
+                self.write(socks.socks4_reply(False))
+            self._fail_quietly()
+            return
+        self._socks_pending = connect.version
+        host = f"[{connect.host}]" if ":" in connect.host else connect.host
+        target = f"{host}:{connect.port}".encode("idna")
+        authorization = None
+        if connect.username is not None:
+            authorization = basic_authorization(connect.username, connect.password or "")
+        request = Request(
+            method=b"CONNECT",
+            target=target,
+            version=b"HTTP/1.1",
+            lines=[],
+            host=connect.host,
+            port=connect.port,
+            path=b"",
+            has_host_header=False,
+            content_length=None,
+            chunked=False,
+            keep_alive=True,
+            proxy_authorization=authorization,
+        )
+        self._buffer = step.rest
+        self._begin(request)
+
+    def _socks_answer(self, ok: bool, status: int = 200, message: str = "") -> None:
+        """
+        Answer the pending SOCKS CONNECT in its own protocol.
+        """
+        version, self._socks_pending = self._socks_pending, 0
+        if version == socks.SOCKS5:
+            code = socks.SUCCEEDED if ok else socks.socks5_code(status, message)
+            self.write(socks.socks5_reply(code))
+        else:
+            self.write(socks.socks4_reply(ok))
 
     # ------------------------------------------------------------ requests
 
@@ -292,7 +375,13 @@ class ProxyServer(flow.Throttled):
         session.last_activity = self.last_activity
 
     def _answer_locally(self, request: Request, local: LocalResponse) -> None:
-        self.write(local.data)
+        if self._socks_pending:
+            if not (local.tunnel and not local.close):
+                self._fail(403, "refused locally")
+                return
+            self._socks_answer(True)
+        else:
+            self.write(local.data)
         if local.tunnel and not local.close:
             self.local_tunnel = True
             self._finish_request()
@@ -385,7 +474,10 @@ class ProxyServer(flow.Throttled):
         self._upstream = None
         self._tunnel = up
         self._request = None
-        self.write(answer)
+        if self._socks_pending:
+            self._socks_answer(True)
+        else:
+            self.write(answer)
         if early:
             up.deliver(early)
         if self._buffer:
@@ -466,7 +558,9 @@ class ProxyServer(flow.Throttled):
         self.transport.write(data)  # type: ignore[union-attr]
 
     def _fail(self, status: int, message: str, headers: list[bytes] | None = None) -> None:
-        if not self._closing:
+        if self._socks_pending:
+            self._socks_answer(False, status, message)
+        elif not self._closing:
             self.write(error_response(status, message, headers))
         self._fail_quietly()
 
@@ -490,6 +584,17 @@ class ProxyFactory(ServerFactory[ProxyServer]):
 
     protocol = ProxyServer
     noisy = False
+    #: Which protocols clients may speak on this port.
+    protocols: frozenset[str] = frozenset({"http", "socks5", "socks4"})
+    #: Whether SOCKS5 clients must authenticate (username/password).
+    socks_auth_required = False
+
+    def socks_credentials_ok(self, username: str, password: str) -> bool:
+        """
+        Whether SOCKS credentials a client gave are acceptable (by default,
+        any: a port without client authentication ignores them).
+        """
+        return True
 
     def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
         self.reactor = reactor

@@ -27,7 +27,7 @@ from typing import Any
 
 import attrs
 
-from proxymap.credentials import parse_basic_authorization
+from proxymap.credentials import basic_authorization, parse_basic_authorization
 from proxymap.dataplane.http import HTTPError, Request, simple_response
 from proxymap.dataplane.server import LocalResponse, ProxyFactory, ProxyServer, UpstreamTarget
 
@@ -132,9 +132,19 @@ class SandboxFactory(ProxyFactory):
     The sandbox's listening port.
     """
 
+    #: SOCKS5 clients must give <user>-session-<id>:<pass>, like HTTP ones.
+    socks_auth_required = True
+
     def __init__(self, reactor: Any, vendor: SandboxVendor, connect_timeout: float) -> None:
         super().__init__(reactor, connect_timeout)
         self.vendor = vendor
+
+    def socks_credentials_ok(self, username: str, password: str) -> bool:
+        try:
+            self.vendor.authenticate(basic_authorization(username, password))
+        except HTTPError:
+            return False
+        return True
 
     def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
         if request.host is None or request.host.lower() != SANDBOX_HOST:

@@ -58,6 +58,7 @@ class OriginProtocol(Protocol):
         self.received = 0
         self.source: _Source | None = None
         self.halfclose: int | None = None
+        self.keep_alive = True
 
     def dataReceived(self, data: bytes) -> None:
         if self.halfclose is not None:
@@ -87,6 +88,7 @@ class OriginProtocol(Protocol):
                 self.dataReceived(rest)
 
     def _handle(self, request: Any) -> None:
+        self.keep_alive = request.keep_alive
         path = request.path.decode()
         if path.startswith("/bytes/"):
             n = int(path.rsplit("/", 1)[1])
@@ -125,6 +127,8 @@ class OriginProtocol(Protocol):
             b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (status, len(body), body)
         )
+        if not self.keep_alive:
+            self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
         if self.halfclose is not None:

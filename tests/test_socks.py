@@ -1,0 +1,243 @@
+"""
+SOCKS5 and SOCKS4/4a: the parsers, and a mapped port speaking them.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
+
+from proxymap.dataplane import socks
+from proxymap.dataplane.socks import Socks4Handshake, Socks5Handshake, SocksConnect
+
+from .helpers import PORT, Harness, creds, head_of, header
+
+
+def s5_request(host: bytes | str, port: int, command: int = 1) -> bytes:
+    if isinstance(host, str):
+        return bytes((5, command, 0, 3, len(host))) + host.encode() + struct.pack("!H", port)
+    atyp = 1 if len(host) == 4 else 4
+    return bytes((5, command, 0, atyp)) + host + struct.pack("!H", port)
+
+
+def s4a_request(host: str, port: int, user: bytes = b"") -> bytes:
+    return (
+        b"\x04\x01"
+        + struct.pack("!H", port)
+        + b"\x00\x00\x00\x01"
+        + user
+        + b"\x00"
+        + host.encode()
+        + b"\x00"
+    )
+
+
+def test_socks5_no_auth_domain() -> None:
+    h = Socks5Handshake()
+    step = h.feed(b"\x05\x01\x00")
+    assert step.reply == b"\x05\x00" and step.connect is None
+    step = h.feed(s5_request("example.com", 443) + b"early")
+    assert step.connect == SocksConnect(5, "example.com", 443)
+    assert step.rest == b"early"
+
+
+@pytest.mark.parametrize(
+    ("address", "host"),
+    [(b"\x7f\x00\x00\x01", "127.0.0.1"), (b"\x00" * 15 + b"\x01", "::1")],
+)
+def test_socks5_ip_addresses(address: bytes, host: str) -> None:
+    step = Socks5Handshake().feed(b"\x05\x01\x00" + s5_request(address, 80))
+    assert step.connect is not None and step.connect.host == host
+
+
+def test_socks5_username_password() -> None:
+    h = Socks5Handshake()
+    assert h.feed(b"\x05\x02\x00\x02").reply == b"\x05\x00"  # no-auth preferred
+    h = Socks5Handshake(require_auth=True)
+    assert h.feed(b"\x05\x02\x00\x02").reply == b"\x05\x02"
+    step = h.feed(b"\x01\x05alice\x02pw" + s5_request("e.com", 80))
+    assert step.reply == b"\x01\x00"
+    assert step.connect == SocksConnect(5, "e.com", 80, "alice", "pw")
+    # Credentials offered to a port that does not need them are accepted too.
+    h = Socks5Handshake()
+    assert h.feed(b"\x05\x01\x02").reply == b"\x05\x02"
+
+
+def test_socks5_auth_required_but_not_offered() -> None:
+    step = Socks5Handshake(require_auth=True).feed(b"\x05\x01\x00")
+    assert step.reply == b"\x05\xff" and step.close
+
+
+@pytest.mark.parametrize(("command", "code"), [(2, 0x07), (3, 0x07)])
+def test_socks5_bind_and_udp_refused(command: int, code: int) -> None:
+    step = Socks5Handshake().feed(b"\x05\x01\x00" + s5_request("e.com", 80, command))
+    assert step.reply[-10:] == socks.socks5_reply(code) and step.close
+
+
+def test_socks5_bad_address_type() -> None:
+    step = Socks5Handshake().feed(b"\x05\x01\x00\x05\x01\x00\x09\x00\x00")
+    assert step.reply.endswith(socks.socks5_reply(0x08)) and step.close
+
+
+def test_socks4_and_4a() -> None:
+    step = Socks4Handshake().feed(b"\x04\x01\x00\x50\x7f\x00\x00\x01bob\x00")
+    assert step.connect == SocksConnect(4, "127.0.0.1", 80, "bob", None)
+    step = Socks4Handshake().feed(s4a_request("example.com", 443) + b"tls")
+    assert step.connect == SocksConnect(4, "example.com", 443, None, None)
+    assert step.rest == b"tls"
+    step = Socks4Handshake().feed(b"\x04\x02\x00\x50\x7f\x00\x00\x01\x00")
+    assert step.reply == socks.socks4_reply(False) and step.close
+    step = Socks4Handshake().feed(b"\x04\x01\x00\x50\x7f\x00\x00\x01" + b"u" * 300)
+    assert step.close
+
+
+VALID = [
+    (Socks5Handshake, b"\x05\x01\x00" + s5_request("example.com", 443)),
+    (lambda: Socks5Handshake(True), b"\x05\x01\x02\x01\x01u\x01p" + s5_request("e.com", 1)),
+    (Socks4Handshake, s4a_request("example.com", 443, b"user")),
+]
+
+
+@given(st.sampled_from(VALID), st.data())
+def test_any_split_parses_the_same(case: tuple[object, bytes], data: st.DataObject) -> None:
+    """
+    However a handshake is cut into reads, it waits for the rest and parses
+    the same CONNECT.
+    """
+    make, message = case
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(message) - 1), max_size=6)))
+    handshake = make()  # type: ignore[operator]
+    steps = [
+        handshake.feed(message[a:b]) for a, b in zip([0, *cuts], [*cuts, len(message)], strict=True)
+    ]
+    assert all(s.connect is None and not s.close for s in steps[:-1])
+    assert steps[-1].connect is not None and not steps[-1].close
+
+
+@given(st.binary(max_size=64), st.binary(max_size=64))
+def test_arbitrary_bytes_never_crash(a: bytes, b: bytes) -> None:
+    for make in (Socks5Handshake, lambda: Socks5Handshake(True), Socks4Handshake):
+        handshake = make()
+        handshake.feed(b"\x05" + a)
+        handshake.feed(b)
+
+
+# ---------------------------------------------------------------- on a port
+
+
+def socks5_client(h: Harness, target: str = "example.com", port: int = 443) -> tuple:
+    proto, client = h.client()
+    proto.dataReceived(b"\x05\x01\x00")
+    proto.dataReceived(s5_request(target, port))
+    return proto, client
+
+
+def test_socks5_connect_through_the_session() -> None:
+    """
+    A SOCKS5 CONNECT becomes the port's CONNECT upstream, with the session's
+    credentials and the host name unresolved; the reply comes when the
+    vendor accepts; then bytes flow both ways.
+    """
+    h = Harness()
+    proto, client = socks5_client(h)
+    assert client.value() == b"\x05\x00"
+    up, upstream = h.upstream()
+    first, lines, _ = head_of(upstream.value())
+    assert first == b"CONNECT example.com:443 HTTP/1.1"
+    assert header(lines, b"proxy-authorization") == [creds("sess0001")]
+    up.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    assert client.value() == b"\x05\x00" + socks.socks5_reply(0)
+    proto.dataReceived(b"hello")
+    up.dataReceived(b"world")
+    assert upstream.value().endswith(b"\r\n\r\nhello")
+    assert client.value().endswith(b"world")
+    assert proto.protocol == "socks5" and proto.state == "tunnel"
+    assert h.registry.current(PORT).connections == {proto}
+
+
+def test_socks4a_connect() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(s4a_request("example.com", 80, b"anyone"))
+    up, upstream = h.upstream()
+    assert upstream.value().startswith(b"CONNECT example.com:80 HTTP/1.1")
+    up.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert client.value() == socks.socks4_reply(True)
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (lambda h: h.fail_connect(ConnectionRefusedError()), socks.CONNECTION_REFUSED),
+        (lambda h: h.fail_connect(TimeoutError()), socks.TTL_EXPIRED),
+        (lambda h: h.upstream()[0].dataReceived(b"HTTP/1.1 407 No\r\n\r\n"), socks.GENERAL_FAILURE),
+        (lambda h: h.upstream()[0].dataReceived(b"HTTP/1.1 403 No\r\n\r\n"), socks.NOT_ALLOWED),
+        (
+            lambda h: h.upstream()[0].dataReceived(b"HTTP/1.1 502 No route\r\n\r\n"),
+            socks.HOST_UNREACHABLE,
+        ),
+        (lambda h: h.upstream()[0].dataReceived(b"HTTP/1.1 504 Late\r\n\r\n"), socks.TTL_EXPIRED),
+    ],
+    ids=["refused", "timeout", "vendor-407", "vendor-403", "vendor-502", "vendor-504"],
+)
+def test_failures_map_to_reply_codes(failure: object, code: int) -> None:
+    h = Harness()
+    _proto, client = socks5_client(h)
+    failure(h)  # type: ignore[operator]
+    assert client.value() == b"\x05\x00" + socks.socks5_reply(code)
+    assert client.disconnecting
+
+
+def test_socks4_failure() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(s4a_request("example.com", 80))
+    h.fail_connect(ConnectionRefusedError())
+    assert client.value() == socks.socks4_reply(False) and client.disconnecting
+
+
+def test_socks5_to_the_session_api_is_answered_locally() -> None:
+    h = Harness(session_api={"enabled": True, "domain": "portmapper"})
+    proto, client = socks5_client(h, "portmapper", 80)
+    assert client.value() == b"\x05\x00" + socks.socks5_reply(0)
+    client.clear()
+    proto.dataReceived(b"GET /session/ HTTP/1.1\r\nHost: portmapper\r\n\r\n")
+    assert head_of(client.value())[0] == b"HTTP/1.1 200 OK"
+    assert b'"session_id"' in client.value()
+    assert h.reactor.tcpClients == []
+
+
+def test_protocols_can_be_switched_off() -> None:
+    h = Harness(protocols=["http"])
+    proto, client = h.client()
+    proto.dataReceived(b"\x05\x01\x00")
+    proto.dataReceived(s5_request("e.com", 80))
+    assert h.reactor.tcpClients == []
+    h = Harness(protocols=["socks5"])
+    proto, client = h.client()
+    proto.dataReceived(b"GET http://e.com/ HTTP/1.1\r\n\r\n")
+    assert client.value() == b"" and client.disconnecting
+
+
+request_prefixes = st.sampled_from([b"\x05", b"\x04", b"\x05\x01\x00", b"\x05\x01\x02"])
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=200)
+@given(request_prefixes, st.lists(st.binary(max_size=80), max_size=4))
+def test_port_survives_arbitrary_socks_input(prefix: bytes, reads: list[bytes]) -> None:
+    h = Harness()
+    proto, _client = h.client()
+    proto.dataReceived(prefix)
+    for data in reads:
+        proto.dataReceived(data)
+    for index in range(len(h.reactor.tcpClients)):
+        up, _ = h.upstream(index)
+        up.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+    _proto2, client2 = socks5_client(h)
+    up, _ = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert client2.value() == b"\x05\x00" + socks.socks5_reply(0)
