@@ -131,6 +131,8 @@ class MappingConfig:
     release: ReleaseConfig | None = None
     #: What clients may speak on the ports: "http", "socks5", "socks4".
     protocols: frozenset[str] = frozenset({"http", "socks5", "socks4"})
+    #: SOCKS5 upstreams: resolve target names here ("local") or at the vendor.
+    socks_resolve: str = "remote"
 
     def template_values(
         self, session_id: str, port: int, params: Mapping[str, str]
@@ -305,12 +307,12 @@ def parse_upstream(value: object, key: str) -> Upstream:
     if match is None:
         raise ConfigError(key, f'{value!r} is not a URL such as "http://gw.example.com:10000"')
     scheme = match.group("scheme").lower()
-    if scheme != "http":
-        raise ConfigError(key, f"unsupported scheme {scheme!r} (supported: http)")
+    if scheme not in ("http", "socks5"):
+        raise ConfigError(key, f"unsupported scheme {scheme!r} (supported: http, socks5)")
     if match.group("userinfo"):
         raise ConfigError(key, "put upstream credentials in 'user' and 'pass', not in the URL")
     host = match.group("host").strip("[]")
-    port = int(match.group("port")) if match.group("port") else 80
+    port = int(match.group("port")) if match.group("port") else {"http": 80, "socks5": 1080}[scheme]
     _check_port(port, key)
     return Upstream(scheme, host, port)
 
@@ -579,6 +581,9 @@ def _mapping(
         raise ConfigError(
             table.name("protocols"), 'expected a non-empty list of "http", "socks5", "socks4"'
         )
+    socks_resolve = table.pop_typed("socks_resolve", str, "remote")
+    if socks_resolve not in ("remote", "local"):
+        raise ConfigError(table.name("socks_resolve"), 'expected "remote" or "local"')
     release = None
     if "release" in table.keys():
         from proxymap.vendors.release import parse_release
@@ -611,6 +616,7 @@ def _mapping(
         session_params=tuple(session_params.items()),
         release=release,
         protocols=frozenset(protocols),
+        socks_resolve=socks_resolve,
     )
 
 

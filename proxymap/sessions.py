@@ -152,6 +152,8 @@ class Session:
     username: str
     #: The ``Proxy-Authorization`` value sent upstream (holds the password).
     authorization: bytes = attrs.field(repr=False)
+    #: The rendered upstream password (for SOCKS5 upstreams).
+    password: str = attrs.field(repr=False)
     last_activity: float
     #: The session's parameters (``country``, ...); "" means absent.
     params: dict[str, str] = attrs.field(factory=dict)
@@ -330,6 +332,7 @@ class SessionRegistry(Service):
             expires=now + mapping.lifetime,
             username=username,
             authorization=basic_authorization(username, password),
+            password=password,
             last_activity=now,
             params=params,
         )

@@ -241,3 +241,98 @@ def test_port_survives_arbitrary_socks_input(prefix: bytes, reads: list[bytes]) 
     up, _ = h.upstream()
     up.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
     assert client2.value() == b"\x05\x00" + socks.socks5_reply(0)
+
+
+# ---------------------------------------------------------------- SOCKS5 upstreams
+
+OK_REPLY = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+
+
+def socks_upstream_handshake(h: Harness, index: int = -1) -> tuple:
+    """
+    Play the vendor's side of RFC 1928/1929 up to the CONNECT; return the
+    upstream leg, its transport and the credentials and request it sent.
+    """
+    up, upstream = h.upstream(index)
+    assert upstream.value() == b"\x05\x01\x02"
+    upstream.clear()
+    up.dataReceived(b"\x05\x02")
+    auth = upstream.value()
+    upstream.clear()
+    up.dataReceived(b"\x01\x00")
+    request = upstream.value()
+    upstream.clear()
+    return up, upstream, auth, request
+
+
+def test_plain_http_over_a_socks5_upstream() -> None:
+    h = Harness(upstream="socks5://gw.example.com:1080")
+    proto, client = h.client()
+    proto.dataReceived(b"GET http://example.com/x?y HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert h.reactor.tcpClients[-1][:2] == ("gw.example.com", 1080)
+    up, upstream, auth, request = socks_upstream_handshake(h)
+    user = b"alice-session-sess0001"
+    assert auth == b"\x01" + bytes((len(user),)) + user + b"\x06s3cret"
+    assert request == b"\x05\x01\x00\x03\x0bexample.com\x00\x50"  # by name: no local DNS
+    up.dataReceived(OK_REPLY)
+    first, lines, _ = head_of(upstream.value())
+    assert first == b"GET /x?y HTTP/1.1"  # origin form, no proxy credentials
+    assert header(lines, b"proxy-authorization") == []
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert client.value().endswith(b"\r\n\r\nok")
+    # Same target, same session: reused.  Another target: another connection.
+    proto.dataReceived(b"GET http://example.com/z HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert len(h.reactor.tcpClients) == 1
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    proto.dataReceived(b"GET http://other.example/ HTTP/1.1\r\nHost: other.example\r\n\r\n")
+    assert len(h.reactor.tcpClients) == 2
+
+
+def test_connect_and_socks_clients_over_a_socks5_upstream() -> None:
+    h = Harness(upstream="socks5://gw.example.com:1080")
+    proto, client = socks5_client(h, "example.com", 443)
+    up, upstream, _, request = socks_upstream_handshake(h)
+    assert request.endswith(b"example.com\x01\xbb")
+    up.dataReceived(OK_REPLY + b"server-first")
+    assert client.value() == b"\x05\x00" + socks.socks5_reply(0) + b"server-first"
+    proto.dataReceived(b"client-bytes")
+    assert upstream.value() == b"client-bytes"
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (b"\x05\xff", b"502"),  # no acceptable method
+        (b"\x05\x02|auth-fail", b"502"),
+        (b"\x05\x02|\x01\x00|\x05\x05\x00\x01\x00\x00\x00\x00\x00\x00", b"502"),
+        (b"\x05\x02|\x01\x00|\x05\x06\x00\x01\x00\x00\x00\x00\x00\x00", b"504"),
+        (b"\x05\x02|\x01\x00|\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00", b"403"),
+    ],
+)
+def test_socks5_upstream_failures(answer: bytes, status: bytes) -> None:
+    h = Harness(upstream="socks5://gw.example.com:1080")
+    proto, client = h.client()
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    up, _ = h.upstream()
+    for part in answer.split(b"|"):
+        up.dataReceived(b"\x01\x01" if part == b"auth-fail" else part)
+    assert head_of(client.value())[0].split(b" ")[1] == status
+    assert b"s3cret" not in client.value()
+
+
+def test_socks5_upstream_config() -> None:
+    from proxymap.config import ConfigError
+
+    from .helpers import mapping
+
+    m = mapping(upstream="socks5://gw.example.com")
+    assert (m.upstream.scheme, m.upstream.port, m.socks_resolve) == ("socks5", 1080, "remote")
+    with pytest.raises(ConfigError, match="socks_resolve"):
+        mapping(upstream="socks5://h:1", socks_resolve="sometimes")
+
+
+def test_socks5_credentials_judged_at_the_auth_step() -> None:
+    h = Socks5Handshake(require_auth=True, check=lambda user, password: password == "right")
+    h.feed(b"\x05\x01\x02")
+    step = h.feed(b"\x01\x01u\x05wrong")
+    assert step.reply == b"\x01\x01" and step.close

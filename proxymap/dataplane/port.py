@@ -13,7 +13,13 @@ from typing import Any
 
 from proxymap.config import MappingConfig
 from proxymap.dataplane.http import Request
-from proxymap.dataplane.server import LocalResponse, ProxyFactory, ProxyServer, UpstreamTarget
+from proxymap.dataplane.server import (
+    LocalResponse,
+    ProxyFactory,
+    ProxyServer,
+    SocksRoute,
+    UpstreamTarget,
+)
 from proxymap.sessionapi import SessionAPI, addressed_to_api
 from proxymap.sessions import SessionRegistry
 
@@ -49,6 +55,23 @@ class PortFactory(ProxyFactory):
     def target(self, request: Request, conn: ProxyServer) -> UpstreamTarget:
         session = self.registry.current(self.port)
         upstream = self.mapping.upstream
+        if upstream.scheme == "socks5":
+            assert request.host is not None
+            return UpstreamTarget(
+                host=upstream.host,
+                port=upstream.port,
+                # A SOCKS connection is bound to one target.
+                key=(session, request.host, request.port),
+                via_proxy=False,
+                session=session,
+                socks=SocksRoute(
+                    username=session.username,
+                    password=session.password,
+                    host=request.host,
+                    port=request.port,
+                    resolve_locally=self.mapping.socks_resolve == "local",
+                ),
+            )
         return UpstreamTarget(
             host=upstream.host,
             port=upstream.port,

@@ -48,6 +48,21 @@ _ids = itertools.count(1)
 
 
 @attrs.frozen
+class SocksRoute:
+    """
+    Reach ``host:port`` through a SOCKS5 upstream, authenticating with
+    ``username``/``password`` (RFC 1929).
+    """
+
+    username: str
+    password: str = attrs.field(repr=False)
+    host: str
+    port: int
+    #: Resolve ``host`` here and send an address, instead of the name.
+    resolve_locally: bool = False
+
+
+@attrs.frozen
 class UpstreamTarget:
     """
     Where a request or tunnel goes, and how.
@@ -66,6 +81,9 @@ class UpstreamTarget:
     authorization: bytes | None = None
     via_proxy: bool = True
     session: Session | None = None
+    #: Set when the peer is a SOCKS5 proxy: requests then go in origin form
+    #: over a SOCKS CONNECT to the target.
+    socks: SocksRoute | None = None
 
 
 @attrs.frozen
@@ -229,7 +247,9 @@ class ProxyServer(flow.Throttled):
         allowed = self.factory.protocols
         if first == b"\x05" and "socks5" in allowed:
             self.protocol = "socks5"
-            self._socks = socks.Socks5Handshake(self.factory.socks_auth_required)
+            self._socks = socks.Socks5Handshake(
+                self.factory.socks_auth_required, self.factory.socks_credentials_ok
+            )
         elif first == b"\x04" and "socks4" in allowed:
             self.protocol = "socks4"
             self._socks = socks.Socks4Handshake()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 
 import attrs
 
@@ -87,8 +88,12 @@ class Socks5Handshake:
     credentials are handed on, for the port's policy to use or ignore).
     """
 
-    def __init__(self, require_auth: bool = False) -> None:
+    def __init__(
+        self, require_auth: bool = False, check: Callable[[str, str], bool] | None = None
+    ) -> None:
         self.require_auth = require_auth
+        #: Judges username/password in the RFC 1929 step (a refusal closes).
+        self.check = check
         self._buffer = b""
         self._state = "greeting"
         self._username: str | None = None
@@ -140,6 +145,8 @@ class Socks5Handshake:
         self._username = buf[2 : 2 + ulen].decode("utf-8", "replace")
         self._password = buf[3 + ulen : 3 + ulen + plen].decode("utf-8", "replace")
         self._buffer = buf[3 + ulen + plen :]
+        if self.check is not None and not self.check(self._username, self._password):
+            return Step(reply=b"\x01\x01", close=True)
         self._state = "request"
         return Step(reply=b"\x01\x00")
 

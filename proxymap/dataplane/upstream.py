@@ -10,6 +10,7 @@ they arrive, never collected.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING
 
 from twisted.internet import error
@@ -89,6 +90,10 @@ class UpstreamProtocol(flow.Throttled):
         self._lost = False
         self._read_closed = False
         self._write_closed = False
+        #: True once bytes may go to the peer (after any SOCKS handshake).
+        self._ready = False
+        #: The SOCKS5 client handshake's state, while it runs.
+        self._socks_state = ""
 
     @classmethod
     def connect(
@@ -125,8 +130,8 @@ class UpstreamProtocol(flow.Throttled):
         self.send(head)
 
     def send(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+        if self._ready:
+            self.transport.write(data)  # type: ignore[union-attr]
             return
         self._pending.append(data)
         self._pending_size += len(data)
@@ -192,9 +197,22 @@ class UpstreamProtocol(flow.Throttled):
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         server.upstream_connected(self)
+        if self.target.socks is not None:
+            self._socks_begin()
+            return
+        self._connected_ready()
+
+    def _connected_ready(self) -> None:
+        """
+        The peer is ready for the request (or the CONNECT handshake).
+        """
+        server = self.server
         tunnel = self._tunnel_request
         target = self.target
-        if tunnel is not None:
+        self._ready = True
+        if tunnel is not None and target.socks is not None:
+            self._start_tunnel(b"HTTP/1.1 200 Connection established\r\n\r\n", b"")
+        elif tunnel is not None:
             if target.via_proxy:
                 extra = [b"Host: " + tunnel.target]
                 if target.authorization is not None:
@@ -213,6 +231,9 @@ class UpstreamProtocol(flow.Throttled):
     def dataReceived(self, data: bytes) -> None:
         if self._tunnel:
             self.deliver(data)
+            return
+        if self._socks_state:
+            self._socks_data(data)
             return
         if self._framer is not None:
             data = self._feed(data)
@@ -333,6 +354,84 @@ class UpstreamProtocol(flow.Throttled):
             self.transport.loseConnection()  # type: ignore[union-attr]
         self.server.response_done(self)
 
+    # ------------------------------------------------------------ SOCKS5 upstream
+
+    def _socks_begin(self) -> None:
+        self._socks_state = "method"
+        self._buffer = b""
+        self.transport.write(b"\x05\x01\x02")  # type: ignore[union-attr]
+
+    def _socks_data(self, data: bytes) -> None:
+        self._buffer += data
+        buf = self._buffer
+        route = self.target.socks
+        assert route is not None
+        if self._socks_state == "method":
+            if len(buf) < 2:
+                return
+            self._buffer = buf[2:]
+            if buf[:2] != b"\x05\x02":
+                self._give_up(502, "the SOCKS5 upstream refused username/password authentication")
+                return
+            user = route.username.encode()
+            password = route.password.encode()
+            self._socks_state = "auth"
+            self.transport.write(  # type: ignore[union-attr]
+                bytes((1, len(user))) + user + bytes((len(password),)) + password
+            )
+        elif self._socks_state == "auth":
+            if len(buf) < 2:
+                return
+            self._buffer = buf[2:]
+            if buf[1] != 0:
+                log.warn(
+                    "SOCKS5 upstream {upstream} rejected the credentials of session {session}",
+                    upstream=self.address,
+                    session=self.server.session.id if self.server.session else None,
+                )
+                self._give_up(502, VENDOR_REJECTED)
+                return
+            self._socks_state = "resolving"
+            if route.resolve_locally and not _is_address(route.host):
+                d = self.server.factory.reactor.resolve(route.host)
+                d.addCallbacks(self._socks_request, self._socks_unresolved)
+            else:
+                self._socks_request(route.host)
+        elif self._socks_state == "reply":
+            if len(buf) < 5:
+                return
+            size = {1: 10, 4: 22, 3: 7 + buf[4]}.get(buf[3], 10)
+            if len(buf) < size:
+                return
+            code = buf[1]
+            self._buffer = b""
+            self._socks_state = ""
+            if code != 0:
+                status = {2: 403, 6: 504}.get(code, 502)
+                self._give_up(status, f"the upstream refused the tunnel: SOCKS5 reply {code}")
+                return
+            self._connected_ready()
+            if buf[size:]:
+                self.dataReceived(buf[size:])
+
+    def _socks_request(self, host: str) -> None:
+        route = self.target.socks
+        assert route is not None
+        if _is_address(host):
+            address = ipaddress.ip_address(host)
+            atyp = 1 if address.version == 4 else 4
+            dest = bytes((atyp,)) + address.packed
+        else:
+            name = host.encode("idna")
+            dest = bytes((3, len(name))) + name
+        self._socks_state = "reply"
+        self.transport.write(  # type: ignore[union-attr]
+            b"\x05\x01\x00" + dest + route.port.to_bytes(2, "big")
+        )
+
+    def _socks_unresolved(self, failure: Failure) -> None:
+        self._give_up(502, f"cannot resolve {self.target.socks.host if self.target.socks else ''}")
+
     def _start_tunnel(self, answer: bytes, early: bytes) -> None:
         self._tunnel = True
         self._request = None
@@ -372,3 +471,11 @@ class UpstreamProtocol(flow.Throttled):
         elif self._request is not None:
             server.upstream_failed(self, 502, "the upstream closed the connection")
         server.upstream_gone(self, clean)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

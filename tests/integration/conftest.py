@@ -94,7 +94,9 @@ class Stack:
         return self.service.registry
 
 
-def start_stack(nports: int = 3, admin: dict[str, Any] | None = None, **mapping: Any) -> Stack:
+def start_stack(
+    nports: int = 3, admin: dict[str, Any] | None = None, scheme: str = "http", **mapping: Any
+) -> Stack:
     """
     proxymap on ``nports`` free ports in front of a sandbox vendor; the admin
     API only where ``admin`` says (never on the default port 8700).
@@ -103,7 +105,7 @@ def start_stack(nports: int = 3, admin: dict[str, Any] | None = None, **mapping:
     raw = {
         "name": "sandbox",
         "ports": ports,
-        "upstream": f"http://127.0.0.1:{sandbox_port}",
+        "upstream": f"{scheme}://127.0.0.1:{sandbox_port}",
         "user": "alice",
         "pass": "s3cret",
         "lifetime": "10m",

@@ -97,3 +97,50 @@ async def test_pysocks_client(stack: Stack, origin: Origin) -> None:
     answer = await deferToThread(fetch)
     assert answer.startswith(b"HTTP/1.1 200")
     assert b'"path": "/pysocks"' in answer
+
+
+@pytest.mark.parametrize("resolve", ["remote", "local"])
+@pytest_twisted.ensureDeferred
+async def test_socks5_upstream(origin: Origin, resolve: str) -> None:
+    """
+    The sandbox vendor as a SOCKS5 upstream: it sees each session's username
+    through RFC 1929, and the target by name unless resolved locally.
+    """
+    stack = start_stack(1, scheme="socks5", socks_resolve=resolve)
+    try:
+        port = stack.ports[0]
+        proxy = f"127.0.0.1:{port}"
+        code, out, err = await curl("-x", f"http://{proxy}", f"http://localhost:{origin.port}/a")
+        assert code == 0, err
+        assert json.loads(out)["path"] == "/a"
+        code, out, err = await curl(
+            "-x",
+            f"http://{proxy}",
+            "--cacert",
+            str(origin.cafile),
+            f"https://localhost:{origin.tls_port}/b",
+        )
+        assert code == 0, err
+        code, out, err = await curl("--socks5-hostname", proxy, f"http://localhost:{origin.port}/c")
+        assert code == 0, err
+        session = stack.registry.peek(port)
+        host = "localhost" if resolve == "remote" else "127.0.0.1"
+        assert list(stack.vendor.seen) == [
+            (f"alice-session-{session.id}", "CONNECT", f"{host}:{origin.port}"),
+            (f"alice-session-{session.id}", "CONNECT", f"{host}:{origin.tls_port}"),
+            (f"alice-session-{session.id}", "CONNECT", f"{host}:{origin.port}"),
+        ]
+    finally:
+        await stack.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_socks5_upstream_rejecting_credentials() -> None:
+    stack = start_stack(1, scheme="socks5", **{"pass": "wrong"})
+    try:
+        _code, out, _ = await curl(
+            "-i", "-x", f"http://127.0.0.1:{stack.ports[0]}", "http://localhost:9/"
+        )
+        assert out.startswith(b"HTTP/1.1 502") and b"rejected" in out
+    finally:
+        await stack.service.stopService()
