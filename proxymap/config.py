@@ -133,6 +133,8 @@ class MappingConfig:
     protocols: frozenset[str] = frozenset({"http", "socks5", "socks4"})
     #: SOCKS5 upstreams: resolve target names here ("local") or at the vendor.
     socks_resolve: str = "remote"
+    #: Clients who may use the ports (Basic / SOCKS5 username/password); none: open.
+    client_users: tuple[tuple[str, Secret], ...] = ()
 
     def template_values(
         self, session_id: str, port: int, params: Mapping[str, str]
@@ -151,6 +153,24 @@ class MappingConfig:
         values.update(self.params)
         values.update(params)
         return values
+
+
+@attrs.frozen
+class Limits:
+    """
+    What one client may take: sizes, times and connection counts.
+    """
+
+    max_head_size: int = 64 * 1024
+    max_headers: int = 128
+    #: From a request head's first byte to its end (slowloris).
+    head_timeout: float = 30.0
+    #: A keep-alive connection waiting for its next request.
+    idle_timeout: float = 300.0
+    #: A tunnel with no bytes either way.
+    tunnel_idle_timeout: float = 3600.0
+    max_connections_per_port: int = 1000
+    max_connections: int = 9000
 
 
 @attrs.frozen
@@ -181,6 +201,33 @@ def _split_endpoint(description: str) -> list[str]:
             current += char
     parts.append(current)
     return parts
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _limits(table: _Table) -> Limits:
+    defaults = Limits()
+    values: dict[str, Any] = {}
+    for field in ("max_head_size", "max_headers", "max_connections_per_port", "max_connections"):
+        value = table.pop_typed(field, int, getattr(defaults, field))
+        if value < 1:
+            raise ConfigError(table.name(field), "must be at least 1")
+        values[field] = value
+    if values["max_head_size"] < 1024:
+        raise ConfigError(table.name("max_head_size"), "must be at least 1024 bytes")
+    for field in ("head_timeout", "idle_timeout", "tunnel_idle_timeout"):
+        values[field] = parse_duration(
+            table.pop(field, getattr(defaults, field)), table.name(field)
+        )
+    table.finish()
+    return Limits(**values)
 
 
 def listen_is_loopback(description: str) -> bool:
@@ -214,6 +261,7 @@ class Config:
     mappings: tuple[MappingConfig, ...]
     session_api: SessionAPIConfig = SessionAPIConfig()
     admin: AdminConfig = AdminConfig()
+    limits: Limits = Limits()
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -581,6 +629,22 @@ def _mapping(
         raise ConfigError(
             table.name("protocols"), 'expected a non-empty list of "http", "socks5", "socks4"'
         )
+    users_table = _Table(table.pop("client_users", {}), table.name("client_users"))
+    client_users = []
+    for user_name in users_table.keys():
+        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", user_name):
+            raise ConfigError(users_table.name(user_name), "user names are letters, digits, _.@-")
+        secret = resolve_secret(users_table.pop(user_name), users_table.name(user_name), env)
+        if not secret.value:
+            raise ConfigError(users_table.name(user_name), "the password is empty")
+        client_users.append((user_name, secret))
+    open_proxy = table.pop_typed("open_proxy", bool, False)
+    if not client_users and not open_proxy and not _is_loopback(bind):
+        raise ConfigError(
+            table.name("bind"),
+            f"the ports would be an open proxy on {bind}: add client_users, bind to "
+            "127.0.0.1, or set open_proxy = true if that is really meant",
+        )
     socks_resolve = table.pop_typed("socks_resolve", str, "remote")
     if socks_resolve not in ("remote", "local"):
         raise ConfigError(table.name("socks_resolve"), 'expected "remote" or "local"')
@@ -617,6 +681,7 @@ def _mapping(
         release=release,
         protocols=frozenset(protocols),
         socks_resolve=socks_resolve,
+        client_users=tuple(client_users),
     )
 
 
@@ -654,6 +719,7 @@ def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = 
     top = _Table(dict(data), "")
     api = _session_api(_Table(top.pop("session_api", {}), "session_api"), SessionAPIConfig())
     admin = _admin(_Table(top.pop("admin", {}), "admin"), env)
+    limits = _limits(_Table(top.pop("limits", {}), "limits"))
 
     raw_mappings = top.pop("mapping", None)
     if raw_mappings is None:
@@ -680,7 +746,7 @@ def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = 
                     f"port {port} is also mapped by {owners[port]!r}",
                 )
             owners[port] = mapping.name
-    return Config(mappings=mappings, session_api=api, admin=admin)
+    return Config(mappings=mappings, session_api=api, admin=admin, limits=limits)
 
 
 def load_config(path: str | os.PathLike[str], env: MappingABC[str, str] | None = None) -> Config:

@@ -31,6 +31,7 @@ from proxymap.config import (
     parse_config,
 )
 from proxymap.dataplane.port import PortFactory
+from proxymap.dataplane.server import Tally
 from proxymap.sandbox.release_api import ReleaseAPI
 from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
 from proxymap.sessionapi import SessionAPI
@@ -243,12 +244,15 @@ def build_service(
             ).setServiceParent(root)
 
     session_api = SessionAPI(registry)
+    tally = Tally()
     factories: dict[int, PortFactory] = {}
     for mapping in config.mappings:
         policy = PortPolicy(mapping)
         for port in mapping.ports:
             registry.add_port(port, policy)
-            factory = factories[port] = PortFactory(reactor, registry, port, mapping, session_api)
+            factory = factories[port] = PortFactory(
+                reactor, registry, port, mapping, session_api, config.limits, tally
+            )
             _Listener(
                 serverFromString(reactor, endpoint_string(port, mapping.bind)),
                 factory,

@@ -10,10 +10,10 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from proxymap.config import MappingConfig, SessionIdSpec, parse_config
+from proxymap.config import Limits, MappingConfig, SessionIdSpec, parse_config
 from proxymap.credentials import basic_authorization
 from proxymap.dataplane.port import PortFactory
-from proxymap.dataplane.server import ProxyServer
+from proxymap.dataplane.server import ProxyServer, Tally
 from proxymap.dataplane.upstream import UpstreamProtocol
 from proxymap.sessions import PortPolicy, SessionRegistry
 
@@ -62,15 +62,18 @@ class Harness:
     A registry and mapped ports on a MemoryReactorClock.
     """
 
-    def __init__(self, **overrides: Any) -> None:
+    def __init__(self, limits: Limits | None = None, **overrides: Any) -> None:
         self.reactor = MemoryReactorClock()
+        self.tally = Tally()
         self.mapping = mapping(**overrides)
         self.registry = SessionRegistry(clock=self.reactor, new_id=counting_ids())
         policy = PortPolicy(self.mapping)
         self.factories = {}
         for port in self.mapping.ports:
             self.registry.add_port(port, policy)
-            self.factories[port] = PortFactory(self.reactor, self.registry, port, self.mapping)
+            self.factories[port] = PortFactory(
+                self.reactor, self.registry, port, self.mapping, None, limits, self.tally
+            )
         self.factory = self.factories[PORT]
 
     def client(self, port: int = PORT) -> tuple[ProxyServer, StringTransport]:

@@ -117,13 +117,13 @@ class Response:
     keep_alive: bool
 
 
-def _split_head(head: bytes) -> list[bytes]:
+def _split_head(head: bytes, max_headers: int = MAX_HEADERS) -> list[bytes]:
     lines = head.split(b"\r\n")
     # A bare CR or LF inside a line is a classic request-smuggling device.
     if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
         raise HTTPError(400, "bare CR or LF in the message head")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise HTTPError(431, f"more than {MAX_HEADERS} header fields")
+    if len(lines) - 1 > max_headers:
+        raise HTTPError(431, f"more than {max_headers} header fields")
     return lines
 
 
@@ -172,11 +172,11 @@ def parse_authority(authority: bytes, default_port: int | None) -> tuple[str, in
     return host, port
 
 
-def parse_request_head(head: bytes) -> Request:
+def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
     """
     Parse a request head (without its final blank line).
     """
-    lines = _split_head(head)
+    lines = _split_head(head, max_headers)
     parts = lines[0].split(b" ")
     if len(parts) != 3:
         raise HTTPError(400, "malformed request line")
@@ -496,6 +496,7 @@ REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     407: "Proxy Authentication Required",
+    408: "Request Timeout",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     502: "Bad Gateway",

@@ -25,10 +25,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from proxymap.config import Limits
 from proxymap.credentials import basic_authorization
 from proxymap.dataplane import flow, socks
 from proxymap.dataplane.http import (
-    MAX_HEAD_SIZE,
     ChunkedFramer,
     HTTPError,
     LengthFramer,
@@ -86,6 +86,15 @@ class UpstreamTarget:
     socks: SocksRoute | None = None
 
 
+@attrs.define
+class Tally:
+    """
+    Open client connections across the ports that share it.
+    """
+
+    connections: int = 0
+
+
 @attrs.frozen
 class LocalResponse:
     """
@@ -129,6 +138,11 @@ class ProxyServer(flow.Throttled):
         self._socks: socks.Socks5Handshake | socks.Socks4Handshake | None = None
         #: The SOCKS version whose CONNECT still awaits its reply (0: none).
         self._socks_pending = 0
+        #: Over a connection limit: answer the first bytes with a refusal.
+        self._refused = False
+        #: When the first byte of the current request head arrived.
+        self._head_started: float | None = None
+        self._timer: Any = None
 
         self._buffer = b""
         self._request: Request | None = None
@@ -177,7 +191,16 @@ class ProxyServer(flow.Throttled):
         self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
         self.seconds = factory.reactor.seconds
         self.connected_at = self.last_activity = self.seconds()
-        factory.connections[self.id] = self
+        limits = factory.limits
+        if (
+            len(factory.connections) >= limits.max_connections_per_port
+            or factory.tally.connections >= limits.max_connections
+        ):
+            self._refused = True
+        else:
+            factory.connections[self.id] = self
+            factory.tally.connections += 1
+        self._arm(limits.head_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self.reads += 1
@@ -195,6 +218,9 @@ class ProxyServer(flow.Throttled):
             return
         if not self.protocol:
             self._choose_protocol(data[:1])
+            if self._refused:
+                self._refuse()
+                return
             if self._closing:
                 return
         if self._socks is not None:
@@ -228,7 +254,10 @@ class ProxyServer(flow.Throttled):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._closing = True
-        self.factory.connections.pop(self.id, None)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.factory.connections.pop(self.id, None) is not None:
+            self.factory.tally.connections -= 1
         if self.session is not None:
             self.session.connections.discard(self)
         up = self.upstream
@@ -240,6 +269,47 @@ class ProxyServer(flow.Throttled):
             else:
                 up.abort()
         self._upstream = self._tunnel = None
+
+    # ------------------------------------------------------------ timeouts
+
+    def _arm(self, delay: float) -> None:
+        self._timer = self.factory.reactor.callLater(max(delay, 0.05), self._on_timer)
+
+    def _deadline(self) -> tuple[float, str]:
+        """
+        When this connection times out in its present state, and why.
+        """
+        limits = self.factory.limits
+        if self._tunnel is not None:
+            up = self._tunnel
+            last = max(self.last_activity, up.last_activity)
+            return last + limits.tunnel_idle_timeout, "tunnel"
+        if self._socks is not None or self._refused or not self.protocol:
+            return self.connected_at + limits.head_timeout, "handshake"
+        if self._request is not None:
+            return self.last_activity + limits.idle_timeout, "response"
+        if self._head_started is not None:
+            return self._head_started + limits.head_timeout, "head"
+        return self.last_activity + limits.idle_timeout, "idle"
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._gone:
+            return
+        deadline, state = self._deadline()
+        now = self.seconds()
+        if now < deadline:
+            self._arm(min(deadline - now, self.factory.limits.head_timeout))
+            return
+        log.debug("closing {client}: {state} timeout", client=self.client, state=state)
+        if state == "head":
+            self._fail(408, "the request head took too long")
+        elif state == "response" and not (self._upstream and self._upstream.started):
+            self._fail(504, "the upstream did not answer in time")
+        elif state in ("idle", "handshake"):
+            self._fail_quietly()
+        else:
+            self.abort()
 
     # ------------------------------------------------------------ SOCKS
 
@@ -257,6 +327,18 @@ class ProxyServer(flow.Throttled):
             self.protocol = "http"
         else:
             self._fail_quietly()
+
+    def _refuse(self) -> None:
+        """
+        Over a connection limit: say so in the client's protocol, then close.
+        """
+        if self.protocol == "socks5":
+            self.write(b"\x05\xff")
+        elif self.protocol == "socks4":
+            self.write(socks.socks4_reply(False))
+        else:
+            self.write(error_response(503, "too many connections; try again later"))
+        self._fail_quietly()
 
     def _socks_feed(self, data: bytes) -> None:
         assert self._socks is not None
@@ -325,16 +407,20 @@ class ProxyServer(flow.Throttled):
                 if buf[:2] == b"\r\n":  # RFC 9112 2.2: ignore blank lines before a request
                     self._buffer = buf.lstrip(b"\r\n")
                     continue
+                if self._head_started is None:
+                    self._head_started = self.last_activity
                 end = buf.find(b"\r\n\r\n")
-                if end == -1 or end > MAX_HEAD_SIZE:
-                    if end > MAX_HEAD_SIZE or len(buf) > MAX_HEAD_SIZE:
+                max_head = self.factory.limits.max_head_size
+                if end == -1 or end > max_head:
+                    if end > max_head or len(buf) > max_head:
                         self._fail(431, "request head too large")
                     elif b"\n\n" in buf or b"\n\r\n" in buf:
                         self._fail(400, "request head lines must end in CRLF")
                     return
                 self._buffer = buf[end + 4 :]
+                self._head_started = None
                 try:
-                    request = parse_request_head(buf[:end])
+                    request = parse_request_head(buf[:end], self.factory.limits.max_headers)
                 except HTTPError as e:
                     self._fail(e.status, e.message)
                     return
@@ -616,9 +702,18 @@ class ProxyFactory(ServerFactory[ProxyServer]):
         """
         return True
 
-    def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        connect_timeout: float = 10.0,
+        limits: Limits | None = None,
+        tally: Tally | None = None,
+    ) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
+        self.limits = limits or Limits()
+        #: Connections across every port sharing this tally.
+        self.tally = tally or Tally()
         #: Live client connections of this port, by connection id.
         self.connections: dict[int, ProxyServer] = {}
 

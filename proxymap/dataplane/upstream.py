@@ -73,8 +73,9 @@ class UpstreamProtocol(flow.Throttled):
         self.server = server
         self.target = target
         self.key = target.key
-        #: When the connection was made (0 until then).
+        #: When the connection was made (0 until then), and last read from.
         self.connected_at = 0.0
+        self.last_activity = 0.0
         #: True once any byte of the current response went to the client.
         self.started = False
         self.connector: IConnector | None = None
@@ -146,7 +147,7 @@ class UpstreamProtocol(flow.Throttled):
         n = len(data)
         server.bytes_down += n
         server.writes += 1
-        server.last_activity = server.seconds()
+        server.last_activity = self.last_activity = server.seconds()
         session = server.session
         if session is not None:
             session.bytes_down += n
@@ -232,6 +233,7 @@ class UpstreamProtocol(flow.Throttled):
         if self._tunnel:
             self.deliver(data)
             return
+        self.last_activity = self.server.last_activity
         if self._socks_state:
             self._socks_data(data)
             return
