@@ -341,7 +341,8 @@ def test_upstream_closes_mid_response_aborts_client() -> None:
     up, _ = h.upstream()
     up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
     up.connectionLost(Failure(ConnectionLost()))
-    assert client.disconnected
+    assert client.disconnecting
+    assert client.value().endswith(b"partial")
     assert b"502" not in client.value()
 
 

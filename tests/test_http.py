@@ -143,7 +143,7 @@ def test_port_survives_arbitrary_input(reads: list[bytes]) -> None:
     for data in reads:
         proto.dataReceived(data)
     out = client.value()
-    if out:
+    if out and reads[0][:1] not in (b"\x04", b"\x05"):  # those speak SOCKS
         assert out.startswith(b"HTTP/1.1 ")
     for index in range(len(h.reactor.tcpClients)):
         up, _ = h.upstream(index)

@@ -629,9 +629,11 @@ class ProxyServer(flow.Throttled):
         if up is not self._upstream and up is not self._tunnel:
             return
         if up.started:
-            # Part of a response is already with the client: all we can do
-            # is cut the connection, so the client sees it incomplete.
-            self.abort()
+            # Part of a response is already with the client: all we can do is
+            # end the connection after what arrived, so the client sees it
+            # incomplete (its framing is not satisfied).
+            self._upstream = None
+            self._fail_quietly()
             return
         self._upstream = None
         self._fail(status, message)

@@ -27,17 +27,30 @@ from .origin import OriginFactory, self_signed_certificate
 pytestmark = pytest.mark.integration
 
 
+_handed_out: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
     """
-    ``n`` distinct ports that were free a moment ago on 127.0.0.1.
+    ``n`` distinct ports that were free a moment ago on 127.0.0.1, never one
+    this test run handed out before (two calls in one test must not collide).
     """
     sockets = []
+    ports: list[int] = []
     try:
-        for _ in range(n):
+        for _ in range(n + 64):  # bounded: skip ports handed out already
+            if len(ports) == n:
+                break
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
+            port = s.getsockname()[1]
+            if port not in _handed_out:
+                ports.append(port)
+                _handed_out.add(port)
+        if len(ports) < n:
+            pytest.fail("could not find free ports")
+        return ports
     finally:
         for s in sockets:
             s.close()

@@ -52,8 +52,9 @@ async def test_release_reaches_the_sandbox_vendor() -> None:
         assert (await response.json())["released"] == [
             {"port": port, "sessionId": before["session"]}
         ]
-        for _ in range(100):  # bounded wait for the batched call to land
-            if stack.vendor.release_calls:
+        releaser = stack.service.releases[0]
+        for _ in range(100):  # bounded wait for the batched call and its answer
+            if releaser.succeeded:
                 break
             await deferLater(reactor, 0.02)
         assert stack.vendor.release_calls == [
@@ -64,7 +65,7 @@ async def test_release_reaches_the_sandbox_vendor() -> None:
                 "body": {"data": [{"port": stack.sandbox_port, "sessionId": before["session"]}]},
             }
         ]
-        assert stack.service.releases[0].succeeded == 1
+        assert releaser.succeeded == 1
         # The sandbox forgot the id: used again, it gets another exit.
         code, out, err = await curl(
             "-x",

@@ -1,0 +1,271 @@
+"""
+Faults survived on real sockets: a vendor that is down, silent, rude or
+dies mid-transfer, and clients that vanish or open and drop thousands of
+connections.  After each, every socket of the affected connection is closed
+on both sides and the port keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+
+from proxymap.config import parse_config
+from proxymap.dataplane.server import ProxyFactory
+from proxymap.sandbox.vendor import SandboxVendor
+from proxymap.tap import ProxymapService, build_service
+
+from .conftest import Origin, curl, free_ports
+
+pytestmark = pytest.mark.integration
+
+
+class FakeVendor(Protocol):
+    """
+    A vendor gateway that misbehaves as ``mode`` says.
+    """
+
+    def __init__(self, mode: str, live: set[FakeVendor]) -> None:
+        self.mode = mode
+        self.live = live
+
+    def connectionMade(self) -> None:
+        self.live.add(self)
+
+    def connectionLost(self, reason: object) -> None:
+        self.live.discard(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        mode = self.mode
+        if mode == "blackhole":
+            return
+        if mode == "garbage":
+            self.transport.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        elif mode == "reset_mid_response":
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+            reactor.callLater(0.05, self.transport.abortConnection)
+        elif mode == "reset_mid_tunnel" and data.startswith(b"CONNECT"):
+            self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\nhello")
+            reactor.callLater(0.05, self.transport.abortConnection)
+        elif mode == "echo_tunnel":
+            if data.startswith(b"CONNECT"):
+                self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                self.transport.write(data)
+
+
+class Vendor:
+    def __init__(self, mode: str) -> None:
+        self.live: set[FakeVendor] = set()
+        factory = Factory.forProtocol(lambda: FakeVendor(mode, self.live))
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+    @property
+    def number(self) -> int:
+        return self.port.getHost().port
+
+
+def proxymap_to(upstream_port: int, **limits: Any) -> tuple[ProxymapService, int]:
+    (port,) = free_ports(1)
+    config = parse_config(
+        {
+            "mapping": [
+                {
+                    "ports": [port],
+                    "upstream": f"http://127.0.0.1:{upstream_port}",
+                    "user": "alice",
+                    "pass": "s3cret",
+                }
+            ],
+            "admin": {"listen": ""},
+            "limits": limits,
+        },
+        env={},
+    )
+    service = build_service(config, reactor)
+    service.privilegedStartService()
+    service.startService()
+    return service, port
+
+
+def port_factory(service: ProxymapService) -> ProxyFactory:
+    (factory,) = [li.factory for li in service.listeners() if isinstance(li.factory, ProxyFactory)]
+    return factory
+
+
+async def eventually(check: Callable[[], bool], what: str) -> None:
+    for _ in range(150):  # at most ~3 s
+        if check():
+            return
+        await deferLater(reactor, 0.02)
+    pytest.fail(f"never happened: {what}")
+
+
+async def still_serves(service: ProxymapService, port: int) -> None:
+    """
+    The port holds no connection of the faulty exchange and still answers
+    (an origin-form request, which proxymap answers itself with a hint).
+    """
+    factory = port_factory(service)
+    await eventually(lambda: not factory.connections, "the faulty connection closed")
+    assert factory.tally.connections == 0
+    _code, out, err = await curl("-i", "--max-time", "5", f"http://127.0.0.1:{port}/")
+    assert out.startswith(b"HTTP/1.1 400"), err
+
+
+@pytest_twisted.ensureDeferred
+async def test_vendor_down() -> None:
+    (closed,) = free_ports(1)
+    service, port = proxymap_to(closed)
+    try:
+        code, out, _ = await curl("-i", "-x", f"http://127.0.0.1:{port}", "http://e.com/")
+        assert out.startswith(b"HTTP/1.1 502")
+        code, out, _ = await curl("--socks5-hostname", f"127.0.0.1:{port}", "http://e.com/")
+        assert code == 97  # curl: the proxy handshake failed (reply 5, refused)
+        await still_serves(service, port)
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_vendor_black_hole() -> None:
+    vendor = Vendor("blackhole")
+    service, port = proxymap_to(vendor.number, idle_timeout="1s", head_timeout="1s")
+    try:
+        _code, out, _ = await curl("-i", "-x", f"http://127.0.0.1:{port}", "http://e.com/")
+        assert out.startswith(b"HTTP/1.1 504")
+        await eventually(lambda: not vendor.live, "the vendor side closed")
+        await still_serves(service, port)
+    finally:
+        await service.stopService()
+        await vendor.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_vendor_garbage() -> None:
+    vendor = Vendor("garbage")
+    service, port = proxymap_to(vendor.number)
+    try:
+        _code, out, _ = await curl("-i", "-x", f"http://127.0.0.1:{port}", "http://e.com/")
+        assert out.startswith(b"HTTP/1.1 502")
+        await eventually(lambda: not vendor.live, "the vendor side closed")
+        await still_serves(service, port)
+    finally:
+        await service.stopService()
+        await vendor.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_vendor_resets_mid_response() -> None:
+    vendor = Vendor("reset_mid_response")
+    service, port = proxymap_to(vendor.number)
+    try:
+        code, out, err = await curl("-x", f"http://127.0.0.1:{port}", "http://e.com/")
+        assert code == 18, err  # curl: "partial file": the client saw it cut
+        assert len(out) == 1000
+        await still_serves(service, port)
+    finally:
+        await service.stopService()
+        await vendor.port.stopListening()
+
+
+class TunnelClient(Protocol):
+    def __init__(self, target: bytes = b"e.com:443", on_open: Callable[[Any], None] | None = None):
+        self.target = target
+        self.data = b""
+        self.on_open = on_open
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"CONNECT %s HTTP/1.1\r\n\r\n" % self.target)
+
+    def dataReceived(self, data: bytes) -> None:
+        opened = b"\r\n\r\n" in self.data
+        self.data += data
+        if not opened and b"\r\n\r\n" in self.data and self.on_open:
+            self.on_open(self)
+
+    def connectionLost(self, reason: object) -> None:
+        self.closed.callback(None)
+
+
+async def open_tunnel(port: int, client: TunnelClient) -> None:
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_vendor_resets_mid_tunnel() -> None:
+    vendor = Vendor("reset_mid_tunnel")
+    service, port = proxymap_to(vendor.number)
+    try:
+        client = TunnelClient()
+        await open_tunnel(port, client)
+        await client.closed
+        assert client.data.endswith(b"hello")
+        await still_serves(service, port)
+    finally:
+        await service.stopService()
+        await vendor.port.stopListening()
+
+
+@pytest.mark.parametrize("when", ["mid-upload", "mid-download"])
+@pytest_twisted.ensureDeferred
+async def test_client_aborts(when: str) -> None:
+    """
+    A client that vanishes mid-transfer: the vendor's side is closed too.
+    """
+    vendor = Vendor("echo_tunnel")
+    service, port = proxymap_to(vendor.number)
+    try:
+
+        def on_open(client: Any) -> None:
+            if when == "mid-upload":
+                client.transport.write(b"x" * 200000)
+            reactor.callLater(0.05, client.transport.abortConnection)
+
+        client = TunnelClient(on_open=on_open)
+        await open_tunnel(port, client)
+        await client.closed
+        await eventually(lambda: not vendor.live, "the vendor side closed")
+        await still_serves(service, port)
+    finally:
+        await service.stopService()
+        await vendor.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_thousands_of_connections_opened_and_dropped(origin: Origin) -> None:
+    sandbox = SandboxVendor(user="alice", password="s3cret")
+    listening = reactor.listenTCP(0, sandbox.factory(reactor), interface="127.0.0.1")
+    service, port = proxymap_to(listening.getHost().port)
+    try:
+        factory = port_factory(service)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        for _batch in range(10):
+            protos = []
+            for i in range(200):
+                p = Protocol()
+                protos.append(await connectProtocol(endpoint, p))
+                if i % 2:  # half send half a request first
+                    p.transport.write(b"GET http://e.com/ HTTP/1.1\r\nHo")
+            for p in protos:
+                p.transport.abortConnection()
+        await eventually(lambda: not factory.connections, "all 2000 closed")
+        assert factory.tally.connections == 0
+        code, out, err = await curl(
+            "-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/after"
+        )
+        assert code == 0, err
+        assert json.loads(out)["path"] == "/after"
+    finally:
+        await service.stopService()
+        await listening.stopListening()
