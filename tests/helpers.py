@@ -5,6 +5,7 @@ Test helpers: a mapped port on a MemoryReactorClock, driven through StringTransp
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -16,6 +17,10 @@ from proxymap.dataplane.port import PortFactory
 from proxymap.dataplane.server import ProxyServer, Tally
 from proxymap.dataplane.upstream import UpstreamProtocol
 from proxymap.sessions import PortPolicy, SessionRegistry
+
+#: Examples per fuzz test; raise it for a long run outside CI
+#: (PROXYMAP_FUZZ_EXAMPLES=20000, see README).
+FUZZ_EXAMPLES = int(os.environ.get("PROXYMAP_FUZZ_EXAMPLES", "300"))
 
 UPSTREAM_HOST = "gw.example.com"
 UPSTREAM_PORT = 10000

@@ -16,7 +16,7 @@ from proxymap.dataplane.http import (
     parse_response_head,
 )
 
-from .helpers import Harness, head_of
+from .helpers import FUZZ_EXAMPLES, Harness, head_of
 
 
 def test_absolute_form() -> None:
@@ -100,6 +100,7 @@ def test_chunked_framer_any_split(chunks: list[bytes], data: st.DataObject) -> N
     assert b"".join(f.decoded) == b"".join(chunks)
 
 
+@settings(max_examples=FUZZ_EXAMPLES)
 @given(st.binary(max_size=300))
 def test_chunked_framer_garbage(data: bytes) -> None:
     f = ChunkedFramer()
@@ -111,6 +112,7 @@ def test_chunked_framer_garbage(data: bytes) -> None:
         assert 0 <= n <= len(data)
 
 
+@settings(max_examples=FUZZ_EXAMPLES)
 @given(st.binary(max_size=400))
 def test_request_parser_never_crashes(head: bytes) -> None:
     try:
@@ -131,7 +133,7 @@ request_like = st.one_of(
 )
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.lists(request_like, min_size=1, max_size=4))
 def test_port_survives_arbitrary_input(reads: list[bytes]) -> None:
     """

@@ -14,7 +14,7 @@ from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from proxymap.dataplane import socks
 from proxymap.dataplane.socks import Socks4Handshake, Socks5Handshake, SocksConnect
 
-from .helpers import PORT, Harness, creds, head_of, header
+from .helpers import FUZZ_EXAMPLES, PORT, Harness, creds, head_of, header
 
 
 def s5_request(host: bytes | str, port: int, command: int = 1) -> bytes:
@@ -118,6 +118,7 @@ def test_any_split_parses_the_same(case: tuple[object, bytes], data: st.DataObje
     assert steps[-1].connect is not None and not steps[-1].close
 
 
+@settings(max_examples=FUZZ_EXAMPLES)
 @given(st.binary(max_size=64), st.binary(max_size=64))
 def test_arbitrary_bytes_never_crash(a: bytes, b: bytes) -> None:
     for make in (Socks5Handshake, lambda: Socks5Handshake(True), Socks4Handshake):
@@ -226,7 +227,7 @@ def test_protocols_can_be_switched_off() -> None:
 request_prefixes = st.sampled_from([b"\x05", b"\x04", b"\x05\x01\x00", b"\x05\x01\x02"])
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=200)
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(request_prefixes, st.lists(st.binary(max_size=80), max_size=4))
 def test_port_survives_arbitrary_socks_input(prefix: bytes, reads: list[bytes]) -> None:
     h = Harness()
