@@ -240,7 +240,13 @@ def main() -> int:
             s = connect(ports[i % len(ports)])
             s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % echo)
             held.append(s)
-        opened = sum(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 200") for s in held)
+        opened = 0
+        for s in held:
+            s.settimeout(30)
+            try:
+                opened += recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+            except OSError:
+                pass
         probe_ok = sum(http_get(random.choice(ports)) for _ in range(50))
         held_fds = fds(proxymap.pid)
         for s in held:

@@ -243,12 +243,7 @@ def listen_is_loopback(description: str) -> bool:
     for arg in args:
         name, sep, value = arg.partition("=")
         if sep and name == "interface":
-            if value == "localhost":
-                return True
-            try:
-                return ipaddress.ip_address(value).is_loopback
-            except ValueError:
-                return False
+            return _is_loopback(value)
     return False
 
 

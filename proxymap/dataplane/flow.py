@@ -33,6 +33,8 @@ class Throttled(Protocol):
     """
 
     _paused = 0
+    _read_closed = False
+    _write_closed = False
 
     def pause_reading(self, reason: int) -> None:
         if not self._paused and self.transport is not None:
@@ -57,3 +59,9 @@ class Throttled(Protocol):
         """
         The peer's transport is gone; our connectionLost handling follows from it.
         """
+
+    # IHalfCloseableProtocol: once both halves are closed, so is the connection.
+    def writeConnectionLost(self) -> None:
+        self._write_closed = True
+        if self._read_closed:
+            self.transport.loseConnection()  # type: ignore[union-attr]

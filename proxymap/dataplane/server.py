@@ -246,11 +246,6 @@ class ProxyServer(flow.Throttled):
         if self._write_closed:
             self.transport.loseConnection()  # type: ignore[union-attr]
 
-    def writeConnectionLost(self) -> None:
-        self._write_closed = True
-        if self._read_closed:
-            self.transport.loseConnection()  # type: ignore[union-attr]
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._closing = True

@@ -176,7 +176,7 @@ class Socks5Handshake:
                 host = buf[5:end].decode("ascii")
             except UnicodeDecodeError:
                 return Step(reply=socks5_reply(HOST_UNREACHABLE), close=True)
-            if not host or (any(c in host for c in " /\\@:\x00") and not _is_ipv6(host)):
+            if not host or (any(c in host for c in " /\\@:\x00") and not is_ip_address(host, 6)):
                 return Step(reply=socks5_reply(HOST_UNREACHABLE), close=True)
         (port,) = struct.unpack("!H", buf[end : end + 2])
         rest = buf[end + 2 :]
@@ -190,12 +190,15 @@ class Socks5Handshake:
         )
 
 
-def _is_ipv6(host: str) -> bool:
+def is_ip_address(host: str, version: int | None = None) -> bool:
+    """
+    Whether ``host`` is an IP address literal (of ``version``, if given).
+    """
     try:
-        ipaddress.IPv6Address(host)
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return True
+    return version is None or address.version == version
 
 
 class Socks4Handshake:

@@ -32,6 +32,7 @@ from proxymap.dataplane.http import (
     build_head,
     parse_response_head,
 )
+from proxymap.dataplane.socks import is_ip_address
 
 if TYPE_CHECKING:
     from proxymap.dataplane.server import ProxyServer, UpstreamTarget
@@ -394,7 +395,7 @@ class UpstreamProtocol(flow.Throttled):
                 self._give_up(502, VENDOR_REJECTED)
                 return
             self._socks_state = "resolving"
-            if route.resolve_locally and not _is_address(route.host):
+            if route.resolve_locally and not is_ip_address(route.host):
                 d = self.server.factory.reactor.resolve(route.host)
                 d.addCallbacks(self._socks_request, self._socks_unresolved)
             else:
@@ -419,7 +420,7 @@ class UpstreamProtocol(flow.Throttled):
     def _socks_request(self, host: str) -> None:
         route = self.target.socks
         assert route is not None
-        if _is_address(host):
+        if is_ip_address(host):
             address = ipaddress.ip_address(host)
             atyp = 1 if address.version == 4 else 4
             dest = bytes((atyp,)) + address.packed
@@ -457,11 +458,6 @@ class UpstreamProtocol(flow.Throttled):
         else:
             self.transport.loseConnection()  # type: ignore[union-attr]
 
-    def writeConnectionLost(self) -> None:
-        self._write_closed = True
-        if self._read_closed:
-            self.transport.loseConnection()  # type: ignore[union-attr]
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._reusable = False
@@ -473,11 +469,3 @@ class UpstreamProtocol(flow.Throttled):
         elif self._request is not None:
             server.upstream_failed(self, 502, "the upstream closed the connection")
         server.upstream_gone(self, clean)
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

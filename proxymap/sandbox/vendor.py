@@ -27,6 +27,7 @@ from typing import Any
 
 import attrs
 
+from proxymap.config import Limits
 from proxymap.credentials import basic_authorization, parse_basic_authorization
 from proxymap.dataplane.http import HTTPError, Request, simple_response
 from proxymap.dataplane.server import LocalResponse, ProxyFactory, ProxyServer, UpstreamTarget
@@ -127,6 +128,10 @@ class SandboxVendor:
         return SandboxFactory(reactor, self, connect_timeout)
 
 
+#: A stand-in vendor caps nothing that proxymap's own limits should be tested by.
+SANDBOX_LIMITS = Limits(max_connections_per_port=1_000_000, max_connections=1_000_000)
+
+
 class SandboxFactory(ProxyFactory):
     """
     The sandbox's listening port.
@@ -136,7 +141,7 @@ class SandboxFactory(ProxyFactory):
     socks_auth_required = True
 
     def __init__(self, reactor: Any, vendor: SandboxVendor, connect_timeout: float) -> None:
-        super().__init__(reactor, connect_timeout)
+        super().__init__(reactor, connect_timeout, SANDBOX_LIMITS)
         self.vendor = vendor
 
     def socks_credentials_ok(self, username: str, password: str) -> bool:
