@@ -40,6 +40,7 @@ from proxymap.vendors.release import VendorRelease
 
 log = Logger()
 
+LISTEN_BACKLOG = 1024
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-secret"  # noqa: S105 - the sandbox's public demo password
 DEMO_API_USER = "api"
@@ -50,7 +51,10 @@ def endpoint_string(port: int, bind: str) -> str:
     """
     The server endpoint description for ``bind:port``.
     """
-    return f"tcp:{port}:interface={bind.replace(':', chr(92) + ':')}"
+    # A deep accept queue: scrapers start many workers at once, and a burst of
+    # connections beyond Twisted's default of 50 would see SYNs dropped and
+    # retried seconds later.
+    return f"tcp:{port}:interface={bind.replace(':', chr(92) + ':')}:backlog={LISTEN_BACKLOG}"
 
 
 def demo_config(ports: str, sandbox_port: int, release_port: int) -> Config:
