@@ -174,6 +174,18 @@ class Limits:
 
 
 @attrs.frozen
+class ServiceConfig:
+    """
+    How the daemon stops and what it remembers across restarts.
+    """
+
+    #: On SIGTERM, how long open tunnels and requests may go on.
+    grace: float = 10.0
+    #: Where live sessions are saved ("" = nowhere).
+    state_file: str = ""
+
+
+@attrs.frozen
 class AdminConfig:
     """
     Where the admin API listens (``""``: nowhere) and who may use it.
@@ -257,6 +269,7 @@ class Config:
     session_api: SessionAPIConfig = SessionAPIConfig()
     admin: AdminConfig = AdminConfig()
     limits: Limits = Limits()
+    service: ServiceConfig = ServiceConfig()
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -715,6 +728,12 @@ def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = 
     api = _session_api(_Table(top.pop("session_api", {}), "session_api"), SessionAPIConfig())
     admin = _admin(_Table(top.pop("admin", {}), "admin"), env)
     limits = _limits(_Table(top.pop("limits", {}), "limits"))
+    service_table = _Table(top.pop("service", {}), "service")
+    service = ServiceConfig(
+        grace=parse_duration(service_table.pop("grace", 10), service_table.name("grace")),
+        state_file=service_table.pop_typed("state_file", str, ""),
+    )
+    service_table.finish()
 
     raw_mappings = top.pop("mapping", None)
     if raw_mappings is None:
@@ -741,7 +760,7 @@ def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = 
                     f"port {port} is also mapped by {owners[port]!r}",
                 )
             owners[port] = mapping.name
-    return Config(mappings=mappings, session_api=api, admin=admin, limits=limits)
+    return Config(mappings=mappings, session_api=api, admin=admin, limits=limits, service=service)
 
 
 def load_config(path: str | os.PathLike[str], env: MappingABC[str, str] | None = None) -> Config:

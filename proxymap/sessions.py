@@ -311,25 +311,45 @@ class SessionRegistry(Service):
             self.end(session.id, EndReason.RENEWED)
         return self._create(port, chosen)
 
-    def _create(self, port: int, params: dict[str, str] | None = None) -> Session:
+    def restore(
+        self, port: int, session_id: str, created: float, expires: float, params: dict[str, str]
+    ) -> Session:
+        """
+        Bring back a saved session (after a restart) with its own id and times.
+        """
+        policy = self.policy(port)
+        if session_id in self._by_id or port in self._current:
+            raise ValueError(f"port {port} or session {session_id} is already live")
+        chosen = policy.session_params(params)
+        return self._create(port, chosen, session_id=session_id, created=created, expires=expires)
+
+    def _create(
+        self,
+        port: int,
+        params: dict[str, str] | None = None,
+        session_id: str | None = None,
+        created: float | None = None,
+        expires: float | None = None,
+    ) -> Session:
         policy = self.policy(port)
         mapping = policy.mapping
         if params is None:
             params = policy.session_params()
-        for _ in range(MAX_ID_ATTEMPTS):
-            session_id = self.new_id(mapping.session_id)
-            if session_id not in self._by_id:
-                break
-        else:
-            raise IdSpaceExhausted(f"no unused session id after {MAX_ID_ATTEMPTS} draws")
+        if session_id is None:
+            for _ in range(MAX_ID_ATTEMPTS):
+                session_id = self.new_id(mapping.session_id)
+                if session_id not in self._by_id:
+                    break
+            else:
+                raise IdSpaceExhausted(f"no unused session id after {MAX_ID_ATTEMPTS} draws")
         username, password = policy.credentials(session_id, port, params)
         now = self.clock.seconds()
         session = Session(
             id=session_id,
             port=port,
             mapping=mapping.name,
-            created=now,
-            expires=now + mapping.lifetime,
+            created=now if created is None else created,
+            expires=now + mapping.lifetime if expires is None else expires,
             username=username,
             authorization=basic_authorization(username, password),
             password=password,

@@ -9,14 +9,17 @@ whole service on a ``MemoryReactorClock``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent
@@ -31,7 +34,9 @@ from proxymap.config import (
     parse_config,
 )
 from proxymap.dataplane.port import PortFactory
-from proxymap.dataplane.server import Tally
+from proxymap.dataplane.server import ProxyFactory, Tally
+from proxymap.ops.notify import Notifier
+from proxymap.ops.state import StateFile
 from proxymap.sandbox.release_api import ReleaseAPI
 from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
 from proxymap.sessionapi import SessionAPI
@@ -141,9 +146,23 @@ class ProxymapService(MultiService):
     The whole proxymap: the registry and every listener.
     """
 
-    def __init__(self, registry: SessionRegistry) -> None:
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        reactor: Any = None,
+        grace: float = 10.0,
+        notifier: Notifier | None = None,
+    ) -> None:
         super().__init__()
         self.registry = registry
+        self.reactor = reactor
+        self.grace = grace
+        self.notifier = notifier or Notifier()
+        #: Saves and restores sessions, when [service] state_file is set.
+        self.state: StateFile | None = None
+        #: Under twistd/twist: take SIGTERM for a graceful stop.
+        self.handle_sigterm = False
+        self._stopping = False
         #: The sandbox vendor served beside the ports (``--demo``), if any.
         self.sandbox: SandboxVendor | None = None
         #: The admin API, unless ``[admin] listen`` is empty.
@@ -156,6 +175,10 @@ class ProxymapService(MultiService):
         self._loudly(super().privilegedStartService)
 
     def stopService(self) -> Any:
+        if not self._stopping:
+            self.notifier.notify("STOPPING=1")
+        if self.state is not None:
+            self.state.save_now()
         if self.admin is not None:
             self.admin.cancel_pending()
         for release in self.releases:
@@ -164,6 +187,64 @@ class ProxymapService(MultiService):
 
     def startService(self) -> None:
         self._loudly(super().startService)
+        # Every port and the admin API listen by now (binding is synchronous).
+        self.notifier.notify("READY=1")
+        if self.handle_sigterm:
+            self.reactor.callWhenRunning(self._take_sigterm)
+
+    def _take_sigterm(self) -> None:
+        import signal
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            self.reactor.callFromThread(self.terminate)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def terminate(self) -> None:
+        """
+        SIGTERM: stop gracefully, then stop the reactor (the process exits 0).
+        """
+        if self._stopping:
+            return
+        d = Deferred.fromCoroutine(self.graceful_stop())
+        d.addErrback(lambda f: log.failure("graceful stop failed", f))
+        d.addBoth(lambda _: self.reactor.stop())
+
+    async def graceful_stop(self) -> None:
+        """
+        Stop accepting; close idle keep-alive connections; let tunnels and
+        requests in flight finish for ``grace`` seconds; close the rest; save
+        the sessions.
+        """
+        self._stopping = True
+        self.notifier.notify("STOPPING=1")
+        log.info("stopping: {grace}s for open tunnels and requests", grace=self.grace)
+        factories = self.proxy_factories()
+        for factory in factories:
+            factory.draining = True
+        await gatherResults([listener.stopService() for listener in self.listeners()])
+        for factory in factories:
+            for conn in list(factory.connections.values()):
+                if conn.state == "idle":
+                    conn.transport.loseConnection()  # type: ignore[union-attr]
+        for _ in range(int(self.grace / 0.1) + 1):  # bounded: at most the grace
+            if not any(f.connections for f in factories):
+                break
+            await deferLater(self.reactor, 0.1)
+        left = [c for f in factories for c in f.connections.values()]
+        if left:
+            log.info("closing {count} connections still open after the grace", count=len(left))
+        for conn in left:
+            conn.abort()
+        if self.state is not None:
+            self.state.save_now()
+
+    def proxy_factories(self) -> list[ProxyFactory]:
+        return [
+            listener.factory
+            for listener in self.listeners()
+            if isinstance(listener.factory, ProxyFactory)
+        ]
 
     @staticmethod
     def _loudly(start: Any) -> None:
@@ -208,12 +289,14 @@ def makeService(options: Options, reactor: Any = None) -> ProxymapService:
             api_password=DEMO_API_PASSWORD,
         )
         sandbox = (vendor, options["demo-sandbox-port"])
-    return build_service(
+    service = build_service(
         options.config,
         reactor,
         sandbox=sandbox,
         sandbox_release_port=options["demo-release-port"] if options["demo"] else None,
     )
+    service.handle_sigterm = True
+    return service
 
 
 def build_service(
@@ -230,7 +313,7 @@ def build_service(
     a sandbox vendor to serve on a loopback port beside the mapped ports.
     """
     registry = SessionRegistry(clock=clock or reactor)
-    root = ProxymapService(registry)
+    root = ProxymapService(registry, reactor, config.service.grace, Notifier.from_environ())
 
     if sandbox is not None:
         vendor, sandbox_port = sandbox
@@ -262,6 +345,19 @@ def build_service(
                 factory,
                 f"{mapping.name} port {port}",
             ).setServiceParent(root)
+
+    if config.service.state_file:
+        from twisted.internet.threads import deferToThread
+
+        state = StateFile(
+            Path(config.service.state_file),
+            registry,
+            clock or reactor,
+            run_write=deferToThread if clock is None else (lambda f: f()),
+        )
+        state.restore()
+        registry.subscribe(state)
+        root.state = state
 
     releases = []
     for mapping in config.mappings:

@@ -552,7 +552,7 @@ class ProxyServer(flow.Throttled):
 
     def _finish_request(self) -> None:
         self._request = None
-        if self._close_after:
+        if self._close_after or self.factory.draining:
             self._fail_quietly()
             return
         self.resume_reading(flow.PIPELINE)
@@ -691,6 +691,8 @@ class ProxyFactory(ServerFactory[ProxyServer]):
     protocols: frozenset[str] = frozenset({"http", "socks5", "socks4"})
     #: Whether SOCKS5 clients must authenticate (username/password).
     socks_auth_required = False
+    #: Shutting down: connections close after their request in flight.
+    draining = False
 
     def socks_credentials_ok(self, username: str, password: str) -> bool:
         """

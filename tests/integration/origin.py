@@ -6,6 +6,7 @@ A small HTTP/1.1 origin for integration tests, plain or TLS.
   (Content-Length or chunked) and answers ``{"received": N}``.
 - anything else: JSON echo of what arrived (method, path, header lines, and
   whether a Proxy-Authorization reached the origin).
+- A connection whose first bytes are ``ECHO`` gets every byte back.
 - A connection whose first bytes are ``HALFCLOSE`` reads until EOF, then
   answers how many bytes it got and closes (for half-close tests).
 """
@@ -59,6 +60,7 @@ class OriginProtocol(Protocol):
         self.source: _Source | None = None
         self.halfclose: int | None = None
         self.keep_alive = True
+        self.echo = False
 
     def dataReceived(self, data: bytes) -> None:
         if self.halfclose is not None:
@@ -66,6 +68,10 @@ class OriginProtocol(Protocol):
             return
         if not self.buffer and self.body is None and data.startswith(b"HALFCLOSE"):
             self.halfclose = len(data)
+            return
+        if self.echo or (not self.buffer and self.body is None and data.startswith(b"ECHO")):
+            self.echo = True
+            self.transport.write(data)
             return
         if self.body is not None:
             n = self.body.feed(data)

@@ -1,0 +1,4 @@
+"""
+Operations: talking to systemd, stopping gracefully, and remembering
+sessions across restarts.
+"""

@@ -1,0 +1,203 @@
+"""
+proxymap as systemd runs it: READY/STOPPING notifications, a graceful stop
+on SIGTERM that lets a tunnel finish and exits 0, and sessions that survive a
+restart (real processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+
+from proxymap.sandbox.vendor import SandboxVendor
+
+from .conftest import Origin, curl, free_ports
+from .test_process import wait_listening
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sandbox() -> Iterator[int]:
+    vendor = SandboxVendor(user="alice", password="s3cret")
+    listening = reactor.listenTCP(0, vendor.factory(reactor), interface="127.0.0.1")
+    yield listening.getHost().port
+    pytest_twisted.blockon(listening.stopListening())
+
+
+class Daemon:
+    def __init__(self, tmp_path: Path, sandbox: int, ports: list[int], grace: str) -> None:
+        self.tmp_path = tmp_path
+        self.ports = ports
+        self.state = tmp_path / "state" / "sessions.json"
+        self.config = tmp_path / "proxymap.toml"
+        self.config.write_text(
+            f'[service]\ngrace = "{grace}"\nstate_file = "{self.state}"\n'
+            f'[admin]\nlisten = ""\n[[mapping]]\nports = {ports}\n'
+            f'upstream = "http://127.0.0.1:{sandbox}"\nuser = "alice"\npass = "s3cret"\n'
+        )
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(tmp_path / "notify.sock"))
+        self.notify.setblocking(False)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.runs += 1
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.tmp_path / "notify.sock")}
+        log = (self.tmp_path / f"run{self.runs}.log").open("wb")
+        self.proc = subprocess.Popen(
+            ["twist", "--log-format=text", "proxymap", "--config", str(self.config)],
+            cwd=self.tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self.proc
+
+    def log(self) -> str:
+        return (self.tmp_path / f"run{self.runs}.log").read_text()
+
+    async def message(self) -> bytes:
+        for _ in range(250):  # at most ~5 s
+            try:
+                return self.notify.recv(100)
+            except BlockingIOError:
+                await deferLater(reactor, 0.02)
+        pytest.fail("no notification")
+
+    async def exited(self, limit: float = 15) -> int:
+        assert self.proc is not None
+        for _ in range(int(limit / 0.05)):
+            if self.proc.poll() is not None:
+                return self.proc.returncode
+            await deferLater(reactor, 0.05)
+        pytest.fail("proxymap did not exit")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.notify.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, sandbox: int) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, sandbox, free_ports(2), grace="5s")
+    yield d
+    d.stop()
+
+
+class Tunnel(Protocol):
+    def __init__(self, target: bytes) -> None:
+        self.target = target
+        self.data = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"CONNECT %s HTTP/1.1\r\n\r\nECHO first" % self.target)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closed.callback(None)
+
+    async def wait_for(self, marker: bytes) -> None:
+        for _ in range(250):
+            if marker in self.data:
+                return
+            await deferLater(reactor, 0.02)
+        pytest.fail(f"never received {marker!r}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_graceful_stop_lets_a_tunnel_finish(daemon: Daemon, origin: Origin) -> None:
+    daemon.start()
+    port = daemon.ports[0]
+    await wait_listening(port, daemon.proc)
+    assert await daemon.message() == b"READY=1"
+    tunnel = Tunnel(b"127.0.0.1:%d" % origin.port)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), tunnel)
+    await tunnel.wait_for(b"ECHO first")
+
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert await daemon.message() == b"STOPPING=1"
+    for _ in range(100):  # no longer accepting
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        await deferLater(reactor, 0.02)
+    else:
+        pytest.fail("the port still accepts after SIGTERM")
+    tunnel.transport.write(b" and more")  # the tunnel in flight goes on
+    await tunnel.wait_for(b"and more")
+    assert daemon.proc.poll() is None
+    started = time.monotonic()
+    tunnel.transport.loseConnection()
+    assert await daemon.exited() == 0
+    assert time.monotonic() - started < 4  # it did not wait out the grace
+    saved = json.loads(daemon.state.read_text())
+    assert [s["port"] for s in saved["sessions"]] == [port]
+
+
+@pytest_twisted.ensureDeferred
+async def test_grace_runs_out(tmp_path: Path, sandbox: int, origin: Origin) -> None:
+    daemon = Daemon(tmp_path, sandbox, free_ports(1), grace="1s")
+    try:
+        daemon.start()
+        await wait_listening(daemon.ports[0], daemon.proc)
+        tunnel = Tunnel(b"127.0.0.1:%d" % origin.port)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.ports[0]), tunnel)
+        await tunnel.wait_for(b"ECHO first")
+        daemon.proc.send_signal(signal.SIGTERM)
+        await tunnel.closed  # cut when the grace ran out
+        assert await daemon.exited() == 0
+        assert "closing 1 connections still open after the grace" in daemon.log()
+    finally:
+        daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_keeps_sessions(daemon: Daemon) -> None:
+    async def exits() -> list[str]:
+        await wait_listening(daemon.ports[-1], daemon.proc)
+        seen = []
+        for port in daemon.ports:
+            code, out, err = await curl("-x", f"http://127.0.0.1:{port}", "http://ip.sandbox/")
+            assert code == 0, err
+            seen.append(json.loads(out)["session"])
+        return seen
+
+    daemon.start()
+    first = await exits()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert await daemon.exited() == 0
+    daemon.start()
+    assert await exits() == first
+    assert "restored 2 sessions" in daemon.log()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert await daemon.exited() == 0
+
+    daemon.state.write_text("{ corrupt")
+    daemon.start()
+    fresh = await exits()
+    assert set(fresh).isdisjoint(first)
+    assert "is corrupt" in daemon.log()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert await daemon.exited() == 0
