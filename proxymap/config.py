@@ -193,6 +193,8 @@ class AdminConfig:
 
     listen: str = DEFAULT_ADMIN_LISTEN
     users: tuple[tuple[str, Secret], ...] = ()
+    #: Leave /health open (no credentials) for load-balancer and systemd probes.
+    health_open: bool = False
 
 
 def _split_endpoint(description: str) -> list[str]:
@@ -700,6 +702,7 @@ def _admin(table: _Table, env: MappingABC[str, str]) -> AdminConfig:
             table.name("listen"),
             f'{listen!r} is not a server endpoint such as "{DEFAULT_ADMIN_LISTEN}"',
         )
+    health_open = table.pop_typed("health_open", bool, False)
     users_table = _Table(table.pop("users", {}), table.name("users"))
     users = []
     for name in list(users_table._data):
@@ -716,7 +719,7 @@ def _admin(table: _Table, env: MappingABC[str, str]) -> AdminConfig:
             f"the admin API would listen beyond loopback ({listen!r}) without users; "
             "add [admin.users] or bind it to 127.0.0.1",
         )
-    return AdminConfig(listen=listen, users=tuple(users))
+    return AdminConfig(listen=listen, users=tuple(users), health_open=health_open)
 
 
 def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = None) -> Config:

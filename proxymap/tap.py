@@ -35,6 +35,7 @@ from proxymap.config import (
 )
 from proxymap.dataplane.port import PortFactory
 from proxymap.dataplane.server import ProxyFactory, Tally
+from proxymap.ops.metrics import Metrics
 from proxymap.ops.notify import Notifier
 from proxymap.ops.state import StateFile
 from proxymap.sandbox.release_api import ReleaseAPI
@@ -139,6 +140,21 @@ class _Listener(StreamServerEndpointService):
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self.description = description
+        #: The listening port once bound (None before, and after stopping).
+        self.listening: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self._waitingForPort is not None:
+            self._waitingForPort.addCallback(self._bound)
+
+    def _bound(self, port: Any) -> Any:
+        self.listening = port
+        return port
+
+    def stopService(self) -> Any:
+        self.listening = None
+        return super().stopService()
 
 
 class ProxymapService(MultiService):
@@ -238,6 +254,19 @@ class ProxymapService(MultiService):
             conn.abort()
         if self.state is not None:
             self.state.save_now()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """
+        Up when every port and the admin API listen and no stop is under way.
+        """
+        listeners = self.listeners()
+        up = sum(1 for listener in listeners if listener.listening is not None)
+        details = {
+            "listening": up,
+            "listeners": len(listeners),
+            "sessions": len(self.registry.list()),
+        }
+        return up == len(listeners) and not self._stopping, details
 
     def proxy_factories(self) -> list[ProxyFactory]:
         return [
@@ -375,7 +404,14 @@ def build_service(
     root.releases = releases
 
     if config.admin.listen:
-        api = AdminAPI(registry, factories, config.admin.users)
+        api = AdminAPI(
+            registry,
+            factories,
+            config.admin.users,
+            metrics=Metrics(registry, factories, releases),
+            health=root.health,
+            health_open=config.admin.health_open,
+        )
         site = Site(api.app.resource())
         site.displayTracebacks = False
         site.noisy = False

@@ -14,10 +14,11 @@ import functools
 import hmac
 import json
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +33,9 @@ from proxymap.credentials import parse_basic_authorization
 from proxymap.dataplane.port import PortFactory
 from proxymap.dataplane.server import ProxyServer
 from proxymap.sessions import EndReason, InvalidParameter, Session, SessionRegistry
+
+if TYPE_CHECKING:
+    from proxymap.ops.metrics import Metrics
 
 log = Logger()
 
@@ -97,7 +101,11 @@ def _arg(request: IRequest, name: str) -> str | None:
 
 
 def _route(
-    app: Klein, path: str, methods: tuple[str, ...] = ("GET",), params: tuple[str, ...] = ()
+    app: Klein,
+    path: str,
+    methods: tuple[str, ...] = ("GET",),
+    params: tuple[str, ...] = (),
+    open_if: str = "",
 ) -> Callable[[Callable[..., Any]], Any]:
     """
     A Klein route whose handler runs only for an authenticated request that
@@ -108,7 +116,8 @@ def _route(
     def decorator(handler: Callable[..., Any]) -> Any:
         @functools.wraps(handler)
         def authenticated(self: AdminAPI, request: IRequest, **kwargs: Any) -> Any:
-            self.authenticate(request)
+            if not (open_if and getattr(self, open_if)):
+                self.authenticate(request)
             for name in request.args or {}:
                 if name.decode("utf-8", "replace") not in params:
                     shown = name.decode("utf-8", "replace")[:40]
@@ -132,6 +141,10 @@ class AdminAPI:
     registry: SessionRegistry
     factories: dict[int, PortFactory]
     users: tuple[tuple[str, Secret], ...] = ()
+    #: Prometheus metrics, and the service's health (ok, details).
+    metrics: Metrics | None = None
+    health: Callable[[], tuple[bool, dict[str, Any]]] | None = None
+    health_open: bool = False
     #: Sessions ended with a grace (``DELETE ...?ttl=``) whose connections
     #: are draining: id -> (session, timer).
     _closing: dict[str, tuple[Session, IDelayedCall]] = attrs.field(factory=dict, init=False)
@@ -425,10 +438,27 @@ class AdminAPI:
             request, {"success": True, "ended_session_id": ended.id if ended else None}
         )
 
+    # ------------------------------------------------------------ operations
+
+    @_route(app, "/metrics")
+    def metrics_page(self, request: IRequest) -> bytes:
+        if self.metrics is None:
+            raise APIError(404, "not found", "metrics are not enabled")
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.metrics.registry)
+
+    @_route(app, "/health", open_if="health_open")
+    def health_page(self, request: IRequest) -> bytes:
+        ok, details = self.health() if self.health is not None else (True, {})
+        return write_json(
+            request, {"status": "ok" if ok else "down", **details}, 200 if ok else 503
+        )
+
     # ------------------------------------------------------------ the document
 
     @_route(app, "/openapi.json")
     def openapi(self, request: IRequest) -> bytes:
         mappings = sorted({f.mapping.name for f in self.factories.values()})
         params = sorted({n for f in self.factories.values() for n, _ in f.mapping.session_params})
-        return write_json(request, openapi_document(bool(self.users), mappings, params))
+        document = openapi_document(bool(self.users), mappings, params, self.health_open)
+        return write_json(request, document)

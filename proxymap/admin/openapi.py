@@ -64,7 +64,10 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 def openapi_document(
-    secured: bool, mappings: list[str] | None = None, session_params: list[str] | None = None
+    secured: bool,
+    mappings: list[str] | None = None,
+    session_params: list[str] | None = None,
+    health_open: bool = False,
 ) -> dict[str, Any]:
     """
     The document; ``secured`` when admin users are configured (HTTP Basic);
@@ -216,6 +219,29 @@ def openapi_document(
                     parameters=[PORT],
                 )
             },
+            "/metrics": {
+                "get": op(
+                    "Prometheus metrics",
+                    {
+                        "200": {
+                            "description": "The exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                )
+            },
+            "/health": {
+                "get": {
+                    **op(
+                        "Whether every port and the admin API listen",
+                        {
+                            "200": _json(_ref("Health"), "Up"),
+                            "503": _json(_ref("Health"), "Something does not listen"),
+                        },
+                    ),
+                    **({"security": []} if health_open else {}),
+                }
+            },
             "/openapi.json": {
                 "get": op(
                     "This document",
@@ -238,6 +264,11 @@ _STATISTICS = {
 _DATE = {"type": "string", "description": "RFC 1123 date, GMT"}
 
 SCHEMAS: dict[str, Any] = {
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": ["ok", "down"]}},
+    },
     "Error": {
         "type": "object",
         "required": ["error", "description"],

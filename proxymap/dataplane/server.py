@@ -15,6 +15,7 @@ address, target, session, upstream leg and counters live here.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -84,6 +85,23 @@ class UpstreamTarget:
     #: Set when the peer is a SOCKS5 proxy: requests then go in origin form
     #: over a SOCKS CONNECT to the target.
     socks: SocksRoute | None = None
+
+
+def error_kind(status: int, message: str) -> str:
+    """
+    A short label for an upstream failure, for metrics.
+    """
+    if "timed out" in message or status == 504:
+        return "timeout"
+    if "cannot connect" in message:
+        return "unreachable"
+    if "rejected" in message:
+        return "credentials"
+    if "refused the tunnel" in message:
+        return "refused"
+    if "closed" in message:
+        return "closed"
+    return "bad_response"
 
 
 @attrs.define
@@ -623,6 +641,7 @@ class ProxyServer(flow.Throttled):
         """
         if up is not self._upstream and up is not self._tunnel:
             return
+        self.factory.upstream_errors[error_kind(status, message)] += 1
         if up.started:
             # Part of a response is already with the client: all we can do is
             # end the connection after what arrived, so the client sees it
@@ -713,6 +732,8 @@ class ProxyFactory(ServerFactory[ProxyServer]):
         self.limits = limits or Limits()
         #: Connections across every port sharing this tally.
         self.tally = tally or Tally()
+        #: Upstream failures of this port by kind (see error_kind), for metrics.
+        self.upstream_errors: Counter[str] = Counter()
         #: Live client connections of this port, by connection id.
         self.connections: dict[int, ProxyServer] = {}
 

@@ -1,0 +1,112 @@
+"""
+Metrics after known traffic, read back through the exposition format; and
+the health endpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+
+from proxymap.admin.api import AdminAPI
+from proxymap.config import Secret, parse_config
+from proxymap.ops.metrics import Metrics
+from proxymap.tap import build_service
+
+from .helpers import PORT, Harness
+
+GET = b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(all_samples: dict[Any, float], name: str, **labels: str) -> float:
+    return all_samples[(name, tuple(sorted(labels.items())))]
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_after_known_traffic() -> None:
+    h = Harness()
+    metrics = Metrics(h.registry, h.factories)
+    api = AdminAPI(h.registry, h.factories, metrics=metrics)
+    treq = StubTreq(api.app.resource())
+
+    proto, _ = h.client()
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    up.dataReceived(OK)
+    proto.dataReceived(GET)  # the same upstream connection, reused
+    up.dataReceived(OK)
+    h.registry.renew(PORT)  # the first session ends: its counters fold into the totals
+    proto.dataReceived(b"POST http://example.com/ HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+    up, _ = h.upstream()
+    up.dataReceived(OK)
+    other, _ = h.client(10202)
+    other.dataReceived(GET)
+    h.fail_connect(ConnectionRefusedError())
+
+    response = await treq.get("http://admin.test/metrics")
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain")
+    got = samples((await response.content()).decode())
+    port = {"mapping": "vendor-a", "port": str(PORT)}
+    assert value(got, "proxymap_sessions_started_total", **port) == 2
+    assert value(got, "proxymap_sessions_ended_total", reason="renewed", **port) == 1
+    assert value(got, "proxymap_sessions_active", **port) == 1
+    assert value(got, "proxymap_connections_open", **port) == 1
+    assert value(got, "proxymap_requests_total", **port) == 3
+    assert value(got, "proxymap_bytes_to_upstream_total", **port) == 3
+    assert value(got, "proxymap_bytes_from_upstream_total", **port) == 3 * len(OK)
+    refused = {"mapping": "vendor-a", "port": "10202"}
+    assert value(got, "proxymap_upstream_errors_total", kind="unreachable", **refused) == 1
+    assert value(got, "proxymap_sessions_active", mapping="vendor-a", port="10203") == 0
+    assert any(name == "process_resident_memory_bytes" for name, _ in got)
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_and_its_auth() -> None:
+    config = parse_config(
+        {
+            "mapping": [{"ports": "20001-20002", "upstream": "http://h:1"}],
+            "admin": {"listen": "tcp:28700:interface=127.0.0.1", "users": {"ops": "pw"}},
+        },
+        env={},
+    )
+    service = build_service(config, MemoryReactorClock())
+    service.privilegedStartService()
+    service.startService()
+    api = service.admin
+    assert api is not None
+    treq = StubTreq(api.app.resource())
+    assert (await treq.get("http://a/health")).code == 401
+    response = await treq.get("http://a/health", auth=("ops", "pw"))
+    assert response.code == 200
+    assert await response.json() == {"status": "ok", "listening": 3, "listeners": 3, "sessions": 0}
+    assert (await treq.get("http://a/metrics")).code == 401
+
+    open_api = AdminAPI(
+        api.registry,
+        api.factories,
+        (("ops", Secret("pw")),),
+        health=service.health,
+        health_open=True,
+    )
+    open_treq = StubTreq(open_api.app.resource())
+    assert (await open_treq.get("http://a/health")).code == 200
+    assert (await open_treq.get("http://a/sessions")).code == 401
+
+    service.listeners()[0].stopService()  # a port stops listening
+    response = await treq.get("http://a/health", auth=("ops", "pw"))
+    assert response.code == 503 and (await response.json())["status"] == "down"
+    service.stopService()
