@@ -199,6 +199,14 @@ class SessionRegistry(Service):
         """
         self._policies[port] = policy
 
+    def remove_port(self, port: int) -> None:
+        """
+        Unmap ``port``; its session (if any) must have ended first.
+        """
+        if port in self._current:
+            raise ValueError(f"port {port} still has a live session")
+        self._policies.pop(port, None)
+
     def ports(self) -> list[int]:
         return list(self._policies)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -30,6 +31,7 @@ from proxymap.config import (
     DEFAULT_ADMIN_LISTEN,
     Config,
     ConfigError,
+    MappingConfig,
     load_config,
     parse_config,
 )
@@ -37,11 +39,11 @@ from proxymap.dataplane.port import PortFactory
 from proxymap.dataplane.server import ProxyFactory, Tally
 from proxymap.ops.metrics import Metrics
 from proxymap.ops.notify import Notifier
-from proxymap.ops.state import StateFile
+from proxymap.ops.state import StateFile, fingerprint
 from proxymap.sandbox.release_api import ReleaseAPI
 from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
 from proxymap.sessionapi import SessionAPI
-from proxymap.sessions import PortPolicy, SessionRegistry
+from proxymap.sessions import EndReason, PortPolicy, SessionRegistry
 from proxymap.vendors.release import VendorRelease
 
 log = Logger()
@@ -179,6 +181,14 @@ class ProxymapService(MultiService):
         #: Under twistd/twist: take SIGTERM for a graceful stop.
         self.handle_sigterm = False
         self._stopping = False
+        #: What the ports share, and the ports themselves (reload changes them).
+        self.config: Config | None = None
+        self.config_path: str | None = None
+        self.session_api = SessionAPI(registry)
+        self.tally = Tally()
+        self.factories: dict[int, PortFactory] = {}
+        self._port_listeners: dict[int, _Listener] = {}
+        self._release_subscriptions: list[Any] = []
         #: The sandbox vendor served beside the ports (``--demo``), if any.
         self.sandbox: SandboxVendor | None = None
         #: The admin API, unless ``[admin] listen`` is empty.
@@ -214,7 +224,150 @@ class ProxymapService(MultiService):
         def on_sigterm(signum: int, frame: object) -> None:
             self.reactor.callFromThread(self.terminate)
 
+        def on_sighup(signum: int, frame: object) -> None:
+            self.reactor.callFromThread(self.reload)
+
         signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGHUP, on_sighup)
+
+    # ------------------------------------------------------------ ports
+
+    def add_port(self, port: int, mapping: MappingConfig) -> None:
+        """
+        Map ``port`` and listen on it (at once, if the service runs).
+        """
+        assert self.config is not None
+        self.registry.add_port(port, PortPolicy(mapping))
+        factory = PortFactory(
+            self.reactor,
+            self.registry,
+            port,
+            mapping,
+            self.session_api,
+            self.config.limits,
+            self.tally,
+        )
+        listener = _Listener(
+            serverFromString(self.reactor, endpoint_string(port, mapping.bind)),
+            factory,
+            f"{mapping.name} port {port}",
+        )
+        self.factories[port] = factory
+        self._port_listeners[port] = listener
+        try:
+            listener.setServiceParent(self)
+        except CannotListenError:
+            del self.factories[port], self._port_listeners[port]
+            self.registry.remove_port(port)
+            self.removeService(listener)
+            raise
+
+    def remove_port(self, port: int) -> None:
+        """
+        Stop listening on ``port``, end its session (closed) and close its connections.
+        """
+        listener = self._port_listeners.pop(port)
+        factory = self.factories.pop(port)
+        listener.disownServiceParent()
+        session = self.registry.peek(port)
+        if session is not None:
+            self.registry.close(session.id, EndReason.CLOSED)
+        for conn in list(factory.connections.values()):
+            conn.abort()
+        self.registry.remove_port(port)
+
+    def set_releases(self, config: Config) -> None:
+        """
+        (Re)create the vendor release callers of the mappings that have one.
+        """
+        for release, unsubscribe in self._release_subscriptions:
+            unsubscribe()
+            release.stop()
+        self._release_subscriptions = []
+        fresh = []
+        for mapping in config.mappings:
+            if mapping.release is not None:
+                release = VendorRelease(
+                    clock=self.reactor,
+                    client=HTTPClient(Agent(self.reactor)),
+                    mapping=mapping.name,
+                    config=mapping.release,
+                    upstream=(mapping.upstream.host, mapping.upstream.port),
+                    params=dict(mapping.params),
+                )
+                self._release_subscriptions.append((release, self.registry.subscribe(release)))
+                fresh.append(release)
+        self.releases[:] = fresh  # in place: the metrics collector holds this list
+
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> None:
+        """
+        SIGHUP: re-read the configuration file and apply it.
+        """
+        if self.config_path is None:
+            log.info("SIGHUP: nothing to reload (no --config)")
+            return
+        self.notifier.notify("RELOADING=1")
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            log.error(
+                "reload rejected, the running configuration stays: {path}: {problem}",
+                path=self.config_path,
+                problem=str(e),
+            )
+        else:
+            self.apply(new)
+        self.notifier.notify("READY=1")
+
+    def apply(self, new: Config) -> None:
+        """
+        Move from the running configuration to ``new``: removed ports stop,
+        added ports listen, kept ports whose sessions' credentials would
+        change get new sessions; everything else (live sessions, open
+        connections) is untouched.
+        """
+        assert self.config is not None
+        old = self.config
+        old_ports = {port: m for m in old.mappings for port in m.ports}
+        new_ports = {port: m for m in new.mappings for port in m.ports}
+        if new.admin != old.admin or new.service != old.service:
+            log.warn("[admin] and [service] changes take effect at the next restart")
+        self.config = attrs.evolve(new, admin=old.admin, service=old.service)
+        for port in sorted(set(old_ports) - set(new_ports)):
+            self.remove_port(port)
+        renewed = 0
+        for port in sorted(set(old_ports) & set(new_ports)):
+            mapping = new_ports[port]
+            factory = self.factories[port]
+            factory.mapping = mapping
+            factory.protocols = mapping.protocols
+            factory.connect_timeout = mapping.connect_timeout
+            factory.limits = new.limits
+            self.registry.add_port(port, PortPolicy(mapping))
+            session = self.registry.peek(port)
+            if session is not None and fingerprint(old_ports[port]) != fingerprint(mapping):
+                self.registry.end(session.id, EndReason.RENEWED)
+                renewed += 1
+        added = 0
+        for port in sorted(set(new_ports) - set(old_ports)):
+            try:
+                self.add_port(port, new_ports[port])
+                added += 1
+            except CannotListenError as e:
+                log.error(
+                    "reload: cannot listen on port {port}: {error}",
+                    port=port,
+                    error=str(e.socketError),
+                )
+        self.set_releases(new)
+        log.info(
+            "reloaded: {added} ports added, {removed} removed, {renewed} sessions renewed",
+            added=added,
+            removed=len(set(old_ports) - set(new_ports)),
+            renewed=renewed,
+        )
 
     def terminate(self) -> None:
         """
@@ -325,6 +478,7 @@ def makeService(options: Options, reactor: Any = None) -> ProxymapService:
         sandbox_release_port=options["demo-release-port"] if options["demo"] else None,
     )
     service.handle_sigterm = True
+    service.config_path = options["config"]
     return service
 
 
@@ -359,21 +513,11 @@ def build_service(
                 "sandbox release API",
             ).setServiceParent(root)
 
-    session_api = SessionAPI(registry)
-    tally = Tally()
-    factories: dict[int, PortFactory] = {}
+    root.config = config
     for mapping in config.mappings:
-        policy = PortPolicy(mapping)
         for port in mapping.ports:
-            registry.add_port(port, policy)
-            factory = factories[port] = PortFactory(
-                reactor, registry, port, mapping, session_api, config.limits, tally
-            )
-            _Listener(
-                serverFromString(reactor, endpoint_string(port, mapping.bind)),
-                factory,
-                f"{mapping.name} port {port}",
-            ).setServiceParent(root)
+            root.add_port(port, mapping)
+    factories = root.factories
 
     if config.service.state_file:
         from twisted.internet.threads import deferToThread
@@ -388,20 +532,8 @@ def build_service(
         registry.subscribe(state)
         root.state = state
 
-    releases = []
-    for mapping in config.mappings:
-        if mapping.release is not None:
-            release = VendorRelease(
-                clock=reactor,
-                client=HTTPClient(Agent(reactor)),
-                mapping=mapping.name,
-                config=mapping.release,
-                upstream=(mapping.upstream.host, mapping.upstream.port),
-                params=dict(mapping.params),
-            )
-            registry.subscribe(release)
-            releases.append(release)
-    root.releases = releases
+    root.set_releases(config)
+    releases = root.releases
 
     if config.admin.listen:
         api = AdminAPI(

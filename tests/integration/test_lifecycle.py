@@ -201,3 +201,68 @@ async def test_restart_keeps_sessions(daemon: Daemon) -> None:
     assert "is corrupt" in daemon.log()
     daemon.proc.send_signal(signal.SIGTERM)
     assert await daemon.exited() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_on_sighup(tmp_path: Path, sandbox: int, origin: Origin) -> None:
+    a, b, c, d = free_ports(4)
+
+    def config(*mappings: str) -> None:
+        text = '[admin]\nlisten = ""\n'
+        for body in mappings:
+            text += (
+                f'[[mapping]]\n{body}\nupstream = "http://127.0.0.1:{sandbox}"\n'
+                'user = "alice"\npass = "s3cret"\n'
+            )
+        daemon.config.write_text(text)
+
+    async def session_of(port: int) -> str:
+        code, out, err = await curl("-x", f"http://127.0.0.1:{port}", "http://ip.sandbox/")
+        assert code == 0, err
+        return json.loads(out)["username"]
+
+    daemon = Daemon(tmp_path, sandbox, [a], grace="5s")
+    try:
+        config(
+            f'name = "same"\nports = [{a}]',
+            f'name = "changing"\nports = [{b}]',
+            f'name = "leaving"\nports = [{c}]',
+        )
+        daemon.start()
+        await wait_listening(c, daemon.proc)
+        assert await daemon.message() == b"READY=1"
+        before = {port: await session_of(port) for port in (a, b, c)}
+        tunnel = Tunnel(b"127.0.0.1:%d" % origin.port)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", a), tunnel)
+        await tunnel.wait_for(b"ECHO first")
+
+        config(
+            f'name = "same"\nports = [{a}]',
+            f'name = "changing"\nports = [{b}]\nusername = "{{user}}-session-{{session}}-v-2"',
+            f'name = "arriving"\nports = [{d}]',
+        )
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert await daemon.message() == b"RELOADING=1"
+        assert await daemon.message() == b"READY=1"
+
+        assert await session_of(a) == before[a]  # untouched
+        tunnel.transport.write(b" still here")  # and its open tunnel too
+        await tunnel.wait_for(b"still here")
+        renewed = await session_of(b)
+        assert renewed != before[b] and renewed.endswith("-v-2")
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", c)) != 0  # removed
+        assert (await session_of(d)).startswith("alice-session-")  # added
+
+        daemon.config.write_text("[[mapping]\nbroken")
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert await daemon.message() == b"RELOADING=1"
+        assert await daemon.message() == b"READY=1"
+        assert await session_of(a) == before[a]
+        assert "reload rejected, the running configuration stays" in daemon.log()
+
+        tunnel.transport.loseConnection()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await daemon.exited() == 0
+    finally:
+        daemon.stop()
