@@ -345,6 +345,7 @@ class ProxymapService(MultiService):
             factory.protocols = mapping.protocols
             factory.connect_timeout = mapping.connect_timeout
             factory.limits = new.limits
+            factory.forget_target()
             self.registry.add_port(port, PortPolicy(mapping))
             session = self.registry.peek(port)
             if session is not None and fingerprint(old_ports[port]) != fingerprint(mapping):

@@ -41,6 +41,9 @@ _HOP_BY_HOP = frozenset(
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_COMMON_METHODS = frozenset(
+    {b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT"}
+)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[^:\[\]@/?#\s]+)(?::([0-9]{1,5}))?")
 
@@ -181,7 +184,7 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
     if len(parts) != 3:
         raise HTTPError(400, "malformed request line")
     method, target, version = parts
-    if not _TOKEN.fullmatch(method):
+    if method not in _COMMON_METHODS and not _TOKEN.fullmatch(method):
         raise HTTPError(400, "malformed request method")
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         if re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version):
@@ -286,7 +289,12 @@ def parse_response_head(head: bytes, request_method: bytes) -> Response:
     lines = _split_head(head)
     version, _, rest = lines[0].partition(b" ")
     code, _, reason = rest.partition(b" ")
-    if not re.fullmatch(rb"HTTP/1\.[01]", version) or not re.fullmatch(rb"[1-9][0-9]{2}", code):
+    if (
+        (version != b"HTTP/1.1" and version != b"HTTP/1.0")
+        or len(code) != 3
+        or not code.isdigit()
+        or code[:1] == b"0"
+    ):
         raise HTTPError(502, "the upstream sent a malformed status line")
     status = int(code)
 

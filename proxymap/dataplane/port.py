@@ -50,6 +50,8 @@ class PortFactory(ProxyFactory):
         self.mapping = mapping
         self.session_api = session_api or SessionAPI(registry)
         self.protocols = mapping.protocols
+        #: The target of the current session: one object per session, not per request.
+        self._target: UpstreamTarget | None = None
 
     @property
     def socks_auth_required(self) -> bool:  # type: ignore[override]
@@ -114,7 +116,10 @@ class PortFactory(ProxyFactory):
                     resolve_locally=self.mapping.socks_resolve == "local",
                 ),
             )
-        return UpstreamTarget(
+        cached = self._target
+        if cached is not None and cached.session is session:
+            return cached
+        self._target = UpstreamTarget(
             host=upstream.host,
             port=upstream.port,
             key=session,
@@ -122,6 +127,13 @@ class PortFactory(ProxyFactory):
             via_proxy=True,
             session=session,
         )
+        return self._target
+
+    def forget_target(self) -> None:
+        """
+        Drop the cached target (the mapping changed).
+        """
+        self._target = None
 
     def describe(self) -> str:
         return f"{self.mapping.name} port {self.port}"

@@ -139,7 +139,7 @@ class ProxyServer(flow.Throttled):
     def __init__(self) -> None:
         self.id = next(_ids)
         self.client = ""
-        self.target = ""
+        self._target: tuple[str, int] | None = None
         self.connected_at = 0.0
         self.last_activity = 0.0
         self.session: Session | None = None
@@ -186,6 +186,16 @@ class ProxyServer(flow.Throttled):
         if self._request is not None:
             return "connecting" if self._request.method == b"CONNECT" else "request"
         return "idle"
+
+    @property
+    def target(self) -> str:
+        """
+        The host:port of the last request or tunnel ("" before any).
+        """
+        if self._target is None:
+            return ""
+        host, port = self._target
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
     def upstream(self) -> UpstreamProtocol | None:
@@ -450,7 +460,7 @@ class ProxyServer(flow.Throttled):
         self._request = request
         self.requests += 1
         if request.host is not None:
-            self.target = request.authority
+            self._target = (request.host, request.port)
         factory = self.factory
         try:
             local = factory.intercept(request, self)
