@@ -88,6 +88,8 @@ class UpstreamProtocol(flow.Throttled):
         self._buffer = b""
         self._framer: LengthFramer | ChunkedFramer | UntilCloseFramer | None = None
         self._decode = False
+        #: A response head waiting to go out with the first body bytes.
+        self._head = b""
         self._reusable = True
         self._lost = False
         self._read_closed = False
@@ -298,6 +300,8 @@ class UpstreamProtocol(flow.Throttled):
             if self._framer is not None and self._buffer:
                 rest, self._buffer = self._buffer, b""
                 self._buffer = self._feed(rest)
+            if self._head:
+                self._flush_head()
 
     def _respond(self, request: Request, response: Response) -> None:
         server = self.server
@@ -315,8 +319,9 @@ class UpstreamProtocol(flow.Throttled):
             extra = []
         self._reusable = response.keep_alive
         self.started = True
-        self.deliver(
-            build_head(b"HTTP/1.1 %d %s" % (response.status, response.reason), lines, extra)
+        # Held for a moment: the body bytes that came with it go in the same write.
+        self._head = build_head(
+            b"HTTP/1.1 %d %s" % (response.status, response.reason), lines, extra
         )
         if response.chunked:
             self._framer = ChunkedFramer(decode=decode)
@@ -337,19 +342,30 @@ class UpstreamProtocol(flow.Throttled):
             log.info("upstream {upstream} sent a malformed body", upstream=self.address)
             self.server.abort()
             return b""
+        head, self._head = self._head, b""
         if self._decode:
             assert isinstance(framer, ChunkedFramer)
+            if head:
+                self.deliver(head)
             for piece in framer.decoded:
                 self.deliver(piece)
             framer.decoded.clear()
         elif n:
-            self.deliver(data if n == len(data) else data[:n])
+            self.deliver(head + data[:n] if head else data if n == len(data) else data[:n])
+        elif head:
+            self.deliver(head)
         if framer.done:
             self._complete()
             return data[n:]
         return b""
 
+    def _flush_head(self) -> None:
+        head, self._head = self._head, b""
+        self.deliver(head)
+
     def _complete(self) -> None:
+        if self._head:
+            self._flush_head()
         self._framer = None
         self._request = None
         self._decode = False
