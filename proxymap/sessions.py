@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import attrs
@@ -253,9 +253,6 @@ class SessionRegistry(Service):
         Every live session, in port order.
         """
         return [self._current[port] for port in sorted(self._current)]
-
-    def __iter__(self) -> Iterator[Session]:
-        return iter(self.list())
 
     # ------------------------------------------------------------ changes
 

@@ -138,10 +138,9 @@ class _Listener(StreamServerEndpointService):
     A listening port that fails start-up synchronously when it cannot bind.
     """
 
-    def __init__(self, endpoint: Any, factory: IProtocolFactory, description: str) -> None:
+    def __init__(self, endpoint: Any, factory: IProtocolFactory) -> None:
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
-        self.description = description
         #: The listening port once bound (None before, and after stopping).
         self.listening: Any = None
 
@@ -250,7 +249,6 @@ class ProxymapService(MultiService):
         listener = _Listener(
             serverFromString(self.reactor, endpoint_string(port, mapping.bind)),
             factory,
-            f"{mapping.name} port {port}",
         )
         self.factories[port] = factory
         self._port_listeners[port] = listener
@@ -505,13 +503,11 @@ def build_service(
         _Listener(
             serverFromString(reactor, endpoint_string(sandbox_port, "127.0.0.1")),
             vendor.factory(reactor),
-            "sandbox vendor",
         ).setServiceParent(root)
         if sandbox_release_port is not None:
             _Listener(
                 serverFromString(reactor, endpoint_string(sandbox_release_port, "127.0.0.1")),
                 Site(ReleaseAPI(vendor)),
-                "sandbox release API",
             ).setServiceParent(root)
 
     root.config = config
@@ -549,9 +545,7 @@ def build_service(
         site.displayTracebacks = False
         site.noisy = False
         root.admin = api
-        _Listener(
-            serverFromString(reactor, config.admin.listen), site, "admin API"
-        ).setServiceParent(root)
+        _Listener(serverFromString(reactor, config.admin.listen), site).setServiceParent(root)
         if not config.admin.users:
             log.warn(
                 "the admin API on {listen} has no users: anyone on this host can use it "

@@ -61,6 +61,24 @@ class HTTPError(Exception):
         self.headers = headers
 
 
+def error_kind(status: int, message: str) -> str:
+    """
+    What kind of upstream failure the data plane reported (by its status and
+    message): one classification for metrics and for SOCKS reply codes.
+    """
+    if "timed out" in message or status == 504:
+        return "timeout"
+    if "cannot connect" in message:
+        return "unreachable"
+    if "rejected" in message:
+        return "credentials"
+    if "refused the tunnel" in message:
+        return "refused"
+    if "closed" in message:
+        return "closed"
+    return "bad_response"
+
+
 @attrs.define(slots=True)
 class Request:
     """

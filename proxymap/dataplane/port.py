@@ -134,6 +134,3 @@ class PortFactory(ProxyFactory):
         Drop the cached target (the mapping changed).
         """
         self._target = None
-
-    def describe(self) -> str:
-        return f"{self.mapping.name} port {self.port}"

@@ -35,6 +35,7 @@ from proxymap.dataplane.http import (
     LengthFramer,
     Request,
     build_head,
+    error_kind,
     error_response,
     parse_request_head,
 )
@@ -85,23 +86,6 @@ class UpstreamTarget:
     #: Set when the peer is a SOCKS5 proxy: requests then go in origin form
     #: over a SOCKS CONNECT to the target.
     socks: SocksRoute | None = None
-
-
-def error_kind(status: int, message: str) -> str:
-    """
-    A short label for an upstream failure, for metrics.
-    """
-    if "timed out" in message or status == 504:
-        return "timeout"
-    if "cannot connect" in message:
-        return "unreachable"
-    if "rejected" in message:
-        return "credentials"
-    if "refused the tunnel" in message:
-        return "refused"
-    if "closed" in message:
-        return "closed"
-    return "bad_response"
 
 
 @attrs.define
@@ -171,8 +155,6 @@ class ProxyServer(flow.Throttled):
         self._close_after = False
         self._closing = False
         self._processing = False
-        self._read_closed = False
-        self._write_closed = False
         self._gone = False
 
     # ------------------------------------------------------------ state for the admin API
@@ -760,6 +742,3 @@ class ProxyFactory(ServerFactory[ProxyServer]):
         :raises HTTPError: to refuse it.
         """
         raise NotImplementedError
-
-    def describe(self) -> str:
-        return type(self).__name__

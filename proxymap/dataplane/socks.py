@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import attrs
 
+from proxymap.dataplane.http import error_kind
+
 SOCKS5 = 5
 SOCKS4 = 4
 
@@ -250,12 +252,13 @@ def socks5_code(status: int, message: str) -> int:
     """
     The SOCKS5 reply for a failure the data plane reports as an HTTP status.
     """
-    if status == 504 or "timed out" in message:
+    kind = error_kind(status, message)
+    if kind == "timeout":
         return TTL_EXPIRED
-    if "cannot connect" in message:
+    if kind == "unreachable":
         return CONNECTION_REFUSED
     if status == 403:
         return NOT_ALLOWED
-    if status in (404, 502) and "refused the tunnel" in message:
+    if kind == "refused":
         return HOST_UNREACHABLE
     return GENERAL_FAILURE

@@ -92,8 +92,6 @@ class UpstreamProtocol(flow.Throttled):
         self._head = b""
         self._reusable = True
         self._lost = False
-        self._read_closed = False
-        self._write_closed = False
         #: True once bytes may go to the peer (after any SOCKS handshake).
         self._ready = False
         #: The SOCKS5 client handshake's state, while it runs.
@@ -236,7 +234,6 @@ class UpstreamProtocol(flow.Throttled):
         if self._tunnel:
             self.deliver(data)
             return
-        self.last_activity = self.server.last_activity
         if self._socks_state:
             self._socks_data(data)
             return

@@ -176,6 +176,3 @@ class SandboxFactory(ProxyFactory):
             key=(request.host, request.port),
             via_proxy=False,
         )
-
-    def describe(self) -> str:
-        return "sandbox vendor"
