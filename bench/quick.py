@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,53 +27,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import free_ports, stop_all, wait_port, wrk  # noqa: E402
+
 LUA = """
 wrk.method = "GET"
 wrk.path = "http://ip.sandbox/json"
 wrk.headers["Proxy-Authorization"] = "%s"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int) -> None:
-    for _ in range(200):  # at most ~10 s
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-def wrk(port: int, script: Path, seconds: int, connections: int, close: bool) -> float:
-    argv = [
-        "taskset",
-        "-c",
-        "1",
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{seconds}s",
-        "-s",
-        str(script),
-        f"http://127.0.0.1:{port}/",
-    ]
-    if close:
-        argv[6:6] = ["-H", "Connection: close"]
-    out = subprocess.run(
-        argv, capture_output=True, text=True, timeout=seconds + 60, check=True
-    ).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if match is None:
-        raise SystemExit(f"wrk said:\n{out}")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        raise SystemExit(f"wrk saw {errors.group(1)} errors:\n{out}")
-    return float(match.group(1))
 
 
 def main() -> None:
@@ -90,7 +49,7 @@ def main() -> None:
 
     import base64
 
-    sandbox_port, proxy_port = free_port(), free_port()
+    sandbox_port, proxy_port = free_ports(2)
     work = Path(tempfile.mkdtemp(prefix="proxymap-bench-"))
     config = work / "proxymap.toml"
     config.write_text(
@@ -155,14 +114,7 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_all(procs)
         shutil.rmtree(work, ignore_errors=True)
     out = HERE / "results" / time.strftime("quick-%Y%m%dT%H%M%S.json")
     out.parent.mkdir(exist_ok=True)

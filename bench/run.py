@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,22 +27,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from quick import free_port, wait_port, wrk  # noqa: E402
+from common import free_ports, stop_all, wait_port, wrk  # noqa: E402
 
 LUA = 'wrk.method = "GET"\nwrk.path = "http://bench.parent/"\n'
 
 
 def start(argv: list[str], core: int, **kw: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["taskset", "-c", str(core), *argv], **kw)  # type: ignore[call-overload]
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def main() -> None:
@@ -54,7 +44,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="proxymap-bench-"))
     script = work / "get.lua"
     script.write_text(LUA)
-    parent_port, reference_port, proxymap_port = free_port(), free_port(), free_port()
+    parent_port, reference_port, proxymap_port = free_ports(3)
     config = work / "proxymap.toml"
     config.write_text(
         f'[admin]\nlisten = ""\n[[mapping]]\nports = [{proxymap_port}]\n'
@@ -103,9 +93,9 @@ def main() -> None:
                         rps = wrk(port, script, args.seconds, args.connections, close)
                         results.setdefault((name, metric), []).append(rps)
                 finally:
-                    stop(proc)
+                    stop_all([proc])
     finally:
-        stop(parent)
+        stop_all([parent])
     counts = json.loads(parent.stdout.read() or b"{}")  # type: ignore[union-attr]
     sticky = sorted(counts)
     rows = []

@@ -19,13 +19,16 @@ import argparse
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import free_ports, stop_all, wait_port
 
 ECHO = """
 import socket, threading
@@ -42,16 +45,6 @@ def serve(c):
 while True:
     c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def free_range(n: int) -> list[int]:
@@ -73,15 +66,6 @@ def free_range(n: int) -> list[int]:
             for s in socks:
                 s.close()
     raise SystemExit("no free port range")
-
-
-def wait_port(port: int) -> None:
-    for _ in range(200):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def fds(pid: int) -> int:
@@ -281,14 +265,7 @@ def main() -> int:
         print("SOAK OK" if ok else "SOAK FAILED")
         return 0 if ok else 1
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_all(procs)
         log.close()
 
 

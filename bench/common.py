@@ -1,0 +1,81 @@
+"""
+What the bench scripts share: free loopback ports, waiting for a listener,
+wrk, and stopping every process a script started.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def free_ports(n: int) -> list[int]:
+    """
+    ``n`` distinct ports free a moment ago on 127.0.0.1 (all held until chosen,
+    so no two are the same).
+    """
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_port(port: int) -> None:
+    for _ in range(200):  # at most ~10 s
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """
+    SIGTERM every process, then kill what has not exited 10 s later.
+    """
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def wrk(port: int, script: Path, seconds: int, connections: int, close: bool) -> float:
+    argv = [
+        "taskset",
+        "-c",
+        "1",
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}/",
+    ]
+    if close:
+        argv[6:6] = ["-H", "Connection: close"]
+    out = subprocess.run(
+        argv, capture_output=True, text=True, timeout=seconds + 60, check=True
+    ).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if match is None:
+        raise SystemExit(f"wrk said:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise SystemExit(f"wrk saw {errors.group(1)} errors:\n{out}")
+    return float(match.group(1))
