@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """
 The terminal fake parent: an upstream proxy that checks Basic credentials,
-counts requests per username, answers absolute-URI requests itself with a tiny
-body, honours Connection: close, and echoes CONNECT tunnels.
+counts requests per username, answers absolute-URI GETs itself (a tiny body, or
+N bytes for ``/bytes/N``), honours Connection: close, and answers CONNECT by
+the target's port: 7 echoes, 9 discards, 19 is an endless byte source
+(chargen), anything else is this same small HTTP server.
 
     python bench/parent.py PORT USER PASSWORD
 
-On SIGTERM it prints the per-username counts as JSON (the stickiness check:
+``GET http://parent.counts/`` (with credentials) answers the per-username
+counts since the last such request, and resets them.  On SIGTERM it prints the
+counts as JSON (the stickiness check:
 port P must only ever have sent P's session username) and exits.
 """
 
@@ -19,7 +23,9 @@ import sys
 from collections import Counter
 
 from twisted.internet import reactor
+from twisted.internet.interfaces import IPullProducer, ITransport
 from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 OK_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
@@ -28,13 +34,34 @@ COUNTS: Counter[str] = Counter()
 USER = PASSWORD = ""
 
 
+CHUNK = b"x" * (256 * 1024)
+
+
+@implementer(IPullProducer)
+class Chargen:
+    """
+    An endless source, paced by the transport: a chunk each time it drains.
+    """
+
+    def __init__(self, transport: ITransport) -> None:
+        self.transport = transport
+
+    def resumeProducing(self) -> None:
+        self.transport.write(CHUNK)
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class Parent(Protocol):
     buffer = b""
-    tunnel = False
+    tunnel: str | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self.tunnel:
+        if self.tunnel == "echo":
             self.transport.write(data)
+            return
+        if self.tunnel in ("discard", "chargen"):
             return
         self.buffer += data
         while True:
@@ -42,23 +69,74 @@ class Parent(Protocol):
             if end < 0:
                 return
             head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
-            username = _username(head)
-            if username is None:
-                self.transport.write(DENIED)
-                self.transport.loseConnection()
+            if self.tunnel is None:  # a proxy request; inside a tunnel: plain HTTP
+                username = _username(head)
+                if username is None:
+                    self.transport.write(DENIED)
+                    self.transport.loseConnection()
+                    return
+                if head.startswith(b"GET http://parent.counts/ "):
+                    self.transport.write(_counts())
+                    continue
+                COUNTS[username] += 1
+            if head.startswith(b"CONNECT ") and self.tunnel is None:
+                self._tunnel(head)
                 return
-            COUNTS[username] += 1
-            if head.startswith(b"CONNECT "):
-                self.tunnel = True
-                self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                if self.buffer:
-                    self.transport.write(self.buffer)
-                return
+            body = _body(head)
             if b"\r\nconnection: close" in head.lower():
-                self.transport.write(OK_CLOSE)
+                self.transport.write(_response(body, close=True))
                 self.transport.loseConnection()
                 return
-            self.transport.write(OK)
+            self.transport.write(OK if body is None else _response(body, close=False))
+
+    def _tunnel(self, head: bytes) -> None:
+        target = head.split(b" ", 2)[1]
+        port = target.rpartition(b":")[2]
+        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if port == b"19":
+            self.tunnel = "chargen"
+            self.transport.registerProducer(Chargen(self.transport), False)
+        elif port == b"9":
+            self.tunnel = "discard"
+        elif port == b"7":
+            self.tunnel = "echo"
+            if self.buffer:
+                self.transport.write(self.buffer)
+        else:  # a small HTTP server inside the tunnel
+            self.tunnel = "http"
+            if self.buffer:
+                rest, self.buffer = self.buffer, b""
+                self.dataReceived(rest)
+
+
+def _counts() -> bytes:
+    """
+    The per-username counts since the last look, as a JSON response; resets
+    them, so the harness can check stickiness phase by phase.
+    """
+    body = json.dumps(dict(COUNTS)).encode()
+    COUNTS.clear()
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def _body(head: bytes) -> bytes | None:
+    """
+    ``None`` for the tiny default body, or N bytes for ``GET .../bytes/N``.
+    """
+    target = head.split(b" ", 2)[1]
+    _, marker, size = target.rpartition(b"/bytes/")
+    if marker and size.isdigit() and int(size) <= 1 << 30:
+        return CHUNK[:1] * int(size)
+    return None
+
+
+def _response(body: bytes | None, close: bool) -> bytes:
+    if body is None:
+        return OK_CLOSE if close else OK
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n"
+        % (len(body), b"Connection: close\r\n" if close else b"")
+    ) + body
 
 
 def _username(head: bytes) -> str | None:

@@ -1,134 +1,698 @@
 #!/usr/bin/env python3
 """
-proxymap against the bare Twisted reference, in one run.
+The benchmark harness: proxymap against the bare Twisted reference, its peers
+and the parent itself, in one run.
 
-    python bench/run.py [--seconds 8] [--connections 32]
+    python bench/run.py                 # everything (about 15 minutes)
+    python bench/run.py --quick         # a smoke run: every phase, tiny sizes
 
-The terminal fake parent (bench/parent.py) and wrk share core 1; the subject
-under test (bench/reference.py, then proxymap, interleaved A B A B A B) runs
-alone on core 0.  Reports medians of three as JSON lines and a Markdown table
-of ratios in bench/results/, and checks stickiness from the parent's counts:
-every port only ever sent its own session username.
+It installs what it needs (apt: wrk, tinyproxy, squid, gcc; pip: pproxy 2.7.9
+in its own venv under bench/.cache; loadgen.c built with gcc), starts every
+server on 127.0.0.1 and stops every process it started.
 
-This is the first part of issue 8's harness: peers (pproxy, tinyproxy,
-squid), CONNECT load and memory figures are still to come.
+Method:
+- the subject under test runs alone on core 0; the terminal fake parent
+  (bench/parent.py) and the load tools (wrk, bench/loadgen.c) share core 1;
+  the subject's CPU use is recorded per measurement (it should be ~100%);
+- subjects are interleaved A B C A B C over --reps repetitions, each on a
+  fresh process, and the median is reported;
+- loadgen ramps its connections and spreads client source addresses over
+  127.0.0.2-9 (squid gets one source: it slows down with many);
+- memory is the slope of RSS between 1,000 and 5,000 idle tunnels on a fresh
+  process; the probe latency is measured again with as many idle tunnels as
+  the fd limit allows: min(10,000, (limit - ports - 64) / 2).
+
+Output: one JSON line per result in bench/results/run-STAMP.jsonl and a
+Markdown table of ratios (proxymap against each subject, same run) in
+bench/results/run-STAMP.md.  Stickiness is checked against the parent's
+per-username counts: each sampled port only ever sent its own session's
+username, and traffic over N ports used exactly N session usernames.
+The harness never asserts timings: it reports them.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import os
+import re
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
 sys.path.insert(0, str(HERE))
 
-from common import free_ports, stop_all, wait_port, wrk  # noqa: E402
+from common import free_ports, stop_all, wait_port  # noqa: E402
 
-LUA = 'wrk.method = "GET"\nwrk.path = "http://bench.parent/"\n'
+USER, PASSWORD = "bench", "pw"
+SUBJECT_CORE, LOAD_CORE = "0", "1"
+PEERS = ("pproxy", "tinyproxy", "squid")
+SQUID = "/usr/sbin/squid"
+TINYPROXY = "/usr/bin/tinyproxy"
+PPROXY = CACHE / "pproxy" / "bin" / "pproxy"
+LOADGEN = CACHE / "loadgen"
 
 
-def start(argv: list[str], core: int, **kw: object) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["taskset", "-c", str(core), *argv], **kw)  # type: ignore[call-overload]
+# -- installing ----------------------------------------------------------------
+
+
+def install(subjects: list[str]) -> None:
+    """
+    Everything the chosen subjects need, installed only when missing.
+    """
+    need = []
+    if shutil.which("wrk") is None:
+        need.append("wrk")
+    if shutil.which("gcc") is None:
+        need.append("gcc")
+    if "tinyproxy" in subjects and not os.path.exists(TINYPROXY):
+        need.append("tinyproxy")
+    if "squid" in subjects and not os.path.exists(SQUID):
+        need.append("squid")
+    if need:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(
+            [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *need],
+            check=True,
+            env=env,
+        )
+    CACHE.mkdir(exist_ok=True)
+    if "pproxy" in subjects and not PPROXY.exists():
+        venv = CACHE / "pproxy"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # pproxy 2.7.9 crashes with uvloop >= 0.22; the plain install does not
+        # pull uvloop in, and the check below keeps it that way.
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "--quiet", "pproxy==2.7.9"], check=True
+        )
+    if "pproxy" in subjects:
+        probe = subprocess.run(
+            [str(CACHE / "pproxy" / "bin" / "python"), "-c", "import uvloop"],
+            capture_output=True,
+        )
+        if probe.returncode == 0:
+            raise SystemExit("uvloop is in bench/.cache/pproxy: pproxy 2.7.9 crashes with it")
+    source = HERE / "loadgen.c"
+    if not LOADGEN.exists() or LOADGEN.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN), str(source)], check=True)
+
+
+# -- processes -----------------------------------------------------------------
+
+
+def pinned(core: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *argv]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+@dataclass
+class Running:
+    """
+    A started subject: where to send load, and what to stop afterwards.
+    """
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes] | None
+    admin: int | None = None
+    auth: str | None = None  # a Basic token the client must send (direct only)
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_all([self.proc])
+        for action in self.cleanup:
+            action()
+
+
+def _token(username: str) -> str:
+    return base64.b64encode(f"{username}:{PASSWORD}".encode()).decode()
+
+
+class Rig:
+    """
+    The parent, and how to start each subject on fresh ports.
+    """
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        (self.parent_port,) = free_ports(1)
+        self.parent = subprocess.Popen(
+            pinned(
+                LOAD_CORE,
+                [sys.executable, str(HERE / "parent.py"), str(self.parent_port), USER, PASSWORD],
+            ),
+            stdout=subprocess.PIPE,
+        )
+        wait_port(self.parent_port)
+
+    def close(self) -> None:
+        stop_all([self.parent])
+
+    def counts(self) -> dict[str, int]:
+        """
+        Requests per username at the parent since the last look.
+        """
+        request = urllib.request.Request(
+            "http://parent.counts/",
+            headers={"Proxy-Authorization": "Basic " + _token(f"{USER}-session-harness")},
+        )
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({"http": f"http://127.0.0.1:{self.parent_port}"})
+        )
+        with opener.open(request, timeout=10) as response:
+            counts: dict[str, int] = json.load(response)
+        return counts
+
+    def start(self, name: str, nports: int = 1) -> Running:
+        first = _free_range(nports)
+        if name == "direct":
+            return Running(name, self.parent_port, None, auth=_token(f"{USER}-session-direct"))
+        start = getattr(self, "_start_" + name)
+        running: Running = start(first, nports)
+        try:
+            for port in range(first, first + nports):
+                wait_port(port)
+            if running.admin is not None:
+                wait_port(running.admin)
+        except BaseException:
+            running.stop()
+            raise
+        return running
+
+    def _popen(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            pinned(SUBJECT_CORE, argv),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.work,
+        )
+
+    def _start_reference(self, first: int, nports: int) -> Running:
+        argv = [sys.executable, str(HERE / "reference.py"), str(first), str(nports)]
+        argv += [str(self.parent_port), USER, PASSWORD]
+        return Running("reference", first, self._popen(argv))
+
+    def _start_proxymap(self, first: int, nports: int) -> Running:
+        (admin,) = free_ports(1)
+        config = self.work / f"proxymap-{first}.toml"
+        config.write_text(
+            f'[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\n'
+            f'[[mapping]]\nports = "{first}-{first + nports - 1}"\n'
+            f'upstream = "http://127.0.0.1:{self.parent_port}"\n'
+            f'user = "{USER}"\npass = "{PASSWORD}"\nlifetime = "1h"\n'
+        )
+        argv = [sys.executable, "-m", "twisted", "proxymap", "--config", str(config)]
+        return Running("proxymap", first, self._popen(argv), admin=admin)
+
+    def _start_pproxy(self, first: int, nports: int) -> Running:
+        assert nports == 1
+        argv = [str(PPROXY), "-l", f"http://127.0.0.1:{first}"]
+        argv += ["-r", f"http://127.0.0.1:{self.parent_port}#{USER}-session-pproxy:{PASSWORD}"]
+        return Running("pproxy", first, self._popen(argv))
+
+    def _start_tinyproxy(self, first: int, nports: int) -> Running:
+        assert nports == 1
+        conf = self.work / f"tinyproxy-{first}.conf"
+        conf.write_text(
+            f"Port {first}\nListen 127.0.0.1\nTimeout 600\nMaxClients 10000\n"
+            "Allow 127.0.0.0/8\nDisableViaHeader Yes\nLogLevel Critical\n"
+            f"Upstream http {USER}-session-tinyproxy:{PASSWORD}@127.0.0.1:{self.parent_port}\n"
+        )
+        return Running("tinyproxy", first, self._popen([TINYPROXY, "-d", "-c", str(conf)]))
+
+    def _start_squid(self, first: int, nports: int) -> Running:
+        assert nports == 1
+        # squid drops root for the 'proxy' user: its files must be reachable.
+        directory = Path(tempfile.mkdtemp(prefix="proxymap-bench-squid-", dir="/tmp"))
+        directory.chmod(0o777)
+        conf = directory / "squid.conf"
+        conf.write_text(
+            f"http_port 127.0.0.1:{first}\n"
+            f"cache_peer 127.0.0.1 parent {self.parent_port} 0 no-query no-digest default "
+            f"login={USER}-session-squid:{PASSWORD}\n"
+            "never_direct allow all\nhttp_access allow all\ncache deny all\n"
+            f"access_log none\ncache_log {directory}/cache.log\n"
+            f"pid_filename {directory}/squid.pid\ncoredump_dir {directory}\n"
+            "shutdown_lifetime 0 seconds\npinger_enable off\nmax_filedescriptors 20000\n"
+            "dns_v4_first on\nforwarded_for delete\nvia off\n"
+        )
+        conf.chmod(0o644)
+        running = Running("squid", first, self._popen([SQUID, "-N", "-f", str(conf)]))
+        running.cleanup.append(lambda: shutil.rmtree(directory, ignore_errors=True))
+        return running
+
+
+def _free_range(n: int) -> int:
+    """
+    The first of ``n`` consecutive ports that were all free a moment ago.
+    """
+    import socket
+
+    for first in range(20000, 30000 - n, max(n, 50)):  # bounded: at most 200 tries
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return first
+    raise SystemExit(f"no {n} consecutive free ports between 20000 and 30000")
+
+
+# -- load ----------------------------------------------------------------------
+
+
+def _duration(text: str) -> float:
+    """
+    A wrk duration ("45.00us", "1.20ms", "2.00s") in microseconds.
+    """
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(text)
+    scale = {"us": 1, "ms": 1e3, "s": 1e6, "m": 60e6}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def wrk(
+    running: Running, work: Path, seconds: float, connections: int, close: bool
+) -> dict[str, float]:
+    lua = work / f"wrk-{running.name}.lua"
+    lines = ['wrk.method = "GET"', 'wrk.path = "http://bench.parent/"']
+    if running.auth:
+        lines.append(f'wrk.headers["Proxy-Authorization"] = "Basic {running.auth}"')
+    if close:
+        lines.append('wrk.headers["Connection"] = "close"')
+    lua.write_text("\n".join(lines) + "\n")
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    argv += ["-s", str(lua), f"http://127.0.0.1:{running.port}/"]
+    out = subprocess.run(
+        pinned(LOAD_CORE, argv),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if rate is None or p50 is None or p99 is None:
+        raise SystemExit(f"wrk said:\n{out}")
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    return {
+        "rate": float(rate.group(1)),
+        "p50_us": _duration(p50.group(1)),
+        "p99_us": _duration(p99.group(1)),
+        "errors": 0 if failed is None else 1,
+    }
+
+
+def loadgen(running: Running, mode: str, seconds: float, *options: str) -> dict[str, Any]:
+    argv = [str(LOADGEN), mode, str(running.port), "-d", str(seconds), *options]
+    if running.auth:
+        argv += ["-a", running.auth]
+    if running.name == "squid":
+        argv += ["-s", "0"]
+    out = subprocess.run(
+        pinned(LOAD_CORE, argv), capture_output=True, text=True, timeout=seconds + 60, check=True
+    ).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+@contextmanager
+def held_tunnels(running: Running, count: int, timeout: float) -> Iterator[int]:
+    """
+    Hold ``count`` idle CONNECT tunnels through ``running`` for the duration
+    of the block; yields how many opened.
+    """
+    argv = [str(LOADGEN), "hold", str(running.port), "-c", str(count), "-d", str(timeout)]
+    argv += ["-r", "200"]
+    if running.auth:
+        argv += ["-a", running.auth]
+    if running.name == "squid":
+        argv += ["-s", "0"]
+    proc = subprocess.Popen(
+        pinned(LOAD_CORE, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        yield int(line.split()[1]) if line.startswith("ready ") else 0
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- phases --------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    """
+    Every sample, and the JSON lines written as results come in.
+    """
+
+    out: Path
+    samples: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    cpu: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    def add(self, subject: str, metric: str, value: float, cpu: float | None = None) -> None:
+        self.samples.setdefault((subject, metric), []).append(value)
+        line: dict[str, Any] = {"subject": subject, "metric": metric, "value": value}
+        if cpu is not None:
+            self.cpu.setdefault((subject, metric), []).append(cpu)
+            line["subject_cpu"] = round(cpu, 3)
+        with self.out.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(json.dumps(line), flush=True)
+
+    def median(self, subject: str, metric: str) -> float | None:
+        values = self.samples.get((subject, metric))
+        return statistics.median(values) if values else None
+
+
+def measured(running: Running, run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], float]:
+    """
+    Run one load, and the share of a core the subject used meanwhile.
+    """
+    pid = running.pid
+    before = cpu_seconds(pid) if pid else 0.0
+    start = time.monotonic()
+    result = run()
+    elapsed = time.monotonic() - start
+    used = (cpu_seconds(pid) - before) / elapsed if pid else 0.0
+    return result, used
+
+
+def throughput(rig: Rig, results: Results, subjects: list[str], args: argparse.Namespace) -> None:
+    """
+    The five load figures, subjects interleaved, a fresh process each round.
+    """
+    seconds = args.seconds
+    for _ in range(args.reps):
+        for name in subjects:
+            running = rig.start(name)
+            try:
+                loads: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+                    ("keep-alive req/s c32", partial(wrk, running, rig.work, seconds, 32, False)),
+                    (
+                        "one request per connection req/s",
+                        partial(wrk, running, rig.work, seconds, 32, True),
+                    ),
+                    ("c1 latency", partial(wrk, running, rig.work, seconds, 1, False)),
+                    ("CONNECT setups/s", partial(loadgen, running, "connect", seconds, "-c", "32")),
+                    ("tunnel bulk bytes/s", partial(loadgen, running, "bulk", seconds, "-c", "4")),
+                ]
+                for metric, load in loads:
+                    result, cpu = measured(running, load)
+                    if result.get("errors"):
+                        print(f"warning: {name} {metric}: errors: {result}", flush=True)
+                    if metric == "c1 latency":
+                        results.add(name, "c1 latency p50 us", result["p50_us"], cpu)
+                        results.add(name, "c1 latency p99 us", result["p99_us"], cpu)
+                    else:
+                        results.add(name, metric, result["rate"], cpu)
+            finally:
+                running.stop()
+
+
+def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Namespace) -> None:
+    """
+    Bytes per idle tunnel (slope from low to high) and the probe's p99 with
+    as many idle tunnels as the fd limit allows, on a fresh process.
+    """
+    low, high = args.tunnels
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    most = min(10_000, (limit - 1 - 64) // 2) if not args.quick else high + 50
+    for name in subjects:
+        if name == "direct":
+            continue
+        running = rig.start(name)
+        try:
+            probe = min(3.0, args.seconds)
+            before = wrk(running, rig.work, probe, 1, False)
+            assert running.pid is not None
+            base = rss_bytes(running.pid)
+            with held_tunnels(running, low, 120) as got_low:
+                time.sleep(1)
+                rss_low = rss_bytes(running.pid)
+                with held_tunnels(running, high - low, 120) as got_high:
+                    time.sleep(1)
+                    rss_high = rss_bytes(running.pid)
+                    with held_tunnels(running, most - high, 120) as got_most:
+                        held = got_low + got_high + got_most
+                        time.sleep(1)
+                        after = wrk(running, rig.work, probe, 1, False)
+            if got_low == low and got_high == high - low:
+                slope = (rss_high - rss_low) / (high - low)
+                results.add(name, "bytes per idle tunnel", slope)
+            else:
+                print(f"warning: {name} held only {got_low + got_high} of {high}", flush=True)
+            results.add(name, "idle RSS bytes", base)
+            results.add(name, "idle tunnels held", held)
+            results.add(name, "probe p99 us, idle", before["p99_us"])
+            results.add(name, "probe p99 us, tunnels held", after["p99_us"])
+            results.add(
+                name, "probe p99 with tunnels / without", after["p99_us"] / before["p99_us"]
+            )
+        finally:
+            running.stop()
+
+
+def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namespace) -> None:
+    """
+    Bytes per listening port, start-up time of many ports, traffic spread
+    over many ports against one port, and the stickiness check.
+    """
+    many = args.ports
+    for name in [s for s in subjects if s in ("reference", "proxymap")]:
+        started: dict[int, tuple[float, int]] = {}
+        for nports in (1, many + 1):
+            t0 = time.monotonic()
+            running = rig.start(name, nports)
+            up = time.monotonic() - t0
+            try:
+                time.sleep(0.5)
+                assert running.pid is not None
+                started[nports] = (up, rss_bytes(running.pid))
+                if nports == 1:
+                    continue
+                results.add(name, f"{many} ports up s (process start to all listening)", up)
+                results.add(name, f"{many} ports up s, beyond one port", up - started[1][0])
+                per_port = (started[nports][1] - started[1][1]) / many
+                results.add(name, "bytes per listening port", per_port)
+                seconds = args.seconds
+                rig.counts()  # start the stickiness count afresh
+                for _ in range(args.reps):
+                    for spread in (1, many):
+                        result, cpu = measured(
+                            running,
+                            partial(
+                                loadgen, running, "http", seconds, "-c", "32", "-n", str(spread)
+                            ),
+                        )
+                        label = "one port" if spread == 1 else f"{many} ports"
+                        results.add(
+                            name, f"one request per connection req/s, {label}", result["rate"], cpu
+                        )
+                one = results.median(name, "one request per connection req/s, one port")
+                spread_rate = results.median(
+                    name, f"one request per connection req/s, {many} ports"
+                )
+                assert one and spread_rate
+                results.add(name, f"traffic over {many} ports / one port", spread_rate / one)
+                if running.admin is not None:
+                    check_stickiness(rig, running, many)
+            finally:
+                running.stop()
+
+
+def check_stickiness(rig: Rig, running: Running, used: int) -> None:
+    """
+    Traffic over ``used`` ports reached the parent as exactly ``used``
+    session usernames, one per port's session; and a sample of ports, used
+    one at a time, each sent only its own session's username.
+    """
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.admin}/sessions", timeout=10) as r:
+        body = json.load(r)
+    sessions = body["items"] if isinstance(body, dict) else body
+    own = {s["port"]: f"{USER}-session-{s['id']}" for s in sessions}
+    seen = rig.counts()
+    spread_ports = range(running.port, running.port + used)
+    expected = {own[p] for p in spread_ports if p in own}
+    if set(seen) != expected or len(expected) != used:
+        raise SystemExit(
+            f"stickiness: {used} ports sent {len(seen)} usernames, "
+            f"{len(set(seen) - expected)} of them not a port's own session"
+        )
+    opener = urllib.request.build_opener
+    for port in list(spread_ports)[:: max(1, used // 20)]:
+        proxy = urllib.request.ProxyHandler({"http": f"http://127.0.0.1:{port}"})
+        for _ in range(3):
+            with opener(proxy).open("http://bench.parent/", timeout=10) as r:
+                r.read()
+        seen = rig.counts()
+        if seen != {own[port]: 3}:
+            raise SystemExit(f"stickiness: port {port} sent {seen}, expected {own[port]} only")
+    print(json.dumps({"stickiness": "ok", "ports": used}), flush=True)
+
+
+# -- the table -----------------------------------------------------------------
+
+TARGETS = {
+    "keep-alive req/s c32": "≥ 0.85x reference; ≥ squid",
+    "one request per connection req/s": "≥ 0.85x reference; ≥ 1.5x pproxy",
+    "CONNECT setups/s": "≥ 0.85x reference; ≥ 1.5x pproxy",
+    "tunnel bulk bytes/s": "≥ 0.85x reference",
+    "c1 latency p50 us": "added ≤ 1.3x reference's",
+    "bytes per idle tunnel": "≤ 4 KB",
+    "bytes per listening port": "≤ 2 KB",
+    "probe p99 with tunnels / without": "≤ 1.1",
+    "traffic over 1000 ports / one port": "≥ 0.95",
+    "1000 ports up s (process start to all listening)": "< 1 s",
+}
+
+
+def table(results: Results, subjects: list[str], args: argparse.Namespace) -> str:
+    metrics = list(dict.fromkeys(metric for _, metric in results.samples))
+    others = [s for s in subjects if s != "proxymap"]
+    head = ["metric", *subjects, *(f"proxymap / {s}" for s in others), "target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for metric in metrics:
+        values = {s: results.median(s, metric) for s in subjects}
+        cells = [metric, *(_fmt(metric, values[s]) for s in subjects)]
+        ours = values.get("proxymap")
+        for s in others:
+            theirs = values[s]
+            cells.append(f"{ours / theirs:.2f}" if ours and theirs else "")
+        cells.append(TARGETS.get(metric, ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    # The added latency (subject minus the parent alone) is what the target is about.
+    direct = results.median("direct", "c1 latency p50 us")
+    if direct is not None:
+        added = {
+            s: (results.median(s, "c1 latency p50 us") or 0) - direct
+            for s in subjects
+            if s != "direct"
+        }
+        if added.get("reference", 0) > 0:
+            lines.append(
+                f"\nAdded c1 latency (p50, minus direct-to-parent): proxymap "
+                f"{added.get('proxymap', 0):.0f} us, reference {added['reference']:.0f} us "
+                f"({added.get('proxymap', 0) / added['reference']:.2f}x)."
+            )
+    cpu = [
+        f"{s} {statistics.median(v):.0%}"
+        for (s, m), v in results.cpu.items()
+        if m == "keep-alive req/s c32" and s != "direct"
+    ]
+    if cpu:
+        lines.append("\nSubject CPU during keep-alive load (core 0): " + ", ".join(cpu) + ".")
+    lines.append(
+        f"\nMedians of {args.reps}; {args.seconds} s per load; subject on core 0, "
+        "parent and load on core 1."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None:
+        return ""
+    if "bytes/s" in metric:
+        return f"{value / 1e9:.2f} G"
+    if metric.startswith("bytes") or "RSS" in metric:
+        return f"{value / 1024:.1f} KiB"
+    if " s" in metric and "/s" not in metric:
+        return f"{value:.2f}"
+    if "/" in metric and "/s" not in metric:
+        return f"{value:.2f}"
+    return f"{value:.0f}"
+
+
+# -- main ----------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--seconds", type=int, default=8)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, one rep")
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--subjects",
+        default="reference,proxymap,pproxy,tinyproxy,squid,direct",
+        help="comma-separated, from: reference, proxymap, pproxy, tinyproxy, squid, direct",
+    )
+    parser.add_argument(
+        "--phases", default="throughput,memory,ports", help="comma-separated phases to run"
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="proxymap-bench-"))
-    script = work / "get.lua"
-    script.write_text(LUA)
-    parent_port, reference_port, proxymap_port = free_ports(3)
-    config = work / "proxymap.toml"
-    config.write_text(
-        f'[admin]\nlisten = ""\n[[mapping]]\nports = [{proxymap_port}]\n'
-        f'upstream = "http://127.0.0.1:{parent_port}"\nuser = "bench"\npass = "pw"\n'
-        'lifetime = "1h"\n'
-    )
-    parent = start(
-        [sys.executable, str(HERE / "parent.py"), str(parent_port), "bench", "pw"],
-        1,
-        stdout=subprocess.PIPE,
-    )
-    subjects = {
-        "reference": (
-            [
-                sys.executable,
-                str(HERE / "reference.py"),
-                str(reference_port),
-                "1",
-                str(parent_port),
-                "bench",
-                "pw",
-            ],
-            reference_port,
-        ),
-        "proxymap": (
-            [sys.executable, "-m", "twisted", "proxymap", "--config", str(config)],
-            proxymap_port,
-        ),
-    }
-    results: dict[tuple[str, str], list[float]] = {}
-    try:
-        wait_port(parent_port)
-        for _ in range(3):
-            for name, (argv, port) in subjects.items():
-                proc = start(
-                    argv, 0, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work
-                )
-                try:
-                    wait_port(port)
-                    for close in (False, True):
-                        metric = (
-                            "one request per connection"
-                            if close
-                            else (f"keep-alive c{args.connections}")
-                        )
-                        rps = wrk(port, script, args.seconds, args.connections, close)
-                        results.setdefault((name, metric), []).append(rps)
-                finally:
-                    stop_all([proc])
-    finally:
-        stop_all([parent])
-    counts = json.loads(parent.stdout.read() or b"{}")  # type: ignore[union-attr]
-    sticky = sorted(counts)
-    rows = []
-    for metric in (f"keep-alive c{args.connections}", "one request per connection"):
-        ref = sorted(results[("reference", metric)])[1]
-        ours = sorted(results[("proxymap", metric)])[1]
-        rows.append(
-            {
-                "metric": metric,
-                "reference_rps": ref,
-                "proxymap_rps": ours,
-                "ratio": round(ours / ref, 3),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    # One port each: the reference's fixed username, and one session per
-    # proxymap process (3 runs): anything more means a port was not sticky.
-    print(json.dumps({"usernames_seen_by_parent": sticky}))
-    assert len(sticky) == 1 + 3, sticky
+    subjects = args.subjects.split(",")
+    known = {"reference", "proxymap", "direct", *PEERS}
+    if not set(subjects) <= known or "proxymap" not in subjects:
+        parser.error(f"--subjects: proxymap and any of {sorted(known)}")
+    args.tunnels = (1000, 5000)
+    args.ports = 1000
+    if args.quick:
+        args.seconds, args.reps, args.tunnels, args.ports = 1, 1, (50, 200), 50
+    install(subjects)
+    args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"run-{stamp}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = [
-        "| metric | reference req/s | proxymap req/s | proxymap / reference |",
-        "|---|---|---|---|",
-    ]
-    table += [
-        f"| {r['metric']} | {r['reference_rps']:.0f} | {r['proxymap_rps']:.0f} | {r['ratio']:.2f} |"
-        for r in rows
-    ]
-    (out / f"run-{stamp}.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    results = Results(args.out / f"run-{stamp}.jsonl")
+    work = Path(tempfile.mkdtemp(prefix="proxymap-bench-"))
+    rig = Rig(work)
+    try:
+        phases = {"throughput": throughput, "memory": memory, "ports": ports}
+        for phase in args.phases.split(","):
+            phases[phase](rig, results, subjects, args)
+    finally:
+        rig.close()
+        shutil.rmtree(work, ignore_errors=True)
+    text = table(results, subjects, args)
+    (args.out / f"run-{stamp}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""
+The benchmark harness still runs end to end: ``bench/run.py --quick`` is a
+smoke check, never a timing assertion.  It checks that every phase produced
+its figures for both subjects, that the stickiness check ran and passed, and
+that the ratio table was written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+
+EXPECTED = {
+    "keep-alive req/s c32",
+    "one request per connection req/s",
+    "c1 latency p50 us",
+    "c1 latency p99 us",
+    "CONNECT setups/s",
+    "tunnel bulk bytes/s",
+    "bytes per idle tunnel",
+    "idle tunnels held",
+    "probe p99 with tunnels / without",
+    "bytes per listening port",
+    "traffic over 50 ports / one port",
+}
+
+
+def test_quick_run_measures_every_phase(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--subjects",
+            "reference,proxymap,direct",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert '{"stickiness": "ok", "ports": 50}' in proc.stdout
+    (jsonl,) = tmp_path.glob("run-*.jsonl")
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    for subject in ("reference", "proxymap"):
+        seen = {line["metric"] for line in lines if line["subject"] == subject}
+        assert EXPECTED <= seen, (subject, EXPECTED - seen)
+        held = [
+            line["value"]
+            for line in lines
+            if line["subject"] == subject and line["metric"] == "idle tunnels held"
+        ]
+        assert held == [250]
+    direct = {line["metric"] for line in lines if line["subject"] == "direct"}
+    assert "keep-alive req/s c32" in direct
+    (table,) = tmp_path.glob("run-*.md")
+    assert "proxymap / reference" in table.read_text().splitlines()[0]
