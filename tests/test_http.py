@@ -12,6 +12,7 @@ from proxymap.dataplane.http import (
     ChunkedFramer,
     HTTPError,
     LengthFramer,
+    build_head,
     parse_request_head,
     parse_response_head,
 )
@@ -156,3 +157,97 @@ def test_port_survives_arbitrary_input(reads: list[bytes]) -> None:
     up, _ = h.upstream()
     up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert head_of(client2.value())[2] == b"ok"
+
+
+# Header lines as clients and vendors send them, hop-by-hop ones included, so
+# that some heads can be forwarded verbatim and some must be rebuilt.
+_field_names = st.sampled_from(
+    [
+        b"Host",
+        b"Accept",
+        b"User-Agent",
+        b"Cookie",
+        b"Content-Type",
+        b"X-Trace",
+        b"Connection",
+        b"Proxy-Connection",
+        b"Keep-Alive",
+        b"Proxy-Authorization",
+        b"TE",
+        b"Upgrade",
+        b"Via",
+        b"Server",
+        b"Date",
+        b"x-lower",
+    ]
+)
+_field_values = st.sampled_from(
+    [b"a", b"keep-alive", b"close", b"X-Trace", b"Basic YTpi", b"text/html; q=1", b""]
+)
+_fields = st.lists(
+    st.tuples(_field_names, _field_values).map(lambda f: f[0] + b": " + f[1]), max_size=8
+)
+
+
+@given(_fields, st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]))
+@settings(max_examples=FUZZ_EXAMPLES)
+def test_verbatim_request_fields_equal_the_rebuild(fields: list[bytes], version: bytes) -> None:
+    """
+    Where a request's header block is forwarded as it came, it is exactly
+    the head a rebuild from the kept lines would give.
+    """
+    head = b"\r\n".join([b"GET http://example.com/x " + version, *fields])
+    try:
+        request = parse_request_head(head)
+    except HTTPError:
+        return
+    dropped = any(
+        f.split(b":")[0].lower()
+        in (
+            b"connection",
+            b"proxy-connection",
+            b"keep-alive",
+            b"proxy-authorization",
+            b"te",
+            b"upgrade",
+        )
+        for f in fields
+    )
+    assert (request.verbatim is None) == dropped
+    if request.verbatim is not None:
+        extra = [b"Proxy-Authorization: Basic c2Vzcw=="]
+        line = b"GET http://example.com/x HTTP/1.1"
+        assert line + request.verbatim + b"\r\n" + extra[0] + b"\r\n\r\n" == build_head(
+            line, request.lines, extra
+        )
+
+
+@given(
+    _fields,
+    st.sampled_from(
+        [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found", b"HTTP/1.0 200 OK", b"HTTP/1.1 200"]
+    ),
+    st.sampled_from([b"Content-Length: 5", b"Transfer-Encoding: chunked", b""]),
+)
+@settings(max_examples=FUZZ_EXAMPLES)
+def test_verbatim_response_equals_the_rebuild(
+    fields: list[bytes], status_line: bytes, framing: bytes
+) -> None:
+    """
+    Where a response head is forwarded as it came, it is exactly the head a
+    rebuild would give; heads that lose a field are always rebuilt.
+    """
+    head = b"\r\n".join([status_line, *fields, *([framing] if framing else [])])
+    try:
+        response = parse_response_head(head, b"GET")
+    except HTTPError:
+        return
+    rebuilt = build_head(b"HTTP/1.1 %d %s" % (response.status, response.reason), response.lines)
+    if response.verbatim is not None:
+        assert response.verbatim + b"\r\n\r\n" == rebuilt
+    else:
+        assert (
+            len(response.lines) < len(fields) + bool(framing)
+            or not status_line.startswith(b"HTTP/1.1 ")
+            or status_line.count(b" ") < 2
+        )

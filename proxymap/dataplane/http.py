@@ -11,6 +11,7 @@ chunks they arrived in (RFC 9112 section 6).
 
 from __future__ import annotations
 
+import functools
 import re
 
 import attrs
@@ -45,6 +46,8 @@ _COMMON_METHODS = frozenset(
     {b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT"}
 )
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# scheme :// authority, then the rest (path, query, fragment) from the first / ? or #.
+_ABSOLUTE = re.compile(rb"([^:/?#]*)://([^/?#]*)(.*)", re.S)
 _AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[^:\[\]@/?#\s]+)(?::([0-9]{1,5}))?")
 
 
@@ -101,6 +104,10 @@ class Request:
     keep_alive: bool
     proxy_authorization: bytes | None
     header_host: bytes | None = None
+    #: The header block exactly as received (``b"\r\nName: value..."``) when
+    #: no field had to be removed from it, else ``None``: forwarding it
+    #: verbatim saves rebuilding the head from ``lines``.
+    verbatim: bytes | None = None
 
     @property
     def has_body(self) -> bool:
@@ -136,6 +143,9 @@ class Response:
     chunked: bool
     until_close: bool
     keep_alive: bool
+    #: The whole head as received when it is HTTP/1.1 and no field had to be
+    #: removed (the same bytes a rebuild would give, without the rebuild).
+    verbatim: bytes | None = None
 
 
 def _split_head(head: bytes, max_headers: int = MAX_HEADERS) -> list[bytes]:
@@ -149,6 +159,9 @@ def _split_head(head: bytes, max_headers: int = MAX_HEADERS) -> list[bytes]:
 
 
 def _parse_content_length(value: bytes, current: int | None) -> int:
+    text = value.strip()
+    if current is None and text.isdigit() and len(text) <= 18:
+        return int(text)  # the usual case: one plain number
     values = {v.strip() for v in value.split(b",")}
     if len(values) != 1:
         raise HTTPError(400, "conflicting Content-Length values")
@@ -175,9 +188,13 @@ def _filter_fields(lines: list[bytes], options: set[bytes]) -> list[bytes]:
     return [line for line in lines if line.partition(b":")[0].strip().lower() not in options]
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_authority(authority: bytes, default_port: int | None) -> tuple[str, int]:
     """
     Split ``host[:port]`` (``[v6]:port`` too) into a host and a port.
+
+    Cached: a scraper asks for the same few hosts again and again, and the
+    answer depends on nothing else (errors are raised, never cached).
     """
     match = _AUTHORITY.fullmatch(authority)
     if match is None:
@@ -217,6 +234,7 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
     transfer_encoding: bytes | None = None
     proxy_authorization: bytes | None = None
     header_host: bytes | None = None
+    dropped = False
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not name or name[:1] in b" \t" or name[-1:] in b" \t":
@@ -227,6 +245,7 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
                 options |= _connection_tokens(value)
             elif lname == b"proxy-authorization":
                 proxy_authorization = value.strip()
+            dropped = True
             continue
         if lname == b"content-length":
             content_length = _parse_content_length(value, content_length)
@@ -249,7 +268,10 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
         if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
             raise HTTPError(400, "request Transfer-Encoding must end in chunked")
         chunked = True
-    kept = _filter_fields(kept, options)
+    if options:
+        filtered = _filter_fields(kept, options)
+        dropped = dropped or len(filtered) != len(kept)
+        kept = filtered
 
     if version == b"HTTP/1.1":
         keep_alive = b"close" not in options
@@ -264,23 +286,17 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
     elif target[:1] == b"/":
         pass
     else:
-        scheme, sep, rest = target.partition(b"://")
-        if not sep:
+        match = _ABSOLUTE.match(target)
+        if match is None:
             raise HTTPError(400, "request target is neither absolute nor origin form")
-        if scheme.lower() != b"http":
+        scheme, authority, path = match.groups()
+        if scheme != b"http" and scheme.lower() != b"http":
             raise HTTPError(
                 400, f"cannot forward {scheme.decode('ascii', 'replace')}:// requests; use CONNECT"
             )
-        cut = len(rest)
-        for stop in (b"/", b"?", b"#"):
-            i = rest.find(stop)
-            if i != -1 and i < cut:
-                cut = i
-        authority = rest[:cut]
         if b"@" in authority:
             authority = authority.rpartition(b"@")[2]
         host, port = parse_authority(authority, 80)
-        path = rest[cut:] or b"/"
         if path[:1] != b"/":
             path = b"/" + path
     return Request(
@@ -297,6 +313,7 @@ def parse_request_head(head: bytes, max_headers: int = MAX_HEADERS) -> Request:
         keep_alive=keep_alive,
         proxy_authorization=proxy_authorization,
         header_host=header_host,
+        verbatim=None if dropped else head[len(lines[0]) :],
     )
 
 
@@ -320,6 +337,7 @@ def parse_response_head(head: bytes, request_method: bytes) -> Response:
     options: set[bytes] = set()
     content_length: int | None = None
     transfer_encoding: bytes | None = None
+    dropped = False
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not name or name[-1:] in b" \t" or name[:1] in b" \t":
@@ -328,6 +346,7 @@ def parse_response_head(head: bytes, request_method: bytes) -> Response:
         if lname in _HOP_BY_HOP:
             if lname == b"connection" or lname == b"proxy-connection":
                 options |= _connection_tokens(value)
+            dropped = True
             continue
         if lname == b"content-length":
             try:
@@ -340,7 +359,10 @@ def parse_response_head(head: bytes, request_method: bytes) -> Response:
                 value if transfer_encoding is None else transfer_encoding + b", " + value
             )
         kept.append(line)
-    kept = _filter_fields(kept, options)
+    if options:
+        filtered = _filter_fields(kept, options)
+        dropped = dropped or len(filtered) != len(kept)
+        kept = filtered
 
     if version == b"HTTP/1.1":
         keep_alive = b"close" not in options
@@ -357,9 +379,11 @@ def parse_response_head(head: bytes, request_method: bytes) -> Response:
             chunked = True
         else:
             until_close = True
-        content_length = None
         # A Content-Length beside Transfer-Encoding is ignored and must not be forwarded.
-        kept = [line for line in kept if line[:15].lower() != b"content-length:"]
+        if content_length is not None:
+            kept = [line for line in kept if line[:15].lower() != b"content-length:"]
+            dropped = True
+        content_length = None
     elif content_length is None:
         until_close = True
     if until_close:
@@ -373,6 +397,7 @@ def parse_response_head(head: bytes, request_method: bytes) -> Response:
         chunked=chunked,
         until_close=until_close,
         keep_alive=keep_alive,
+        verbatim=head if version == b"HTTP/1.1" and reason and not dropped else None,
     )
 
 

@@ -39,9 +39,9 @@ from proxymap.dataplane.http import (
     error_response,
     parse_request_head,
 )
+from proxymap.dataplane.upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
-    from proxymap.dataplane.upstream import UpstreamProtocol
     from proxymap.sessions import Session
 
 log = Logger()
@@ -510,8 +510,6 @@ class ProxyServer(flow.Throttled):
         self._finish_request()
 
     def _forward(self, request: Request, target: UpstreamTarget) -> None:
-        from proxymap.dataplane.upstream import UpstreamProtocol
-
         up = self._upstream
         if up is None or not up.reusable_for(target):
             if up is not None:
@@ -526,7 +524,12 @@ class ProxyServer(flow.Throttled):
             extra.append(b"Proxy-Authorization: " + target.authorization)
         if not request.has_host_header:
             extra.append(b"Host: " + request.host_header)
-        up.send_request(request, build_head(line, request.lines, extra))
+        if request.verbatim is not None:
+            # Nothing to remove: the client's header block as it came.
+            head = b"".join((line, request.verbatim, *(b"\r\n" + e for e in extra), b"\r\n\r\n"))
+        else:
+            head = build_head(line, request.lines, extra)
+        up.send_request(request, head)
         if request.has_body:
             self._body = (
                 ChunkedFramer() if request.chunked else LengthFramer(request.content_length or 0)
@@ -566,13 +569,12 @@ class ProxyServer(flow.Throttled):
             self._fail_quietly()
             return
         self.resume_reading(flow.PIPELINE)
-        self._process()
+        if self._buffer:
+            self._process()
 
     # ------------------------------------------------------------ tunnels
 
     def _open_tunnel(self, request: Request, target: UpstreamTarget) -> None:
-        from proxymap.dataplane.upstream import UpstreamProtocol
-
         if self._upstream is not None:
             up, self._upstream = self._upstream, None
             up.close()

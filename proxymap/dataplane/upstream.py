@@ -317,9 +317,12 @@ class UpstreamProtocol(flow.Throttled):
         self._reusable = response.keep_alive
         self.started = True
         # Held for a moment: the body bytes that came with it go in the same write.
-        self._head = build_head(
-            b"HTTP/1.1 %d %s" % (response.status, response.reason), lines, extra
-        )
+        if response.verbatim is not None and not extra and not decode:
+            self._head = response.verbatim + b"\r\n\r\n"
+        else:
+            self._head = build_head(
+                b"HTTP/1.1 %d %s" % (response.status, response.reason), lines, extra
+            )
         if response.chunked:
             self._framer = ChunkedFramer(decode=decode)
             self._decode = decode
