@@ -16,7 +16,7 @@ import attrs
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
@@ -158,6 +158,44 @@ class _Listener(StreamServerEndpointService):
         return super().stopService()
 
 
+class _PortListener(Service):
+    """
+    One mapped port's listening socket.
+
+    Lighter than an endpoint service, because there may be thousands: no
+    endpoint object, no description string to parse, no Deferred kept per
+    port.  Binding fails start-up synchronously, like ``_Listener``.
+    """
+
+    def __init__(self, reactor: Any, port: int, bind: str, factory: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.bind = bind
+        self.factory = factory
+        #: The listening port once bound (None before, and after stopping).
+        self.listening: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # A deep accept queue: scrapers start many workers at once, and a
+        # burst beyond Twisted's default of 50 would see SYNs dropped.
+        self.listening = self.reactor.listenTCP(
+            self.port, self.factory, backlog=LISTEN_BACKLOG, interface=self.bind
+        )
+
+    def startService(self) -> None:
+        if self.listening is None:  # started without privilegedStartService
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.listening = self.listening, None
+        if port is None:
+            return succeed(None)
+        return maybeDeferred(port.stopListening)
+
+
 class ProxymapService(MultiService):
     """
     The whole proxymap: the registry and every listener.
@@ -186,7 +224,7 @@ class ProxymapService(MultiService):
         self.session_api = SessionAPI(registry)
         self.tally = Tally()
         self.factories: dict[int, PortFactory] = {}
-        self._port_listeners: dict[int, _Listener] = {}
+        self._port_listeners: dict[int, _PortListener] = {}
         self._release_subscriptions: list[Any] = []
         #: The sandbox vendor served beside the ports (``--demo``), if any.
         self.sandbox: SandboxVendor | None = None
@@ -246,10 +284,7 @@ class ProxymapService(MultiService):
             self.config.limits,
             self.tally,
         )
-        listener = _Listener(
-            serverFromString(self.reactor, endpoint_string(port, mapping.bind)),
-            factory,
-        )
+        listener = _PortListener(self.reactor, port, mapping.bind, factory)
         self.factories[port] = factory
         self._port_listeners[port] = listener
         try:
@@ -435,8 +470,8 @@ class ProxymapService(MultiService):
             address = f"{e.interface or '0.0.0.0'}:{e.port}"  # noqa: S104 - a message, not a bind
             raise SystemExit(f"proxymap: cannot listen on {address}: {e.socketError}") from None
 
-    def listeners(self) -> list[_Listener]:
-        return [s for s in self if isinstance(s, _Listener)]
+    def listeners(self) -> list[_Listener | _PortListener]:
+        return [s for s in self if isinstance(s, _Listener | _PortListener)]
 
 
 class _Banner(Service):
