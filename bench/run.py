@@ -520,7 +520,6 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
                 if nports == 1:
                     continue
                 results.add(name, f"{many} ports up s (process start to all listening)", up)
-                results.add(name, f"{many} ports up s, beyond one port", up - started[1][0])
                 per_port = (started[nports][1] - started[1][1]) / many
                 results.add(name, "bytes per listening port", per_port)
                 seconds = args.seconds
