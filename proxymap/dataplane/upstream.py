@@ -329,9 +329,20 @@ class UpstreamProtocol(flow.Throttled):
         elif response.until_close:
             self._framer = UntilCloseFramer()
         else:
-            self._framer = LengthFramer(response.content_length or 0)
-            if self._framer.done:
+            length = response.content_length or 0
+            buffered = self._buffer
+            if len(buffered) >= length:
+                # The whole body came with the head (the usual small response):
+                # one write, no framer.
+                head, self._head = self._head, b""
+                if length:
+                    self._buffer = buffered[length:]
+                    self.deliver(head + buffered[:length])
+                else:
+                    self.deliver(head)
                 self._complete()
+                return
+            self._framer = LengthFramer(length)
 
     def _feed(self, data: bytes) -> bytes:
         framer = self._framer
