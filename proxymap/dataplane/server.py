@@ -118,9 +118,41 @@ class ProxyServer(flow.Throttled):
     The client side of one proxied connection.
     """
 
+    __slots__ = (
+        "_body",
+        "_body_sink",
+        "_buffer",
+        "_close_after",
+        "_closing",
+        "_gone",
+        "_head_started",
+        "_processing",
+        "_refused",
+        "_request",
+        "_socks",
+        "_socks_pending",
+        "_target",
+        "_timer",
+        "_tunnel",
+        "_upstream",
+        "bytes_down",
+        "bytes_up",
+        "client",
+        "connected_at",
+        "id",
+        "last_activity",
+        "local_tunnel",
+        "protocol",
+        "reads",
+        "requests",
+        "seconds",
+        "session",
+        "writes",
+    )
     factory: ProxyFactory
 
     def __init__(self) -> None:
+        super().__init__()
         self.id = next(_ids)
         self.client = ""
         self._target: tuple[str, int] | None = None

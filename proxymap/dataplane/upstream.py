@@ -68,9 +68,33 @@ class UpstreamProtocol(flow.Throttled):
     One upstream connection of one client connection.
     """
 
+    __slots__ = (
+        "_buffer",
+        "_decode",
+        "_framer",
+        "_head",
+        "_lost",
+        "_pending",
+        "_pending_size",
+        "_ready",
+        "_request",
+        "_reusable",
+        "_socks_state",
+        "_tunnel",
+        "_tunnel_request",
+        "connected_at",
+        "connector",
+        "key",
+        "last_activity",
+        "server",
+        "started",
+        "target",
+    )
+
     def __init__(
         self, server: ProxyServer, target: UpstreamTarget, tunnel: Request | None = None
     ) -> None:
+        super().__init__()
         self.server = server
         self.target = target
         self.key = target.key
