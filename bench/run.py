@@ -228,6 +228,9 @@ class Rig:
         (admin,) = free_ports(1)
         config = self.work / f"proxymap-{first}.toml"
         config.write_text(
+            # The harness measures capacity, not the default caps (1000 a port,
+            # 9000 in all): it holds up to ~10,000 tunnels through one port.
+            "[limits]\nmax_connections_per_port = 20000\nmax_connections = 20000\n"
             f'[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\n'
             f'[[mapping]]\nports = "{first}-{first + nports - 1}"\n'
             f'upstream = "http://127.0.0.1:{self.parent_port}"\n'
