@@ -475,7 +475,11 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
         running = rig.start(name)
         try:
             probe = min(3.0, args.seconds)
+            # The parent holds the other end of every tunnel: probing it alone
+            # too tells the rig's own slow-down from the subject's.
+            parent = rig.start("direct")
             before = wrk(running, rig.work, probe, 1, False)
+            parent_before = wrk(parent, rig.work, probe, 1, False)
             assert running.pid is not None
             base = rss_bytes(running.pid)
             with held_tunnels(running, low, 120) as got_low:
@@ -488,6 +492,7 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
                         held = got_low + got_high + got_most
                         time.sleep(1)
                         after = wrk(running, rig.work, probe, 1, False)
+                        parent_after = wrk(parent, rig.work, probe, 1, False)
             if got_low == low and got_high == high - low:
                 slope = (rss_high - rss_low) / (high - low)
                 results.add(name, "bytes per idle tunnel", slope)
@@ -499,6 +504,11 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
             results.add(name, "probe p99 us, tunnels held", after["p99_us"])
             results.add(
                 name, "probe p99 with tunnels / without", after["p99_us"] / before["p99_us"]
+            )
+            results.add(
+                name,
+                "same, probing the parent alone",
+                parent_after["p99_us"] / parent_before["p99_us"],
             )
         finally:
             running.stop()
