@@ -501,13 +501,16 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
             results.add(name, "idle RSS bytes", base)
             results.add(name, "idle tunnels held", held)
             results.add(name, "probe p99 us, idle", before["p99_us"])
-            results.add(name, "probe p99 us, tunnels held", after["p99_us"])
-            results.add(
-                name, "probe p99 with tunnels / without", after["p99_us"] / before["p99_us"]
-            )
+            if not after["p99_us"]:
+                print(f"warning: {name}: the probe failed with tunnels held", flush=True)
+            else:
+                results.add(name, "probe p99 us, tunnels held", after["p99_us"])
+                results.add(
+                    name, "probe p99 with tunnels / without", after["p99_us"] / before["p99_us"]
+                )
             results.add(
                 name,
-                "same, probing the parent alone",
+                "parent alone: probe p99 with tunnels / without",
                 parent_after["p99_us"] / parent_before["p99_us"],
             )
         finally:
