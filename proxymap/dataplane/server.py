@@ -231,7 +231,7 @@ class ProxyServer(flow.Throttled):
         factory = self.factory
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
-        self.seconds = factory.reactor.seconds
+        self.seconds = factory.seconds
         self.connected_at = self.last_activity = self.seconds()
         limits = factory.limits
         if (
@@ -754,6 +754,8 @@ class ProxyFactory(ServerFactory[ProxyServer]):
         tally: Tally | None = None,
     ) -> None:
         self.reactor = reactor
+        #: The clock read, bound once and shared by every connection of the port.
+        self.seconds = reactor.seconds
         self.connect_timeout = connect_timeout
         self.limits = limits or Limits()
         #: Connections across every port sharing this tally.

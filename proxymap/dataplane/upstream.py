@@ -50,10 +50,13 @@ class _Connector(ClientFactory):
     Builds exactly one :class:`UpstreamProtocol` and reports connect failures to it.
     """
 
+    # One per upstream connection: slots, not a dict (Factory.doStart sets numPorts).
+    __slots__ = ("numPorts", "proto")
     noisy = False
 
     def __init__(self, proto: UpstreamProtocol) -> None:
         self.proto = proto
+        self.numPorts = 0
 
     def buildProtocol(self, addr: IAddress | None) -> UpstreamProtocol:
         return self.proto
@@ -250,7 +253,7 @@ class UpstreamProtocol(flow.Throttled):
                 self._start_tunnel(b"HTTP/1.1 200 Connection established\r\n\r\n", b"")
         if self._pending:
             self.transport.write(b"".join(self._pending))  # type: ignore[union-attr]
-            self._pending = []
+            self._pending.clear()
             self._pending_size = 0
         server.resume_reading(flow.CONNECTING)
 
