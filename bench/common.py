@@ -5,6 +5,7 @@ wrk, and stopping every process a script started.
 
 from __future__ import annotations
 
+import random
 import re
 import signal
 import socket
@@ -27,6 +28,28 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def free_range(n: int) -> list[int]:
+    """
+    ``n`` consecutive ports, each free a moment ago (bounded search).  Below
+    the ephemeral range (32768-), so outgoing connections never take them.
+    """
+    for _ in range(50):
+        first = random.randrange(20000, 32768 - n)
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return list(range(first, first + n))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise SystemExit(f"no {n} consecutive free ports")
 
 
 def wait_port(port: int) -> None:

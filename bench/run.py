@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 sys.path.insert(0, str(HERE))
 
-from common import free_ports, stop_all, wait_port  # noqa: E402
+from common import free_ports, free_range, stop_all, wait_port  # noqa: E402
 
 USER, PASSWORD = "bench", "pw"
 SUBJECT_CORE, LOAD_CORE = "0", "1"
@@ -196,7 +196,7 @@ class Rig:
         return counts
 
     def start(self, name: str, nports: int = 1) -> Running:
-        first = _free_range(nports)
+        first = free_range(nports)[0]
         if name == "direct":
             return Running(name, self.parent_port, None, auth=_token(f"{USER}-session-direct"))
         start = getattr(self, "_start_" + name)
@@ -275,28 +275,6 @@ class Rig:
         running = Running("squid", first, self._popen([SQUID, "-N", "-f", str(conf)]))
         running.cleanup.append(lambda: shutil.rmtree(directory, ignore_errors=True))
         return running
-
-
-def _free_range(n: int) -> int:
-    """
-    The first of ``n`` consecutive ports that were all free a moment ago.
-    """
-    import socket
-
-    for first in range(20000, 30000 - n, max(n, 50)):  # bounded: at most 200 tries
-        socks = []
-        try:
-            for port in range(first, first + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return first
-    raise SystemExit(f"no {n} consecutive free ports between 20000 and 30000")
 
 
 # -- load ----------------------------------------------------------------------

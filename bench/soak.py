@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free_ports, stop_all, wait_port
+from common import free_ports, free_range, stop_all, wait_port
 
 ECHO = """
 import socket, threading
@@ -45,27 +45,6 @@ def serve(c):
 while True:
     c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
-
-
-def free_range(n: int) -> list[int]:
-    """
-    ``n`` consecutive ports, each free a moment ago (bounded search).
-    """
-    for _ in range(50):
-        first = random.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for port in range(first, first + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return list(range(first, first + n))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise SystemExit("no free port range")
 
 
 def fds(pid: int) -> int:
