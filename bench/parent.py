@@ -141,8 +141,10 @@ def _response(body: bytes | None, close: bool) -> bytes:
 
 def _username(head: bytes) -> str | None:
     start = head.find(b"\r\nProxy-Authorization: Basic ")
-    if start < 0:
-        return None
+    if start < 0:  # field names are case-insensitive (Node sends them lowercase)
+        start = head.lower().find(b"\r\nproxy-authorization: basic ")
+        if start < 0:
+            return None
     start += 29
     end = head.find(b"\r\n", start)
     try:

@@ -6,9 +6,10 @@ and the parent itself, in one run.
     python bench/run.py                 # everything (about 15 minutes)
     python bench/run.py --quick         # a smoke run: every phase, tiny sizes
 
-It installs what it needs (apt: wrk, tinyproxy, squid, gcc; pip: pproxy 2.7.9
-in its own venv under bench/.cache; loadgen.c built with gcc), starts every
-server on 127.0.0.1 and stops every process it started.
+It installs what it needs (apt: wrk, tinyproxy, squid, gcc, nodejs; pip:
+pproxy 2.7.9 in its own venv; npm: proxy-chain 2.7.1; both under bench/.cache;
+loadgen.c built with gcc), starts every server on 127.0.0.1 and stops every
+process it started.
 
 Method:
 - the subject under test runs alone on core 0; the terminal fake parent
@@ -60,11 +61,12 @@ from common import free_ports, free_range, stop_all, wait_port  # noqa: E402
 
 USER, PASSWORD = "bench", "pw"
 SUBJECT_CORE, LOAD_CORE = "0", "1"
-PEERS = ("pproxy", "tinyproxy", "squid")
+PEERS = ("pproxy", "tinyproxy", "squid", "proxy-chain")
 SQUID = "/usr/sbin/squid"
 TINYPROXY = "/usr/bin/tinyproxy"
 PPROXY = CACHE / "pproxy" / "bin" / "pproxy"
 LOADGEN = CACHE / "loadgen"
+NODE_MODULES = CACHE / "node" / "node_modules"
 
 
 # -- installing ----------------------------------------------------------------
@@ -83,6 +85,8 @@ def install(subjects: list[str]) -> None:
         need.append("tinyproxy")
     if "squid" in subjects and not os.path.exists(SQUID):
         need.append("squid")
+    if "proxy-chain" in subjects and shutil.which("node") is None:
+        need.append("nodejs")
     if need:
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -108,6 +112,12 @@ def install(subjects: list[str]) -> None:
         )
         if probe.returncode == 0:
             raise SystemExit("uvloop is in bench/.cache/pproxy: pproxy 2.7.9 crashes with it")
+    if "proxy-chain" in subjects and not (NODE_MODULES / "proxy-chain").exists():
+        if shutil.which("npm") is None:  # Debian's nodejs comes without it
+            sudo = [] if os.geteuid() == 0 else ["sudo"]
+            subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "npm"], check=True)
+        npm = ["npm", "install", "--silent", "--no-audit", "--no-fund"]
+        subprocess.run([*npm, "--prefix", str(CACHE / "node"), "proxy-chain@2.7.1"], check=True)
     source = HERE / "loadgen.c"
     if not LOADGEN.exists() or LOADGEN.stat().st_mtime < source.stat().st_mtime:
         subprocess.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN), str(source)], check=True)
@@ -199,7 +209,7 @@ class Rig:
         first = free_range(nports)[0]
         if name == "direct":
             return Running(name, self.parent_port, None, auth=_token(f"{USER}-session-direct"))
-        start = getattr(self, "_start_" + name)
+        start = getattr(self, "_start_" + name.replace("-", "_"))
         running: Running = start(first, nports)
         try:
             for port in range(first, first + nports):
@@ -244,6 +254,17 @@ class Rig:
         argv = [str(PPROXY), "-l", f"http://127.0.0.1:{first}"]
         argv += ["-r", f"http://127.0.0.1:{self.parent_port}#{USER}-session-pproxy:{PASSWORD}"]
         return Running("pproxy", first, self._popen(argv))
+
+    def _start_proxy_chain(self, first: int, nports: int) -> Running:
+        assert nports == 1
+        upstream = f"http://{USER}-session-proxychain:{PASSWORD}@127.0.0.1:{self.parent_port}"
+        proc = subprocess.Popen(
+            pinned(SUBJECT_CORE, ["node", str(HERE / "proxy_chain.js"), str(first), upstream]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, NODE_PATH=str(NODE_MODULES)),
+        )
+        return Running("proxy-chain", first, proc)
 
     def _start_tinyproxy(self, first: int, nports: int) -> Running:
         assert nports == 1
@@ -654,8 +675,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
         "--subjects",
-        default="reference,proxymap,pproxy,tinyproxy,squid,direct",
-        help="comma-separated, from: reference, proxymap, pproxy, tinyproxy, squid, direct",
+        default="reference,proxymap,pproxy,tinyproxy,squid,proxy-chain,direct",
+        help="comma-separated (default: %(default)s)",
     )
     parser.add_argument(
         "--phases", default="throughput,memory,ports", help="comma-separated phases to run"
