@@ -318,9 +318,8 @@ class ProxyServer(flow.Throttled):
         """
         limits = self.factory.limits
         if self._tunnel is not None:
-            up = self._tunnel
-            last = max(self.last_activity, up.last_activity)
-            return last + limits.tunnel_idle_timeout, "tunnel"
+            # Reads on either leg move last_activity (the upstream's in deliver).
+            return self.last_activity + limits.tunnel_idle_timeout, "tunnel"
         if self._socks is not None or self._refused or not self.protocol:
             return self.connected_at + limits.head_timeout, "handshake"
         if self._request is not None:

@@ -88,7 +88,6 @@ class UpstreamProtocol(flow.Throttled):
         "connected_at",
         "connector",
         "key",
-        "last_activity",
         "server",
         "started",
         "target",
@@ -101,9 +100,8 @@ class UpstreamProtocol(flow.Throttled):
         self.server = server
         self.target = target
         self.key = target.key
-        #: When the connection was made (0 until then), and last read from.
+        #: When the connection was made (0 until then).
         self.connected_at = 0.0
-        self.last_activity = 0.0
         #: True once any byte of the current response went to the client.
         self.started = False
         self.connector: IConnector | None = None
@@ -175,7 +173,7 @@ class UpstreamProtocol(flow.Throttled):
         n = len(data)
         server.bytes_down += n
         server.writes += 1
-        server.last_activity = self.last_activity = server.seconds()
+        server.last_activity = server.seconds()
         session = server.session
         if session is not None:
             session.bytes_down += n
