@@ -110,8 +110,8 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "The TOML configuration file."],
         ["demo-ports", None, "10201-10210", "Ports of the demo mapping."],
-        ["demo-sandbox-port", None, "10200", "Port of the demo's sandbox vendor.", int],
-        ["demo-release-port", None, "10199", "Port of the sandbox's release API.", int],
+        ["demo-sandbox-port", None, 10200, "Port of the demo's sandbox vendor.", int],
+        ["demo-release-port", None, 10199, "Port of the sandbox's release API.", int],
     ]
     optFlags = [["demo", None, "Run the demo on the built-in sandbox vendor."]]
 

@@ -54,6 +54,20 @@ def test_plugin_is_found() -> None:
     assert makers["proxymap"].options is tap.Options
 
 
+def test_demo_listens_on_its_default_ports() -> None:
+    """
+    ``--demo`` with no port options: the defaults are port numbers too (an
+    option's default is not passed through its coercer).
+    """
+    reactor = MemoryReactorClock()
+    service = tap.makeService(options("--demo"), reactor=reactor)
+    service.privilegedStartService()
+    service.startService()
+    listening = {port for port, _, _, _ in reactor.tcpServers}
+    assert {10199, 10200, 10201, 10210} <= listening
+    service.stopService()
+
+
 def test_make_service_listens_on_every_port(tmp_path: Path) -> None:
     path = tmp_path / "proxymap.toml"
     path.write_text(GOOD)
