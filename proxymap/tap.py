@@ -48,21 +48,14 @@ from proxymap.vendors.release import VendorRelease
 
 log = Logger()
 
+#: A deep accept queue for every TCP listener: scrapers start many workers at
+#: once, and a burst beyond Twisted's default of 50 would see SYNs dropped and
+#: retried seconds later.
 LISTEN_BACKLOG = 1024
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-secret"  # noqa: S105 - the sandbox's public demo password
 DEMO_API_USER = "api"
 DEMO_API_PASSWORD = "api-secret"  # noqa: S105 - the sandbox release API's demo password
-
-
-def endpoint_string(port: int, bind: str) -> str:
-    """
-    The server endpoint description for ``bind:port``.
-    """
-    # A deep accept queue: scrapers start many workers at once, and a burst of
-    # connections beyond Twisted's default of 50 would see SYNs dropped and
-    # retried seconds later.
-    return f"tcp:{port}:interface={bind.replace(':', chr(92) + ':')}:backlog={LISTEN_BACKLOG}"
 
 
 def demo_config(ports: str, sandbox_port: int, release_port: int) -> Config:
@@ -158,13 +151,14 @@ class _Listener(StreamServerEndpointService):
         return super().stopService()
 
 
-class _PortListener(Service):
+class _TCPListener(Service):
     """
-    One mapped port's listening socket.
+    A fixed TCP port on one interface: every mapped port, and the sandbox's.
 
     Lighter than an endpoint service, because there may be thousands: no
     endpoint object, no description string to parse, no Deferred kept per
-    port.  Binding fails start-up synchronously, like ``_Listener``.
+    port.  Binding fails start-up synchronously, like ``_Listener`` (which
+    serves the admin API's user-given endpoint description).
     """
 
     def __init__(self, reactor: Any, port: int, bind: str, factory: IProtocolFactory) -> None:
@@ -177,8 +171,6 @@ class _PortListener(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        # A deep accept queue: scrapers start many workers at once, and a
-        # burst beyond Twisted's default of 50 would see SYNs dropped.
         self.listening = self.reactor.listenTCP(
             self.port, self.factory, backlog=LISTEN_BACKLOG, interface=self.bind
         )
@@ -224,7 +216,7 @@ class ProxymapService(MultiService):
         self.session_api = SessionAPI(registry)
         self.tally = Tally()
         self.factories: dict[int, PortFactory] = {}
-        self._port_listeners: dict[int, _PortListener] = {}
+        self._port_listeners: dict[int, _TCPListener] = {}
         self._release_subscriptions: list[Any] = []
         #: The sandbox vendor served beside the ports (``--demo``), if any.
         self.sandbox: SandboxVendor | None = None
@@ -284,7 +276,7 @@ class ProxymapService(MultiService):
             self.config.limits,
             self.tally,
         )
-        listener = _PortListener(self.reactor, port, mapping.bind, factory)
+        listener = _TCPListener(self.reactor, port, mapping.bind, factory)
         self.factories[port] = factory
         self._port_listeners[port] = listener
         try:
@@ -470,8 +462,8 @@ class ProxymapService(MultiService):
             address = f"{e.interface or '0.0.0.0'}:{e.port}"  # noqa: S104 - a message, not a bind
             raise SystemExit(f"proxymap: cannot listen on {address}: {e.socketError}") from None
 
-    def listeners(self) -> list[_Listener | _PortListener]:
-        return [s for s in self if isinstance(s, _Listener | _PortListener)]
+    def listeners(self) -> list[_Listener | _TCPListener]:
+        return [s for s in self if isinstance(s, _Listener | _TCPListener)]
 
 
 class _Banner(Service):
@@ -535,14 +527,12 @@ def build_service(
     if sandbox is not None:
         vendor, sandbox_port = sandbox
         root.sandbox = vendor
-        _Listener(
-            serverFromString(reactor, endpoint_string(sandbox_port, "127.0.0.1")),
-            vendor.factory(reactor),
-        ).setServiceParent(root)
+        _TCPListener(reactor, sandbox_port, "127.0.0.1", vendor.factory(reactor)).setServiceParent(
+            root
+        )
         if sandbox_release_port is not None:
-            _Listener(
-                serverFromString(reactor, endpoint_string(sandbox_release_port, "127.0.0.1")),
-                Site(ReleaseAPI(vendor)),
+            _TCPListener(
+                reactor, sandbox_release_port, "127.0.0.1", Site(ReleaseAPI(vendor))
             ).setServiceParent(root)
 
     root.config = config

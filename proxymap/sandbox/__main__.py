@@ -8,6 +8,7 @@ must keep the vendor off proxymap's core.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
@@ -29,13 +30,11 @@ def main(argv: list[str] | None = None) -> None:
         import sys
 
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    from twisted.internet.endpoints import serverFromString
-
-    from proxymap.tap import endpoint_string
+    from proxymap.tap import LISTEN_BACKLOG
 
     vendor = SandboxVendor(user=args.user, password=args.password)
-    endpoint = serverFromString(reactor, endpoint_string(args.port, args.interface))
-    endpoint.listen(vendor.factory(reactor))
+    factory: Any = vendor.factory(reactor)  # a ServerFactory; the stubs want it generic
+    reactor.listenTCP(args.port, factory, backlog=LISTEN_BACKLOG, interface=args.interface)
     reactor.run()
 
 
