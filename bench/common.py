@@ -1,18 +1,16 @@
 """
-What the bench scripts share: free loopback ports, waiting for a listener,
-wrk, and stopping every process a script started.
+What the bench scripts share: free loopback ports, waiting for a listener and
+stopping every process a script started.
 """
 
 from __future__ import annotations
 
 import random
-import re
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 
 def free_ports(n: int) -> list[int]:
@@ -75,30 +73,3 @@ def stop_all(procs: Iterable[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-
-
-def wrk(port: int, script: Path, seconds: int, connections: int, close: bool) -> float:
-    argv = [
-        "taskset",
-        "-c",
-        "1",
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{seconds}s",
-        "-s",
-        str(script),
-        f"http://127.0.0.1:{port}/",
-    ]
-    if close:
-        argv[6:6] = ["-H", "Connection: close"]
-    out = subprocess.run(
-        argv, capture_output=True, text=True, timeout=seconds + 60, check=True
-    ).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if match is None:
-        raise SystemExit(f"wrk said:\n{out}")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        raise SystemExit(f"wrk saw {errors.group(1)} errors:\n{out}")
-    return float(match.group(1))
