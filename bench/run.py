@@ -206,9 +206,9 @@ class Rig:
         return counts
 
     def start(self, name: str, nports: int = 1) -> Running:
-        first = free_range(nports)[0]
         if name == "direct":
             return Running(name, self.parent_port, None, auth=_token(f"{USER}-session-direct"))
+        first = free_range(nports)[0]
         start = getattr(self, "_start_" + name.replace("-", "_"))
         running: Running = start(first, nports)
         try:
