@@ -10,6 +10,9 @@ transport only when the set becomes empty or non-empty.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
@@ -24,6 +27,48 @@ CONNECTING = 4
 #: Bytes held for a peer (pipelined requests, writes before connect) before
 #: we stop reading.
 BUFFER_LIMIT = 64 * 1024
+
+#: The transports :func:`send` may write straight to the socket of.
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+def send(transport: Any, data: bytes) -> None:
+    """
+    Write ``data`` to ``transport`` now if it can take all of it, else as
+    ``transport.write`` does.
+
+    ``transport.write`` never sends: it queues the bytes, asks the reactor to
+    watch the socket for writability, and sends on the next turn of the loop,
+    then stops watching.  That is two ``epoll_ctl`` calls and one more
+    dispatch per write, for every request head and every response.  When
+    nothing is queued ahead of ``data`` (the usual case: the kernel's send
+    buffer has room), sending at once gives the peer the same bytes in the
+    same order, sooner, and the transport never learns it had work.  Anything
+    the socket does not take, and any error, goes through ``transport.write``,
+    so partial writes, backpressure (producers are paused by the transport's
+    own buffer) and failures are handled by Twisted as before.
+
+    Only plain TCP transports in their ordinary state qualify; anything else
+    (TLS, closing, test doubles) is simply ``transport.write``.
+    """
+    if (
+        type(transport) in _PLAIN_TCP
+        and transport.connected
+        and not transport._tempDataLen
+        and not transport.dataBuffer
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport.TLS
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # Would block, or an error: doWrite meets it again and reports it.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 @implementer(IPushProducer)

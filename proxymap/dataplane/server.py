@@ -254,7 +254,7 @@ class ProxyServer(flow.Throttled):
             session = self.session
             if session is not None:
                 session.bytes_up += n
-            tunnel.transport.write(data)  # type: ignore[union-attr]
+            flow.send(tunnel.transport, data)
             return
         if self._closing:
             return
@@ -627,7 +627,7 @@ class ProxyServer(flow.Throttled):
         if self._buffer:
             data, self._buffer = self._buffer, b""
             self.bytes_up += len(data)
-            up.transport.write(data)  # type: ignore[union-attr]
+            flow.send(up.transport, data)
         self.resume_reading(flow.PIPELINE)
         if self._read_closed:
             up.transport.loseWriteConnection()  # type: ignore[union-attr]
@@ -702,7 +702,7 @@ class ProxyServer(flow.Throttled):
     def write(self, data: bytes) -> None:
         self.writes += 1
         self.bytes_down += len(data)
-        self.transport.write(data)  # type: ignore[union-attr]
+        flow.send(self.transport, data)
 
     def _fail(self, status: int, message: str, headers: list[bytes] | None = None) -> None:
         if self._socks_pending:

@@ -158,7 +158,7 @@ class UpstreamProtocol(flow.Throttled):
 
     def send(self, data: bytes) -> None:
         if self._ready:
-            self.transport.write(data)  # type: ignore[union-attr]
+            flow.send(self.transport, data)
             return
         self._pending.append(data)
         self._pending_size += len(data)
@@ -177,7 +177,7 @@ class UpstreamProtocol(flow.Throttled):
         session = server.session
         if session is not None:
             session.bytes_down += n
-        server.transport.write(data)  # type: ignore[union-attr]
+        flow.send(server.transport, data)
 
     def close(self) -> None:
         """
@@ -244,13 +244,14 @@ class UpstreamProtocol(flow.Throttled):
                 extra = [b"Host: " + tunnel.target]
                 if target.authorization is not None:
                     extra.append(b"Proxy-Authorization: " + target.authorization)
-                self.transport.write(  # type: ignore[union-attr]
-                    build_head(b"CONNECT " + tunnel.target + b" HTTP/1.1", [], extra)
+                flow.send(
+                    self.transport,
+                    build_head(b"CONNECT " + tunnel.target + b" HTTP/1.1", [], extra),
                 )
             else:
                 self._start_tunnel(b"HTTP/1.1 200 Connection established\r\n\r\n", b"")
         if self._pending:
-            self.transport.write(b"".join(self._pending))  # type: ignore[union-attr]
+            flow.send(self.transport, b"".join(self._pending))
             self._pending.clear()
             self._pending_size = 0
         server.resume_reading(flow.CONNECTING)

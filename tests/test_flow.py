@@ -1,0 +1,152 @@
+"""
+flow.send: bytes go to the socket at once when nothing is queued ahead of
+them, and through the transport's own buffer otherwise.
+
+These use a real tcp.Server over a socketpair (so the bytes really cross a
+socket) driven by a MemoryReactor (so nothing runs by itself).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet import main, tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
+
+from proxymap.dataplane import flow
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.paused = 0
+        self.resumed = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[tcp.Server, socket.socket, MemoryReactor]]:
+    ours, peer = socket.socketpair()
+    reactor = MemoryReactor()
+    transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
+    peer.setblocking(False)
+    yield transport, peer, reactor
+    ours.close()
+    peer.close()
+
+
+def received(peer: socket.socket) -> bytes:
+    chunks = []
+    for _ in range(10_000):
+        try:
+            chunk = peer.recv(65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_idle_transport_sends_at_once(
+    pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    With nothing queued, the bytes are on the socket when send returns, and
+    the reactor was never asked to watch for writability.
+    """
+    transport, peer, reactor = pair
+    flow.send(transport, b"GET / HTTP/1.1\r\n\r\n")
+    assert received(peer) == b"GET / HTTP/1.1\r\n\r\n"
+    assert transport not in reactor.getWriters()
+    assert transport._tempDataLen == 0 and transport.dataBuffer == b""
+
+
+def test_queued_bytes_keep_their_order(
+    pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    Bytes queued by transport.write go first: send queues behind them.
+    """
+    transport, peer, _ = pair
+    transport.write(b"first ")
+    flow.send(transport, b"second")
+    assert received(peer) == b""
+    transport.doWrite()
+    assert received(peer) == b"first second"
+
+
+def test_what_the_socket_does_not_take_is_queued(
+    pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    A write larger than the socket takes: the rest waits in the transport,
+    which pauses its producer (backpressure) and delivers it all in order.
+    """
+    transport, peer, reactor = pair
+    producer = Producer()
+    transport.registerProducer(producer, True)
+    data = bytes(range(256)) * (16 * 1024)  # 4 MiB: more than any socket buffer here
+    flow.send(transport, data)
+    queued = transport._tempDataLen
+    assert 0 < queued < len(data)
+    assert transport in reactor.getWriters()
+    assert producer.paused == 1
+    got = [received(peer)]
+    assert len(got[0]) == len(data) - queued
+    for _ in range(10_000):
+        if transport not in reactor.getWriters():
+            break
+        transport.doWrite()
+        got.append(received(peer))
+    assert b"".join(got) == data
+    assert producer.resumed == 1
+
+
+def test_errors_are_left_to_the_transport(
+    pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    A socket error is not raised to the caller: the bytes are queued and the
+    transport's next write attempt reports the connection lost.
+    """
+    transport, peer, _ = pair
+    peer.close()
+    flow.send(transport, b"into the void")
+    assert transport._tempDataLen == len(b"into the void")
+    assert transport.doWrite() is main.CONNECTION_LOST
+
+
+def test_closing_transport_is_not_bypassed(
+    pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    Once the transport is closing, writes go through it (it decides what
+    still goes out before the close).
+    """
+    transport, peer, _ = pair
+    transport.loseConnection()
+    flow.send(transport, b"late")
+    assert received(peer) == b""
+    assert transport._tempDataLen == 4
+    transport.connectionLost(Failure(main.CONNECTION_DONE))
+
+
+def test_other_transports_get_write() -> None:
+    """
+    A transport that is not plain TCP (here a test double) gets write().
+    """
+    transport = StringTransport()
+    flow.send(transport, b"hello")
+    assert transport.value() == b"hello"
