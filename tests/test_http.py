@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxymap.dataplane import http
 from proxymap.dataplane.http import (
     ChunkedFramer,
     HTTPError,
@@ -251,3 +252,234 @@ def test_verbatim_response_equals_the_rebuild(
             or not status_line.startswith(b"HTTP/1.1 ")
             or status_line.count(b" ") < 2
         )
+
+
+# -- the fast paths answer exactly as the general parsers do -----------------
+
+_plain_names = st.sampled_from(
+    [
+        b"Host",
+        b"HOST",
+        b"Accept",
+        b"Content-Length",
+        b"content-length",
+        b"Transfer-Encoding",
+        b"Connection",
+        b"Proxy-Connection",
+        b"Keep-Alive",
+        b"Proxy-Authorization",
+        b"Proxy-Authenticate",
+        b"TE",
+        b"Upgrade",
+        b"X-Forwarded-For",
+        b"Authorization",
+    ]
+)
+_plain_values = st.sampled_from(
+    [
+        b"",
+        b" 5",
+        b"5 ",
+        b"12",
+        b"05",
+        b"5, 5",
+        b"-1",
+        b"1234567890123456789",
+        b"close",
+        b" Keep-Alive",
+        b"keep-alive, close",
+        b"close, X-Forwarded-For",
+        b"Upgrade",
+        b"chunked",
+        b"Basic dXNlcjpwYXNz",
+        b"example.com:8080",
+        b"\x00\x7f\xff",
+    ]
+)
+# Mostly well-formed fields (the fast path's ground), some malformed ones.
+_plain_field = st.tuples(_plain_names, st.sampled_from([b":", b": "]), _plain_values).map(b"".join)
+_odd_field = st.one_of(
+    st.tuples(
+        st.sampled_from([b"Bad Name", b" Folded", b"Host ", b"", b"\xffName"]),
+        st.sampled_from([b":", b" :", b""]),
+        st.sampled_from([b"x", b"a\rb", b"a\nb"]),
+    ).map(b"".join),
+    st.binary(max_size=12),
+)
+_any_field = st.one_of(_plain_field, _plain_field, _plain_field, _odd_field)
+_request_lines = st.tuples(
+    st.sampled_from([b"GET", b"POST", b"HEAD", b"CONNECT", b"get", b"PURGE", b"G(T", b""]),
+    st.sampled_from(
+        [
+            b"http://example.com/x?y#z",
+            b"http://Example.COM:8080",
+            b"HTTP://example.com/",
+            b"http://user:pw@[::1]:81/a",
+            b"https://example.com/",
+            b"/session/",
+            b"example.com:443",
+            b"[2001:db8::1]:443",
+            b"example.com",
+            b"*",
+            b"http://exa\nmple.com/",
+            b"http://example.com:99999/",
+            b"",
+        ]
+    ),
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 ", b"http/1.1"]),
+).map(b" ".join)
+_separators = st.one_of(
+    st.just([]), st.just([]), st.lists(st.sampled_from([b"\r\n", b"\n", b"\r"]), max_size=3)
+)
+
+
+def _join(first: bytes, fields: list[bytes], seps: list[bytes]) -> bytes:
+    head = first
+    for index, field in enumerate(fields):
+        head += (seps[index % len(seps)] if seps else b"\r\n") + field
+    return head
+
+
+def _outcome(parse, *args):  # type: ignore[no-untyped-def]
+    try:
+        return parse(*args)
+    except HTTPError as e:
+        return ("error", e.status, e.message)
+
+
+@given(_request_lines, st.lists(_any_field, max_size=8), _separators)
+@settings(max_examples=FUZZ_EXAMPLES * 4)
+def test_fast_request_parse_equals_the_general_parse(
+    line: bytes, fields: list[bytes], seps: list[bytes]
+) -> None:
+    """
+    Wherever the fast path answers, the general parser gives an equal Request.
+    """
+    head = _join(line, fields, seps)
+    fast = _outcome(http._parse_request_fast, head, 128)
+    if fast is None:
+        return
+    assert fast == _outcome(http._parse_request_general, head, 128)
+
+
+@given(
+    st.sampled_from(
+        [
+            b"HTTP/1.1 200 OK",
+            b"HTTP/1.1 200",
+            b"HTTP/1.1 200 ",
+            b"HTTP/1.0 404 Not Found",
+            b"HTTP/1.1 204 No Content",
+            b"HTTP/1.1 304 Not Modified",
+            b"HTTP/1.1 101 Switching",
+            b"HTTP/1.1 407 Proxy Authentication Required",
+            b"HTTP/1.1 2000 OK",
+            b"HTTP/1.1 20",
+            b"HTTP/1.1 020 OK",
+            b"HTTP/1.1  200 OK",
+            b"HTTP/2.0 200 OK",
+            b"ICY 200 OK",
+            b"HTTP/1.1 200 O\nK",
+        ]
+    ),
+    st.lists(_any_field, max_size=8),
+    _separators,
+    st.sampled_from([b"GET", b"HEAD", b"CONNECT", b"POST"]),
+)
+@settings(max_examples=FUZZ_EXAMPLES * 4)
+def test_fast_response_parse_equals_the_general_parse(
+    line: bytes, fields: list[bytes], seps: list[bytes], method: bytes
+) -> None:
+    """
+    Wherever the fast path answers, the general parser gives an equal Response.
+    """
+    head = _join(line, fields, seps)
+    fast = _outcome(http._parse_response_fast, head, method)
+    if fast is None:
+        return
+    assert fast == _outcome(http._parse_response_general, head, method)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # wrk, curl -x, curl -x with credentials and -p, a browser-like client.
+        b"GET http://bench.parent/ HTTP/1.1\r\nHost: 127.0.0.1:10201",
+        b"GET http://bench.parent/ HTTP/1.1\r\nHost: 127.0.0.1:10201\r\nConnection: close",
+        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nUser-Agent: curl/7.88.1"
+        b"\r\nAccept: */*\r\nProxy-Connection: Keep-Alive",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n"
+        b"Proxy-Authorization: Basic dXNlcjpwYXNz\r\nUser-Agent: curl/7.88.1",
+        b"POST http://example.com/form HTTP/1.1\r\nHost: example.com\r\nContent-Length: 12"
+        b"\r\nContent-Type: application/x-www-form-urlencoded\r\nCookie: a=b",
+        b"GET http://example.com/ HTTP/1.0\r\nConnection: keep-alive",
+    ],
+)
+def test_usual_requests_take_the_fast_path(head: bytes) -> None:
+    """
+    The fast path is not a dead branch: the usual heads take it.
+    """
+    request = http._parse_request_fast(head, 128)
+    assert request is not None
+    assert request == http._parse_request_general(head, 128)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 512\r\nDate: x",
+        b"HTTP/1.1 200 Connection established",
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0",
+        b"HTTP/1.1 204 No Content",
+    ],
+)
+def test_usual_responses_take_the_fast_path(head: bytes) -> None:
+    response = http._parse_response_fast(head, b"GET")
+    assert response is not None
+    assert response == http._parse_response_general(head, b"GET")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET http://a/ HTTP/1.1\r\nProxy-Authorization: Basic b25l"
+        b"\r\nProxy-Authorization: Basic dHdv",
+        b"GET http://exa\nmple.com/ HTTP/1.1\r\nHost: a",
+        b"GET http://a/\r HTTP/1.1",
+        b"GET http://a/ HTTP/1.1" + b"\r\nX-Many: 1" * 129,
+        b"POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 12",
+        b"POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5",
+        b"GET http://a/ HTTP/1.1\r\nConnection: close, X-Trace\r\nX-Trace: 1",
+        b"GET http://a/ HTTP/1.1\r\nProxy-Connection: keep-alive, Cookie\r\nCookie: a=b",
+        b"GET http://a/ HTTP/1.0\r\nConnection: keep-alive\r\nProxy-Connection: close",
+        b"GET http://a/ HTTP/1.1\r\nHost: a\r\nhost: b",
+        b"GET http://a/ HTTP/1.1\r\nTE: trailers",
+        b"GET http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked",
+    ],
+)
+def test_fast_request_edges(head: bytes) -> None:
+    """
+    Heads at the fast path's edges (repeated or connection-naming fields):
+    where it answers, it answers as the general parser does.
+    """
+    fast = _outcome(http._parse_request_fast, head, 128)
+    assert fast is None or fast == _outcome(http._parse_request_general, head, 128)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 12",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5",
+        b"HTTP/1.1 200 OK\r\nConnection: close, X-Trace\r\nX-Trace: 1\r\nContent-Length: 0",
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0",
+        b"HTTP/1.1 200 Connection established\r\nContent-Length: 7",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked",
+        b"HTTP/1.1 200 OK" + b"\r\nX-Many: 1" * 129,
+    ],
+)
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"CONNECT"])
+def test_fast_response_edges(head: bytes, method: bytes) -> None:
+    fast = _outcome(http._parse_response_fast, head, method)
+    assert fast is None or fast == _outcome(http._parse_response_general, head, method)
