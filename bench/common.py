@@ -1,5 +1,5 @@
 """
-What the bench scripts share: free loopback ports, waiting for a listener and
+What the bench scripts share: free loopback ports, waiting for listeners and
 stopping every process a script started.
 """
 
@@ -57,6 +57,37 @@ def wait_port(port: int) -> None:
                 return
         time.sleep(0.05)
     raise SystemExit(f"nothing listens on {port}")
+
+
+def listening(ports: Iterable[int]) -> set[int]:
+    """
+    Which of ``ports`` have a TCP listener on 127.0.0.1, read from
+    /proc/net/tcp: unlike connecting, looking makes the server do nothing, so
+    it cannot change what is being measured.
+    """
+    wanted = set(ports)
+    found = set()
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            address, _, port = fields[1].partition(":")
+            if fields[3] == "0A" and address in ("0100007F", "00000000"):
+                found.add(int(port, 16))
+    return wanted & found
+
+
+def wait_listening(ports: Iterable[int]) -> None:
+    """
+    Wait until every port of ``ports`` listens (at most ~30 s).
+    """
+    wanted = set(ports)
+    for _ in range(600):
+        if listening(wanted) == wanted:
+            return
+        time.sleep(0.05)
+    missing = sorted(wanted - listening(wanted))
+    raise SystemExit(f"nothing listens on {missing[:5]}")
 
 
 def stop_all(procs: Iterable[subprocess.Popen[bytes]]) -> None:

@@ -57,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 sys.path.insert(0, str(HERE))
 
-from common import free_ports, free_range, stop_all, wait_port  # noqa: E402
+from common import free_ports, free_range, stop_all, wait_listening, wait_port  # noqa: E402
 
 USER, PASSWORD = "bench", "pw"
 SUBJECT_CORE, LOAD_CORE = "0", "1"
@@ -212,8 +212,8 @@ class Rig:
         start = getattr(self, "_start_" + name.replace("-", "_"))
         running: Running = start(first, nports)
         try:
-            for port in range(first, first + nports):
-                wait_port(port)
+            # Without connecting: bytes per port must not count probe connections.
+            wait_listening(range(first, first + nports))
             if running.admin is not None:
                 wait_port(running.admin)
         except BaseException:
