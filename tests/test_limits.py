@@ -216,3 +216,24 @@ def test_limits_parse() -> None:
         {"mapping": [raw], "limits": {"idle_timeout": "2m", "max_headers": 50}}, env={}
     )
     assert (c.limits.idle_timeout, c.limits.max_headers, c.limits.head_timeout) == (120, 50, 30)
+
+
+def test_idle_tunnel_timer_waits_for_the_tunnel_deadline() -> None:
+    """
+    An idle tunnel is looked at again at its own deadline, not every
+    head_timeout: thousands of idle tunnels cost no timer churn.
+    """
+    h = Harness(Limits(tunnel_idle_timeout=1000, head_timeout=30))
+    proto, client = h.client()
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    up, _ = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+    h.reactor.advance(30)  # the handshake's timer fires and finds a tunnel
+    pending = [
+        call.getTime() for call in h.reactor.getDelayedCalls() if call.func == proto._on_timer
+    ]
+    assert pending == [1000]
+    h.reactor.advance(969)
+    assert not client.disconnected
+    h.reactor.advance(1)
+    assert client.disconnected

@@ -335,7 +335,12 @@ class ProxyServer(flow.Throttled):
         deadline, state = self._deadline()
         now = self.seconds()
         if now < deadline:
-            self._arm(min(deadline - now, self.factory.limits.head_timeout))
+            # A tunnel stays a tunnel, so its deadline can only move later:
+            # one timer for the whole of it.  Other states may turn into one
+            # with a nearer deadline (a new request head), so look again soon.
+            if state != "tunnel":
+                deadline = min(deadline, now + self.factory.limits.head_timeout)
+            self._arm(deadline - now)
             return
         log.debug("closing {client}: {state} timeout", client=self.client, state=state)
         if state == "head":
