@@ -460,6 +460,17 @@ def throughput(rig: Rig, results: Results, subjects: list[str], args: argparse.N
                 running.stop()
 
 
+def probe_p99(running: Running, work: Path, args: argparse.Namespace) -> float:
+    """
+    The c1 probe's p99 in microseconds: the median of three short probes
+    (one in --quick), because a single p99 on this kind of machine moves
+    several-fold between runs on its own.
+    """
+    seconds = min(3.0, args.seconds)
+    rounds = 1 if args.quick else 3
+    return statistics.median(wrk(running, work, seconds, 1, False)["p99_us"] for _ in range(rounds))
+
+
 def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Namespace) -> None:
     """
     Bytes per idle tunnel (slope from low to high) and the probe's p99 with
@@ -473,12 +484,11 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
             continue
         running = rig.start(name)
         try:
-            probe = min(3.0, args.seconds)
             # The parent holds the other end of every tunnel: probing it alone
             # too tells the rig's own slow-down from the subject's.
             parent = rig.start("direct")
-            before = wrk(running, rig.work, probe, 1, False)
-            parent_before = wrk(parent, rig.work, probe, 1, False)
+            before = probe_p99(running, rig.work, args)
+            parent_before = probe_p99(parent, rig.work, args)
             assert running.pid is not None
             base = rss_bytes(running.pid)
             with held_tunnels(running, low, 120) as got_low:
@@ -490,8 +500,8 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
                     with held_tunnels(running, most - high, 120) as got_most:
                         held = got_low + got_high + got_most
                         time.sleep(1)
-                        after = wrk(running, rig.work, probe, 1, False)
-                        parent_after = wrk(parent, rig.work, probe, 1, False)
+                        after = probe_p99(running, rig.work, args)
+                        parent_after = probe_p99(parent, rig.work, args)
             if got_low == low and got_high == high - low:
                 slope = (rss_high - rss_low) / (high - low)
                 results.add(name, "bytes per idle tunnel", slope)
@@ -499,18 +509,16 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
                 print(f"warning: {name} held only {got_low + got_high} of {high}", flush=True)
             results.add(name, "idle RSS bytes", base)
             results.add(name, "idle tunnels held", held)
-            results.add(name, "probe p99 us, idle", before["p99_us"])
-            if not after["p99_us"]:
+            results.add(name, "probe p99 us, idle", before)
+            if not after:
                 print(f"warning: {name}: the probe failed with tunnels held", flush=True)
             else:
-                results.add(name, "probe p99 us, tunnels held", after["p99_us"])
-                results.add(
-                    name, "probe p99 with tunnels / without", after["p99_us"] / before["p99_us"]
-                )
+                results.add(name, "probe p99 us, tunnels held", after)
+                results.add(name, "probe p99 with tunnels / without", after / before)
             results.add(
                 name,
                 "parent alone: probe p99 with tunnels / without",
-                parent_after["p99_us"] / parent_before["p99_us"],
+                parent_after / parent_before,
             )
         finally:
             running.stop()
