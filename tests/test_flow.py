@@ -9,6 +9,8 @@ socket) driven by a MemoryReactor (so nothing runs by itself).
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -150,3 +152,53 @@ def test_other_transports_get_write() -> None:
     transport = StringTransport()
     flow.send(transport, b"hello")
     assert transport.value() == b"hello"
+
+
+_LAYOUT_PROBE = """
+import socket, sys, tracemalloc
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor
+from proxymap.dataplane import flow
+settle = sys.argv[1] == "settle"
+reactor = MemoryReactor()
+pairs = [socket.socketpair() for _ in range(200)]
+# As under load: many transports exist before the first registers a producer.
+servers = []
+for i, (a, b) in enumerate(pairs):
+    t = tcp.Server(a, Protocol(), ("127.0.0.1", 1), None, i, reactor)
+    if settle:
+        flow.settle(t)
+    servers.append(t)
+producers = [Protocol() for _ in servers]
+tracemalloc.start()
+before = tracemalloc.get_traced_memory()[0]
+for t, p in zip(servers, producers):
+    t.registerProducer(p, True)
+print((tracemalloc.get_traced_memory()[0] - before) / len(servers))
+"""
+
+
+@pytest.mark.skipif(
+    sys.implementation.name != "cpython" or sys.version_info[:2] not in ((3, 11), (3, 12)),
+    reason="the shared attribute layout measured here is CPython 3.11/3.12's",
+)
+def test_settled_transports_register_producers_without_a_dict_each() -> None:
+    """
+    Registering a producer on a transport settled at birth allocates next to
+    nothing; unsettled, it costs each transport a private attribute dict.
+    A fresh interpreter each, because the layout is learnt per process.
+    """
+
+    def per_transport(mode: str) -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", _LAYOUT_PROBE, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        return float(out)
+
+    assert per_transport("settle") < 50
+    assert per_transport("plain") > 400
