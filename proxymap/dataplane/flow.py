@@ -32,20 +32,64 @@ BUFFER_LIMIT = 64 * 1024
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
-def settle(transport: Any) -> None:
+#: Every attribute Twisted (24-26) sets on a TCP transport in its life:
+#: construction, connecting, writing, producers, closing and half-closing.
+_TRANSPORT_ATTRIBUTES = (
+    "_aborting",
+    "_requiresResolution",
+    "_tempDataBuffer",
+    "_tempDataLen",
+    "_writeDisconnected",
+    "_writeDisconnecting",
+    "addr",
+    "client",
+    "connected",
+    "connector",
+    "dataBuffer",
+    "disconnected",
+    "disconnecting",
+    "doRead",
+    "doWrite",
+    "fileno",
+    "hostname",
+    "logstr",
+    "offset",
+    "producer",
+    "producerPaused",
+    "protocol",
+    "reactor",
+    "realAddress",
+    "repstr",
+    "server",
+    "sessionno",
+    "socket",
+    "streamingProducer",
+)
+
+
+def _teach_layouts() -> None:
     """
-    Give a new transport now, at their class defaults, the attributes
-    Twisted would first set on it later (registerProducer's).
+    Show CPython every attribute a TCP transport will get, once, before the
+    first real transport exists.
 
     CPython (3.11+) keeps instance attributes in a layout shared by the
-    class, learnt from the first few dozen instances; an attribute first set
-    after that gives the instance a private dict instead, about 800 bytes.
-    Under load, hundreds of transports exist before the first one reaches
-    registerProducer, so without this every tunnel paid that twice.  The
-    values are the ones the class already gives, so nothing else changes.
+    class, learnt from its first few dozen instances; an attribute first set
+    after that gives each instance a private dict instead (about 800 bytes).
+    Under load hundreds of transports exist before the first of them
+    connects or registers a producer, so the attributes Twisted sets then
+    (``doWrite``, ``realAddress``, ``producer``...) came too late and every
+    connection paid for two dicts.  A throwaway instance, never initialised
+    and never seen by Twisted, sets them all first.  Only the memory layout
+    changes; where the layout is already settled (or on another Python) this
+    does nothing.
     """
-    transport.producer = None
-    transport.streamingProducer = False
+    for cls in _PLAIN_TCP:
+        dummy = object.__new__(cls)
+        for name in _TRANSPORT_ATTRIBUTES:
+            object.__setattr__(dummy, name, None)
+
+
+_teach_layouts()
 
 
 def send(transport: Any, data: bytes) -> None:

@@ -229,7 +229,6 @@ class ProxyServer(flow.Throttled):
 
     def connectionMade(self) -> None:
         factory = self.factory
-        flow.settle(self.transport)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
         self.seconds = factory.seconds

@@ -130,12 +130,9 @@ class UpstreamProtocol(flow.Throttled):
         if tunnel is not None:
             proto._request = tunnel
         factory = server.factory
-        proto.connector = connector = factory.reactor.connectTCP(
+        proto.connector = factory.reactor.connectTCP(
             target.host, target.port, _Connector(proto), timeout=factory.connect_timeout
         )
-        transport = getattr(connector, "transport", None)
-        if transport is not None:
-            flow.settle(transport)
         return proto
 
     @property
