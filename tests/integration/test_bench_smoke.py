@@ -28,6 +28,8 @@ EXPECTED = {
     "bytes per idle tunnel",
     "idle tunnels held",
     "probe p99 with tunnels / without",
+    "twin: probe p99 with tunnels / without",
+    "probe p99 with tunnels / without, over the twin's",
     "bytes per listening port",
     "traffic over 50 ports / one port",
 }
