@@ -6,7 +6,7 @@ StringTransports and a MemoryReactorClock, and tunnels over iosim.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError, UserError
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -298,9 +298,47 @@ def test_connect_timeout_is_504() -> None:
     h = Harness(connect_timeout="3s")
     proto, client = h.client()
     proto.dataReceived(GET)
-    assert h.reactor.tcpClients[-1][3] == 3.0
     h.fail_connect(TimeoutError())
     assert head_of(client.value())[0] == b"HTTP/1.1 504 Gateway Timeout"
+
+
+def test_connect_deadline_is_kept_by_the_connections_own_timer() -> None:
+    """
+    No DelayedCall per upstream connection: the client leg's timer, already
+    armed for the head, is pulled in to the connect deadline, gives up
+    connecting and answers 504.
+    """
+    h = Harness(connect_timeout="3s")
+    proto, client = h.client()
+    h.reactor.advance(1)
+    proto.dataReceived(GET)
+    assert h.reactor.tcpClients[-1][3] is None
+    (timer,) = [c for c in h.reactor.getDelayedCalls() if c.func == proto._on_timer]
+    assert timer.getTime() == 4.0
+    connector = h.reactor.connectors[-1]
+    h.reactor.advance(2.9)
+    assert client.value() == b""
+    h.reactor.advance(0.2)
+    first, _, body = head_of(client.value())
+    assert first == b"HTTP/1.1 504 Gateway Timeout"
+    assert b"timed out connecting to the upstream gw.example.com:10000" in body
+    assert connector.stoppedConnecting
+    # Stopping reports the failure again: it is not answered twice.
+    h.fail_connect(UserError())
+    assert client.value().count(b"HTTP/1.1") == 1
+    assert h.factory.upstream_errors == {"timeout": 1}
+
+
+def test_a_connect_that_succeeds_leaves_no_timer_behind() -> None:
+    h = Harness(connect_timeout="3s")
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    up.dataReceived(OK)
+    assert client.value().endswith(b"hello")
+    h.reactor.advance(10)
+    assert not h.reactor.connectors[-1].stoppedConnecting
+    assert not client.disconnecting
 
 
 def test_vendor_407_becomes_502_without_credentials() -> None:

@@ -312,10 +312,28 @@ class ProxyServer(flow.Throttled):
     def _arm(self, delay: float) -> None:
         self._timer = self.factory.reactor.callLater(max(delay, 0.05), self._on_timer)
 
+    def wake_by(self, when: float) -> None:
+        """
+        Make the timer fire no later than ``when``.
+        """
+        timer = self._timer
+        if timer is None:
+            if not self._gone:
+                self._arm(when - self.seconds())
+        elif timer.getTime() > when:
+            timer.reset(max(when - self.seconds(), 0.05))
+
     def _deadline(self) -> tuple[float, str]:
         """
         When this connection times out in its present state, and why.
         """
+        deadline, state = self._state_deadline()
+        up = self._upstream
+        if up is not None and up.connecting and up.connect_deadline < deadline:
+            return up.connect_deadline, "connect"
+        return deadline, state
+
+    def _state_deadline(self) -> tuple[float, str]:
         limits = self.factory.limits
         if self._tunnel is not None:
             # Reads on either leg move last_activity (the upstream's in deliver).
@@ -343,7 +361,10 @@ class ProxyServer(flow.Throttled):
             self._arm(deadline - now)
             return
         log.debug("closing {client}: {state} timeout", client=self.client, state=state)
-        if state == "head":
+        if state == "connect":
+            assert self._upstream is not None
+            self._upstream.connect_timed_out()
+        elif state == "head":
             self._fail(408, "the request head took too long")
         elif state == "response" and not (self._upstream and self._upstream.started):
             self._fail(504, "the upstream did not answer in time")

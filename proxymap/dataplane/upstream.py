@@ -85,6 +85,7 @@ class UpstreamProtocol(flow.Throttled):
         "_socks_state",
         "_tunnel",
         "_tunnel_request",
+        "connect_deadline",
         "connected_at",
         "connector",
         "key",
@@ -105,6 +106,8 @@ class UpstreamProtocol(flow.Throttled):
         #: True once any byte of the current response went to the client.
         self.started = False
         self.connector: IConnector | None = None
+        #: When connecting gives up (the client leg's timer watches it).
+        self.connect_deadline = 0.0
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._tunnel_request = tunnel
@@ -130,10 +133,21 @@ class UpstreamProtocol(flow.Throttled):
         if tunnel is not None:
             proto._request = tunnel
         factory = server.factory
+        # No timeout for Twisted to schedule (None, not its default of 30 s):
+        # the client leg's own timer enforces it (see connect_timed_out).
+        # A DelayedCall per upstream connection, cancelled on connect but
+        # kept in the reactor's heap until the heap is next compacted, cost
+        # time on every connection and about 150 bytes on every held tunnel.
         proto.connector = factory.reactor.connectTCP(
-            target.host, target.port, _Connector(proto), timeout=factory.connect_timeout
+            target.host, target.port, _Connector(proto), timeout=None
         )
+        proto.connect_deadline = server.seconds() + factory.connect_timeout
+        server.wake_by(proto.connect_deadline)
         return proto
+
+    @property
+    def connecting(self) -> bool:
+        return self.transport is None and not self._lost
 
     @property
     def address(self) -> str:
@@ -217,9 +231,23 @@ class UpstreamProtocol(flow.Throttled):
         server.upstream_failed(self, status, message)
         server.upstream_gone(self, clean=False)
 
+    def connect_timed_out(self) -> None:
+        """
+        The connect deadline passed while connecting: give up, as Twisted's
+        own connect timeout would have.
+        """
+        connector = self.connector
+        self.connect_failed(Failure(error.TimeoutError()))
+        if connector is not None:
+            try:
+                connector.stopConnecting()
+            except error.NotConnectingError:
+                pass
+
     def connectionMade(self) -> None:
         server = self.server
         self.connected_at = server.factory.reactor.seconds()
+        self.connect_deadline = 0.0  # not a float kept per tunnel
         if server._gone:
             self.transport.abortConnection()  # type: ignore[union-attr]
             return

@@ -8,6 +8,7 @@ on both sides and the port keeps serving.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +75,9 @@ class Vendor:
         return self.port.getHost().port
 
 
-def proxymap_to(upstream_port: int, **limits: Any) -> tuple[ProxymapService, int]:
+def proxymap_to(
+    upstream_port: int, mapping: dict[str, Any] | None = None, **limits: Any
+) -> tuple[ProxymapService, int]:
     (port,) = free_ports(1)
     config = parse_config(
         {
@@ -84,6 +87,7 @@ def proxymap_to(upstream_port: int, **limits: Any) -> tuple[ProxymapService, int
                     "upstream": f"http://127.0.0.1:{upstream_port}",
                     "user": "alice",
                     "pass": "s3cret",
+                    **(mapping or {}),
                 }
             ],
             "admin": {"listen": ""},
@@ -148,6 +152,39 @@ async def test_vendor_black_hole() -> None:
     finally:
         await service.stopService()
         await vendor.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_vendor_that_never_accepts() -> None:
+    """
+    A gateway whose accept queue is full drops the SYN, so connecting hangs:
+    at connect_timeout the HTTP client gets a 504 and the SOCKS client a
+    refusal, long before curl's own limit, and nothing is left connecting.
+    """
+    full = socket.socket()
+    filler = socket.socket()
+    try:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler.connect(full.getsockname())  # the one place in its queue
+        service, port = proxymap_to(full.getsockname()[1], {"connect_timeout": "1s"})
+        try:
+            code, out, err = await curl(
+                "-i", "--max-time", "8", "-x", f"http://127.0.0.1:{port}", "http://e.com/"
+            )
+            assert out.startswith(b"HTTP/1.1 504"), (code, err)
+            assert b"timed out connecting to the upstream 127.0.0.1:" in out
+            code, _, err = await curl(
+                "--max-time", "8", "--socks5-hostname", f"127.0.0.1:{port}", "http://e.com/"
+            )
+            assert code == 97, err  # the SOCKS handshake failed, not curl's timeout (28)
+            assert port_factory(service).upstream_errors["timeout"] == 2
+            await still_serves(service, port)
+        finally:
+            await service.stopService()
+    finally:
+        filler.close()
+        full.close()
 
 
 @pytest_twisted.ensureDeferred
