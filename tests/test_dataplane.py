@@ -313,8 +313,7 @@ def test_connect_deadline_is_kept_by_the_connections_own_timer() -> None:
     h.reactor.advance(1)
     proto.dataReceived(GET)
     assert h.reactor.tcpClients[-1][3] is None
-    (timer,) = [c for c in h.reactor.getDelayedCalls() if c.func == proto._on_timer]
-    assert timer.getTime() == 4.0
+    assert proto.timer_due == 4.0
     connector = h.reactor.connectors[-1]
     h.reactor.advance(2.9)
     assert client.value() == b""

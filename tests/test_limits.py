@@ -229,10 +229,7 @@ def test_idle_tunnel_timer_waits_for_the_tunnel_deadline() -> None:
     up, _ = h.upstream()
     up.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
     h.reactor.advance(30)  # the handshake's timer fires and finds a tunnel
-    pending = [
-        call.getTime() for call in h.reactor.getDelayedCalls() if call.func == proto._on_timer
-    ]
-    assert pending == [1000]
+    assert proto.timer_due == 1000
     h.reactor.advance(969)
     assert not client.disconnected
     h.reactor.advance(1)

@@ -29,6 +29,7 @@ from zope.interface import implementer
 from proxymap.config import Limits
 from proxymap.credentials import basic_authorization
 from proxymap.dataplane import flow, socks
+from proxymap.dataplane.deadlines import Deadlines, tick_time
 from proxymap.dataplane.http import (
     ChunkedFramer,
     HTTPError,
@@ -132,7 +133,7 @@ class ProxyServer(flow.Throttled):
         "_socks",
         "_socks_pending",
         "_target",
-        "_timer",
+        "_tick",
         "_tunnel",
         "_upstream",
         "bytes_down",
@@ -176,7 +177,8 @@ class ProxyServer(flow.Throttled):
         self._refused = False
         #: When the first byte of the current request head arrived.
         self._head_started: float | None = None
-        self._timer: Any = None
+        #: The tick of this connection's deadline in factory.deadlines (0: none).
+        self._tick = 0
 
         self._buffer = b""
         self._request: Request | None = None
@@ -291,8 +293,9 @@ class ProxyServer(flow.Throttled):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        if self._tick:
+            self.factory.deadlines.discard(self, self._tick)
+            self._tick = 0
         if self.factory.connections.pop(self.id, None) is not None:
             self.factory.tally.connections -= 1
         if self.session is not None:
@@ -310,18 +313,27 @@ class ProxyServer(flow.Throttled):
     # ------------------------------------------------------------ timeouts
 
     def _arm(self, delay: float) -> None:
-        self._timer = self.factory.reactor.callLater(max(delay, 0.05), self._on_timer)
+        self._tick = self.factory.deadlines.add(self, self.seconds() + max(delay, 0.05))
+
+    @property
+    def timer_due(self) -> float | None:
+        """
+        When this connection next looks at its deadline (None: never).
+        """
+        return tick_time(self._tick) if self._tick else None
 
     def wake_by(self, when: float) -> None:
         """
-        Make the timer fire no later than ``when``.
+        Make the timer fire no later than ``when`` (to within a tick).
         """
-        timer = self._timer
-        if timer is None:
-            if not self._gone:
-                self._arm(when - self.seconds())
-        elif timer.getTime() > when:
-            timer.reset(max(when - self.seconds(), 0.05))
+        tick = self._tick
+        if tick:
+            if tick_time(tick) <= when:
+                return
+            self.factory.deadlines.discard(self, tick)
+            self._tick = 0
+        if not self._gone:
+            self._arm(when - self.seconds())
 
     def _deadline(self) -> tuple[float, str]:
         """
@@ -346,8 +358,8 @@ class ProxyServer(flow.Throttled):
             return self._head_started + limits.head_timeout, "head"
         return self.last_activity + limits.idle_timeout, "idle"
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def deadline_passed(self) -> None:
+        self._tick = 0
         if self._gone:
             return
         deadline, state = self._deadline()
@@ -789,6 +801,8 @@ class ProxyFactory(ServerFactory[ProxyServer]):
         self.upstream_errors: Counter[str] = Counter()
         #: Live client connections of this port, by connection id.
         self.connections: dict[int, ProxyServer] = {}
+        #: The connections' timers (see deadlines.py).
+        self.deadlines = Deadlines(reactor)
 
     def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
         """
