@@ -50,9 +50,7 @@ class Deadlines:
         Call ``watcher.deadline_passed()`` once, at the first tick at or after
         ``when``.  Returns the tick, which :meth:`discard` needs.
         """
-        tick = math.ceil(when * TICKS)
-        if tick / TICKS < when:  # the product rounded down
-            tick += 1
+        tick = tick_of(when)
         due = self._due.get(tick)
         if due is None:
             due = self._due[tick] = set()
@@ -87,6 +85,16 @@ class Deadlines:
             except Exception:
                 # One failing watcher must not starve the others of the tick.
                 log.failure("a deadline handler failed")
+
+
+def tick_of(when: float) -> int:
+    """
+    The first tick at or after ``when``.
+    """
+    tick = math.ceil(when * TICKS)
+    if tick / TICKS < when:  # the product rounded down
+        tick += 1
+    return tick
 
 
 def tick_time(tick: int) -> float:

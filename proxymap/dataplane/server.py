@@ -29,7 +29,7 @@ from zope.interface import implementer
 from proxymap.config import Limits
 from proxymap.credentials import basic_authorization
 from proxymap.dataplane import flow, socks
-from proxymap.dataplane.deadlines import Deadlines, tick_time
+from proxymap.dataplane.deadlines import Deadlines, tick_of, tick_time
 from proxymap.dataplane.http import (
     ChunkedFramer,
     HTTPError,
@@ -92,10 +92,15 @@ class UpstreamTarget:
 @attrs.define
 class Tally:
     """
-    Open client connections across the ports that share it.
+    What the ports that share it have in common: their open client
+    connections, and the timers of those connections.
     """
 
     connections: int = 0
+    #: Given by the first factory that uses this tally (they share a reactor).
+    #: One set of ticks for every port: traffic spread over a thousand ports
+    #: still shares a call per tick (a set per port made spreading 8% slower).
+    deadlines: Deadlines | None = None
 
 
 @attrs.frozen
@@ -328,7 +333,7 @@ class ProxyServer(flow.Throttled):
         """
         tick = self._tick
         if tick:
-            if tick_time(tick) <= when:
+            if tick <= tick_of(when):
                 return
             self.factory.deadlines.discard(self, tick)
             self._tick = 0
@@ -801,8 +806,10 @@ class ProxyFactory(ServerFactory[ProxyServer]):
         self.upstream_errors: Counter[str] = Counter()
         #: Live client connections of this port, by connection id.
         self.connections: dict[int, ProxyServer] = {}
-        #: The connections' timers (see deadlines.py).
-        self.deadlines = Deadlines(reactor)
+        if self.tally.deadlines is None:
+            self.tally.deadlines = Deadlines(reactor)
+        #: The connections' timers (see deadlines.py), shared with the tally's ports.
+        self.deadlines: Deadlines = self.tally.deadlines
 
     def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
         """
