@@ -31,6 +31,7 @@ EXPECTED = {
     "twin: probe p99 with tunnels / without",
     "probe p99 with tunnels / without, over the twin's",
     "bytes per listening port",
+    "1 port up s (process start to listening)",
     "traffic over 50 ports / one port",
 }
 
