@@ -500,8 +500,9 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
         if name == "direct":
             continue
         running = rig.start(name)
-        twin = rig.start(name)
+        twin: Running | None = None
         try:
+            twin = rig.start(name)
             before, twin_before = probe_p99(running, twin, rig.work, args)
             assert running.pid is not None
             base = rss_bytes(running.pid)
@@ -538,7 +539,8 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
                 )
         finally:
             running.stop()
-            twin.stop()
+            if twin is not None:
+                twin.stop()
 
 
 def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namespace) -> None:
