@@ -1,5 +1,6 @@
 """
-Coarse timers shared by the connections of a port.
+Coarse timers shared by the client connections of every port of a service
+(one ``Deadlines`` per ``Tally``).
 
 Every client connection has one deadline at a time (its head, idle, response,
 connect or tunnel timeout; see ``ProxyServer._deadline``).  A Twisted
