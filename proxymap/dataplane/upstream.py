@@ -234,15 +234,13 @@ class UpstreamProtocol(flow.Throttled):
     def connect_timed_out(self) -> None:
         """
         The connect deadline passed while connecting: give up, as Twisted's
-        own connect timeout would have.
+        own connect timeout would have.  connect_failed marks us lost, so
+        nothing on the way stops the connector before we do, and the failure
+        stopping reports is ignored.
         """
-        connector = self.connector
         self.connect_failed(Failure(error.TimeoutError()))
-        if connector is not None:
-            try:
-                connector.stopConnecting()
-            except error.NotConnectingError:
-                pass
+        assert self.connector is not None
+        self.connector.stopConnecting()
 
     def connectionMade(self) -> None:
         server = self.server
