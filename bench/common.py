@@ -50,15 +50,6 @@ def free_range(n: int) -> list[int]:
     raise SystemExit(f"no {n} consecutive free ports")
 
 
-def wait_port(port: int) -> None:
-    for _ in range(200):  # at most ~10 s
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
 def listening(ports: Iterable[int]) -> set[int]:
     """
     Which of ``ports`` have a TCP listener on 127.0.0.1, read from

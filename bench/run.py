@@ -58,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 sys.path.insert(0, str(HERE))
 
-from common import free_ports, free_range, stop_all, wait_listening, wait_port  # noqa: E402
+from common import free_ports, free_range, stop_all, wait_listening  # noqa: E402
 
 USER, PASSWORD = "bench", "pw"
 SUBJECT_CORE, LOAD_CORE = "0", "1"
@@ -186,7 +186,7 @@ class Rig:
             ),
             stdout=subprocess.PIPE,
         )
-        wait_port(self.parent_port)
+        wait_listening([self.parent_port])
 
     def close(self) -> None:
         stop_all([self.parent])
@@ -216,7 +216,7 @@ class Rig:
             # Without connecting: bytes per port must not count probe connections.
             wait_listening(range(first, first + nports))
             if running.admin is not None:
-                wait_port(running.admin)
+                wait_listening([running.admin])
         except BaseException:
             running.stop()
             raise

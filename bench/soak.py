@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free_ports, free_range, stop_all, wait_port
+from common import free_ports, free_range, stop_all, wait_listening
 
 ECHO = """
 import socket, threading
@@ -177,8 +177,7 @@ def main() -> int:
             cwd=work,
         )
         procs.append(proxymap)
-        wait_port(sandbox_port)
-        wait_port(ports[-1])
+        wait_listening([sandbox_port, ports[-1]])
 
         failures = 0
         for port in ports:  # warm-up: every port has a session
