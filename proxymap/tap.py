@@ -10,7 +10,7 @@ whole service on a ``MemoryReactorClock``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from treq.client import HTTPClient
@@ -26,7 +26,6 @@ from twisted.python import usage
 from twisted.web.client import Agent
 from twisted.web.server import Site
 
-from proxymap.admin.api import AdminAPI
 from proxymap.config import (
     DEFAULT_ADMIN_LISTEN,
     Config,
@@ -45,6 +44,12 @@ from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
 from proxymap.sessionapi import SessionAPI
 from proxymap.sessions import EndReason, PortPolicy, SessionRegistry
 from proxymap.vendors.release import VendorRelease
+
+if TYPE_CHECKING:
+    # Imported where the admin listener is built: Klein imports Twisted's
+    # global reactor, which would install the stock one before proxymap's
+    # options could choose (see _install_reactor).
+    from proxymap.admin.api import AdminAPI
 
 log = Logger()
 
@@ -109,6 +114,7 @@ class Options(usage.Options):
     optFlags = [["demo", None, "Run the demo on the built-in sandbox vendor."]]
 
     def postOptions(self) -> None:
+        _install_reactor()
         if self["demo"] and self["config"]:
             raise usage.UsageError("give either --config or --demo, not both")
         if not self["demo"] and not self["config"]:
@@ -124,6 +130,19 @@ class Options(usage.Options):
             # One line naming the key and the problem; no usage text, no traceback.
             where = self["config"] or "--demo"
             raise SystemExit(f"proxymap: {where}: {e}") from None
+
+
+def _install_reactor() -> None:
+    """
+    Run on proxymap's own reactor (:mod:`proxymap.dataplane.reactor`) unless
+    one was chosen with ``--reactor`` or is already running (tests).  Where
+    there is no epoll (not Linux), Twisted's default stays.
+    """
+    try:
+        from proxymap.dataplane.reactor import install_unless_chosen
+    except ImportError:
+        return
+    install_unless_chosen()
 
 
 class _Listener(StreamServerEndpointService):
@@ -558,6 +577,8 @@ def build_service(
     releases = root.releases
 
     if config.admin.listen:
+        from proxymap.admin.api import AdminAPI
+
         api = AdminAPI(
             registry,
             factories,
