@@ -2,9 +2,9 @@
 proxymap's reactor: the stock epoll reactor minus the legacy log context
 around each event, installed by ``twist proxymap`` unless one was chosen.
 
-The dispatch tests drive a real, never-run reactor instance with real
-descriptors (a socketpair) and call ``doPoll`` by hand: no global reactor is
-touched.
+The reactor is what is under test, so these tests use real descriptors
+(socketpairs, loopback sockets) with a real reactor instance that is never
+run: they turn it by hand with ``doPoll``.  No global reactor is touched.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from twisted.internet import error
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
+from proxymap.dataplane import flow
 from proxymap.dataplane.reactor import LeanEPollReactor
 from tests.conftest import LoggedFailures
 
@@ -161,6 +164,110 @@ def test_a_descriptor_removed_earlier_in_the_batch_is_skipped(
         [],
         [b"b"],
     ]
+
+
+class Recorder(ClientFactory):
+    """
+    Records the connection or the failure of one connect.
+    """
+
+    def __init__(self) -> None:
+        self.made: list[Protocol] = []
+        self.failed: list[Failure] = []
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        proto = Protocol()
+        self.made.append(proto)
+        return proto
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.failed.append(reason)
+
+
+def turn_until(lean: LeanEPollReactor, done: Callable[[], object], turns: int = 100) -> None:
+    """
+    Turn the reactor by hand until ``done()`` is true (at most ~5 s).
+    """
+    for _ in range(turns):
+        if done():
+            return
+        lean.runUntilCurrent()
+        lean.doPoll(0.05)
+    raise AssertionError("the reactor never got there")
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    s.settimeout(5)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_connecting_to_an_ip_literal_starts_at_once(
+    lean: LeanEPollReactor, listener: socket.socket
+) -> None:
+    """
+    connectTCP to an IPv4 literal sends the SYN before it returns: nothing
+    is scheduled for a later turn, and the listener can accept at once.
+    Then the connection completes through Twisted as usual, on a transport
+    that flow.send writes to directly.
+    """
+    factory = Recorder()
+    lean.connectTCP("127.0.0.1", listener.getsockname()[1], factory, timeout=None)
+    assert lean.getDelayedCalls() == []
+    accepted, _ = listener.accept()  # the stock reactor would not have connected yet
+    try:
+        turn_until(lean, lambda: factory.made and factory.made[0].transport)
+        transport = factory.made[0].transport
+        assert type(transport) in flow._PLAIN_TCP
+        flow.send(transport, b"hello")
+        assert accepted.recv(5) == b"hello"
+    finally:
+        accepted.close()
+
+
+def test_a_refused_connect_is_reported_as_before(lean: LeanEPollReactor) -> None:
+    """
+    A refusal comes back through Twisted's doConnect: ConnectionRefusedError.
+    """
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    factory = Recorder()
+    lean.connectTCP("127.0.0.1", port, factory, timeout=None)
+    turn_until(lean, lambda: factory.failed)
+    assert factory.failed[0].check(error.ConnectionRefusedError)
+    assert not factory.made
+
+
+def test_an_immediate_failure_is_reported_on_the_next_turn(lean: LeanEPollReactor) -> None:
+    """
+    When connect fails at once (no route to a broadcast address), the
+    failure still reaches the factory asynchronously, never inside
+    connectTCP.
+    """
+    factory = Recorder()
+    lean.connectTCP("255.255.255.255", 80, factory, timeout=None)
+    assert not factory.failed
+    turn_until(lean, lambda: factory.failed)
+    assert factory.failed[0].check(error.ConnectError)
+
+
+def test_a_hostname_takes_twisteds_path(lean: LeanEPollReactor, listener: socket.socket) -> None:
+    """
+    A name still needs resolving: the stock path, on the next turn.
+    """
+    factory = Recorder()
+    connector = lean.connectTCP("localhost", listener.getsockname()[1], factory, timeout=None)
+    assert len(lean.getDelayedCalls()) == 1
+    connector.stopConnecting()
+    assert factory.failed[0].check(error.UserError)
 
 
 RUNNERS = {

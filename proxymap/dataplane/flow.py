@@ -29,7 +29,7 @@ CONNECTING = 4
 BUFFER_LIMIT = 64 * 1024
 
 #: The transports :func:`send` may write straight to the socket of.
-_PLAIN_TCP = (tcp.Server, tcp.Client)
+_PLAIN_TCP: tuple[type, ...] = (tcp.Server, tcp.Client)
 
 
 #: Every attribute Twisted (24-26) sets on a TCP transport in its life:
@@ -84,12 +84,29 @@ def _teach_layouts() -> None:
     does nothing.
     """
     for cls in _PLAIN_TCP:
-        dummy = object.__new__(cls)
-        for name in _TRANSPORT_ATTRIBUTES:
-            object.__setattr__(dummy, name, None)
+        _teach_layout(cls)
+
+
+def _teach_layout(cls: type) -> None:
+    dummy: object = object.__new__(cls)
+    for name in _TRANSPORT_ATTRIBUTES:
+        object.__setattr__(dummy, name, None)
 
 
 _teach_layouts()
+
+
+def plain_tcp(cls: type) -> None:
+    """
+    Treat ``cls``, a subclass of Twisted's TCP transport that changes nothing
+    :func:`send` relies on, as plain TCP: :func:`send` writes straight to its
+    socket and its instances share one attribute layout.  (``send`` checks
+    the exact type, so subclasses are not plain until they say so.)
+    """
+    global _PLAIN_TCP
+    if cls not in _PLAIN_TCP:
+        _teach_layout(cls)
+        _PLAIN_TCP = (*_PLAIN_TCP, cls)
 
 
 def send(transport: Any, data: bytes) -> None:

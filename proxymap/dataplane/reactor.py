@@ -16,6 +16,8 @@ wrapper's one other duty: an exception escaping the dispatch (a
 ``connectionLost`` that raises, say) is logged and the loop goes on with the
 next event.  Everything else is the stock reactor.
 
+It also connects to IPv4 literals at once (see :class:`_Client`).
+
 ``twist proxymap`` and ``twistd proxymap`` install it unless a reactor was
 already chosen (``--reactor=epoll`` before the subcommand picks the stock one);
 see :func:`install_unless_chosen`.
@@ -25,11 +27,62 @@ from __future__ import annotations
 
 import errno
 import sys
+from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import IConnector
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
+from proxymap.dataplane import flow
+
 log = Logger()
+
+
+class _Client(tcp.Client):
+    """
+    A TCP client that starts connecting to an IPv4 literal at once.
+
+    Twisted's client always starts on the next reactor turn: a ``callLater(0)``
+    to ``resolveAddress``, which wraps the literal in a Deferred, then
+    ``doConnect``, which asks the fresh socket for a pending error before
+    calling ``connect``.  proxymap's upstreams are mostly literals and it
+    opens one connection per CONNECT, so that was a DelayedCall, a Deferred
+    and a syscall per tunnel.  Here the constructor calls ``connect`` itself.
+
+    Only the expected answer, ``EINPROGRESS``, is handled here (the same
+    ``startReading``/``startWriting`` ``doConnect`` does; completion and
+    errors then go through Twisted's ``doConnect`` as always).  Anything else
+    (an immediate failure such as ``ENETUNREACH``) falls back to Twisted's
+    path on the next turn, so the failure still reaches the factory
+    asynchronously, never inside ``connectTCP``.
+    """
+
+    def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
+        if not whenDone or self._requiresResolution or len(self.addr) != 2:
+            super()._finishInit(whenDone, skt, error, reactor)
+            return
+        self._commonConnection.__init__(self, skt, None, reactor)  # type: ignore[arg-type]
+        self.realAddress = self.addr
+        try:
+            result = skt.connect_ex(self.addr)
+        except OSError as e:  # connect_ex raises for what is not an errno
+            result = e.args[0]
+        if result == errno.EINPROGRESS:
+            self.doRead = self.doWrite = self.doConnect  # type: ignore[method-assign]
+            self.startReading()
+            self.startWriting()
+        else:
+            reactor.callLater(0, whenDone)
+
+
+flow.plain_tcp(_Client)
+
+
+class _Connector(tcp.Connector):
+    def _makeTransport(self) -> tcp.Client:
+        return _Client(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
 class LeanEPollReactor(EPollReactor):
@@ -65,6 +118,22 @@ class LeanEPollReactor(EPollReactor):
                 )
 
     doIteration = doPoll
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory[Any],
+        timeout: float | None = 30.0,
+        bindAddress: Any = None,
+    ) -> IConnector:
+        """
+        Twisted's ``connectTCP``, with :class:`_Client` as the transport.
+        """
+        # None (no timeout) works though Connector's annotation says float.
+        connector = _Connector(host, port, factory, timeout, bindAddress, self)  # type: ignore[arg-type]
+        connector.connect()
+        return connector
 
 
 def install() -> None:
