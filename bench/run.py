@@ -235,7 +235,9 @@ class Rig:
         argv += [str(self.parent_port), USER, PASSWORD]
         return Running("reference", first, self._popen(argv))
 
-    def _start_proxymap(self, first: int, nports: int) -> Running:
+    def _start_proxymap(
+        self, first: int, nports: int, name: str = "proxymap", twist: tuple[str, ...] = ()
+    ) -> Running:
         (admin,) = free_ports(1)
         config = self.work / f"proxymap-{first}.toml"
         config.write_text(
@@ -247,8 +249,13 @@ class Rig:
             f'upstream = "http://127.0.0.1:{self.parent_port}"\n'
             f'user = "{USER}"\npass = "{PASSWORD}"\nlifetime = "1h"\n'
         )
-        argv = [sys.executable, "-m", "twisted", "proxymap", "--config", str(config)]
-        return Running("proxymap", first, self._popen(argv), admin=admin)
+        argv = [sys.executable, "-m", "twisted", *twist, "proxymap", "--config", str(config)]
+        return Running(name, first, self._popen(argv), admin=admin)
+
+    def _start_proxymap_stock(self, first: int, nports: int) -> Running:
+        # proxymap on Twisted's stock epoll reactor instead of its own: what
+        # proxymap/dataplane/reactor.py is worth, measured in the same run.
+        return self._start_proxymap(first, nports, "proxymap-stock", ("--reactor=epoll",))
 
     def _start_pproxy(self, first: int, nports: int) -> Running:
         assert nports == 1
@@ -721,7 +728,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     subjects = args.subjects.split(",")
-    known = {"reference", "proxymap", "direct", *PEERS}
+    known = {"reference", "proxymap", "proxymap-stock", "direct", *PEERS}
     if not set(subjects) <= known or "proxymap" not in subjects:
         parser.error(f"--subjects: proxymap and any of {sorted(known)}")
     args.tunnels = (1000, 5000)
