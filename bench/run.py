@@ -82,6 +82,8 @@ def install(subjects: list[str]) -> None:
         need.append("wrk")
     if shutil.which("gcc") is None:
         need.append("gcc")
+    if shutil.which("ss") is None:
+        need.append("iproute2")
     if "tinyproxy" in subjects and not os.path.exists(TINYPROXY):
         need.append("tinyproxy")
     if "squid" in subjects and not os.path.exists(SQUID):
@@ -214,9 +216,8 @@ class Rig:
         running: Running = start(first, nports)
         try:
             # Without connecting: bytes per port must not count probe connections.
-            wait_listening(range(first, first + nports))
-            if running.admin is not None:
-                wait_listening([running.admin])
+            admin = [] if running.admin is None else [running.admin]
+            wait_listening([*range(first, first + nports), *admin])
         except BaseException:
             running.stop()
             raise
@@ -723,7 +724,12 @@ def main() -> None:
         help="comma-separated (default: %(default)s)",
     )
     parser.add_argument(
-        "--phases", default="throughput,memory,ports", help="comma-separated phases to run"
+        # ports before memory: closing ~20,000 sockets after the memory phase
+        # left this machine slow for a while (a start-up then took 0.9 s
+        # instead of 0.4 s, for the reference as much as for proxymap).
+        "--phases",
+        default="throughput,ports,memory",
+        help="comma-separated phases to run",
     )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -736,6 +742,9 @@ def main() -> None:
     if args.quick:
         args.seconds, args.reps, args.tunnels, args.ports = 1, 1, (50, 200), 50
     install(subjects)
+    # The harness itself (waiting for listeners, reading results) stays off
+    # the subject's core too.
+    os.sched_setaffinity(0, {int(LOAD_CORE)})
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     results = Results(args.out / f"run-{stamp}.jsonl")
