@@ -724,9 +724,11 @@ def main() -> None:
         help="comma-separated (default: %(default)s)",
     )
     parser.add_argument(
-        # ports before memory: closing ~20,000 sockets after the memory phase
-        # left this machine slow for a while (a start-up then took 0.9 s
-        # instead of 0.4 s, for the reference as much as for proxymap).
+        # ports before memory: start-up times and the 1000-port spread are
+        # measured before ~20,000 tunnel sockets are opened and closed.
+        # (The 0.9-1.15 s start-ups seen after either phase were mostly the
+        # harness reading /proc/net/tcp on the subject's core: see
+        # common.listening.)
         "--phases",
         default="throughput,ports,memory",
         help="comma-separated phases to run",
