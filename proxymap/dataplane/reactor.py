@@ -145,17 +145,14 @@ def install() -> None:
     installReactor(LeanEPollReactor())
 
 
-def install_unless_chosen() -> bool:
+def install_unless_chosen() -> None:
     """
     Install :class:`LeanEPollReactor` unless a reactor is already installed
-    (chosen with ``--reactor``, or imported by whoever runs us).  Returns
-    whether it did.
+    (chosen with ``--reactor``, or imported by whoever runs us).
 
     Called while ``twist``/``twistd`` parse proxymap's options: both install
     a reactor chosen with ``--reactor`` while parsing, before proxymap's
     options, and the default one only after, so a choice is always respected.
     """
-    if "twisted.internet.reactor" in sys.modules:
-        return False
-    install()
-    return True
+    if "twisted.internet.reactor" not in sys.modules:
+        install()
