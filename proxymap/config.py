@@ -171,6 +171,11 @@ class Limits:
     tunnel_idle_timeout: float = 3600.0
     max_connections_per_port: int = 1000
     max_connections: int = 9000
+    #: Idle upstream connections kept for the next client connection of the
+    #: same session, across all ports (0: none; see dataplane/pool.py).
+    max_idle_upstreams: int = 256
+    #: How long such a connection is kept.
+    idle_upstream_timeout: float = 30.0
 
 
 @attrs.frozen
@@ -236,7 +241,11 @@ def _limits(table: _Table) -> Limits:
         values[field] = value
     if values["max_head_size"] < 1024:
         raise ConfigError(table.name("max_head_size"), "must be at least 1024 bytes")
-    for field in ("head_timeout", "idle_timeout", "tunnel_idle_timeout"):
+    idle = table.pop_typed("max_idle_upstreams", int, defaults.max_idle_upstreams)
+    if idle < 0:
+        raise ConfigError(table.name("max_idle_upstreams"), "must be 0 (none) or more")
+    values["max_idle_upstreams"] = idle
+    for field in ("head_timeout", "idle_timeout", "tunnel_idle_timeout", "idle_upstream_timeout"):
         values[field] = parse_duration(
             table.pop(field, getattr(defaults, field)), table.name(field)
         )

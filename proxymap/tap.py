@@ -34,6 +34,7 @@ from proxymap.config import (
     load_config,
     parse_config,
 )
+from proxymap.dataplane.pool import UpstreamPool
 from proxymap.dataplane.port import PortFactory
 from proxymap.dataplane.server import ProxyFactory, Tally
 from proxymap.ops.metrics import Metrics
@@ -257,6 +258,8 @@ class ProxymapService(MultiService):
             self.admin.cancel_pending()
         for release in self.releases:
             release.stop()
+        if self.tally.pool is not None:
+            self.tally.pool.close_all()
         return super().stopService()
 
     def startService(self) -> None:
@@ -379,6 +382,8 @@ class ProxymapService(MultiService):
         if new.admin != old.admin or new.service != old.service:
             log.warn("[admin] and [service] changes take effect at the next restart")
         self.config = attrs.evolve(new, admin=old.admin, service=old.service)
+        if self.tally.pool is not None:
+            self.tally.pool.configure(new.limits)
         for port in sorted(set(old_ports) - set(new_ports)):
             self.remove_port(port)
         renewed = 0
@@ -437,6 +442,8 @@ class ProxymapService(MultiService):
         for factory in factories:
             factory.draining = True
         await gatherResults([listener.stopService() for listener in self.listeners()])
+        if self.tally.pool is not None:
+            self.tally.pool.close_all()
         for factory in factories:
             for conn in list(factory.connections.values()):
                 if conn.state == "idle":
@@ -555,6 +562,8 @@ def build_service(
             ).setServiceParent(root)
 
     root.config = config
+    pool = root.tally.pool = UpstreamPool(reactor, config.limits)
+    registry.subscribe(pool)
     for mapping in config.mappings:
         for port in mapping.ports:
             root.add_port(port, mapping)
@@ -583,7 +592,7 @@ def build_service(
             registry,
             factories,
             config.admin.users,
-            metrics=Metrics(registry, factories, releases),
+            metrics=Metrics(registry, factories, releases, pool),
             health=root.health,
             health_open=config.admin.health_open,
         )

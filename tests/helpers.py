@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from proxymap.config import Limits, MappingConfig, SessionIdSpec, parse_config
 from proxymap.credentials import basic_authorization
+from proxymap.dataplane.pool import UpstreamPool
 from proxymap.dataplane.port import PortFactory
 from proxymap.dataplane.server import ProxyServer, Tally
 from proxymap.dataplane.upstream import UpstreamProtocol
@@ -67,11 +68,14 @@ class Harness:
     A registry and mapped ports on a MemoryReactorClock.
     """
 
-    def __init__(self, limits: Limits | None = None, **overrides: Any) -> None:
+    def __init__(self, limits: Limits | None = None, pool: bool = False, **overrides: Any) -> None:
         self.reactor = MemoryReactorClock()
         self.tally = Tally()
         self.mapping = mapping(**overrides)
         self.registry = SessionRegistry(clock=self.reactor, new_id=counting_ids())
+        if pool:  # as the service has it (tap.build_service)
+            self.tally.pool = UpstreamPool(self.reactor, limits)
+            self.registry.subscribe(self.tally.pool)
         policy = PortPolicy(self.mapping)
         self.factories = {}
         for port in self.mapping.ports:

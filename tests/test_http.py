@@ -483,3 +483,25 @@ def test_fast_request_edges(head: bytes) -> None:
 def test_fast_response_edges(head: bytes, method: bytes) -> None:
     fast = _outcome(http._parse_response_fast, head, method)
     assert fast is None or fast == _outcome(http._parse_response_general, head, method)
+
+
+@pytest.mark.parametrize(
+    ("head", "retryable"),
+    [
+        (b"GET http://h/ HTTP/1.1\r\nHost: h", True),
+        (b"HEAD http://h/ HTTP/1.1\r\nHost: h", True),
+        (b"PUT http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 0", True),
+        (b"DELETE http://h/ HTTP/1.1\r\nHost: h", True),
+        (b"GET http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 3", False),
+        (b"PUT http://h/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked", False),
+        (b"POST http://h/ HTTP/1.1\r\nHost: h", False),
+        (b"PATCH http://h/ HTTP/1.1\r\nHost: h", False),
+        (b"CONNECT h:443 HTTP/1.1\r\nHost: h:443", False),
+    ],
+)
+def test_retryable(head: bytes, retryable: bool) -> None:
+    """
+    Only idempotent requests without a body may be sent twice (a kept
+    upstream connection that turns out closed).
+    """
+    assert parse_request_head(head).retryable is retryable

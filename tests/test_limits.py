@@ -201,6 +201,9 @@ def test_header_limits_are_configurable() -> None:
         ({"max_connections": 0}, "limits.max_connections: must be at least 1"),
         ({"head_timeout": "soon"}, "limits.head_timeout: 'soon' is not a duration"),
         ({"speed": 1}, "limits.speed: unknown key"),
+        ({"max_idle_upstreams": -1}, "limits.max_idle_upstreams: must be 0 (none) or more"),
+        ({"max_idle_upstreams": "many"}, "limits.max_idle_upstreams: expected"),
+        ({"idle_upstream_timeout": 0}, "limits.idle_upstream_timeout: must be greater than zero"),
     ],
 )
 def test_limits_config_errors(limits: dict[str, object], message: str) -> None:
@@ -216,6 +219,12 @@ def test_limits_parse() -> None:
         {"mapping": [raw], "limits": {"idle_timeout": "2m", "max_headers": 50}}, env={}
     )
     assert (c.limits.idle_timeout, c.limits.max_headers, c.limits.head_timeout) == (120, 50, 30)
+    assert (c.limits.max_idle_upstreams, c.limits.idle_upstream_timeout) == (256, 30)
+    c = parse_config(
+        {"mapping": [raw], "limits": {"max_idle_upstreams": 0, "idle_upstream_timeout": "5s"}},
+        env={},
+    )
+    assert (c.limits.max_idle_upstreams, c.limits.idle_upstream_timeout) == (0, 5)
 
 
 def test_idle_tunnel_timer_waits_for_the_tunnel_deadline() -> None:

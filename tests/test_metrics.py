@@ -10,8 +10,9 @@ from typing import Any
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 
 from proxymap.admin.api import AdminAPI
 from proxymap.config import Secret, parse_config
@@ -72,6 +73,27 @@ async def test_metrics_after_known_traffic() -> None:
     assert value(got, "proxymap_upstream_errors_total", kind="unreachable", **refused) == 1
     assert value(got, "proxymap_sessions_active", mapping="vendor-a", port="10203") == 0
     assert any(name == "process_resident_memory_bytes" for name, _ in got)
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_upstream_connections() -> None:
+    h = Harness(pool=True)
+    metrics = Metrics(h.registry, h.factories, pool=h.tally.pool)
+    treq = StubTreq(AdminAPI(h.registry, h.factories, metrics=metrics).app.resource())
+    one_shot = GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    proto, _ = h.client()
+    proto.dataReceived(one_shot)
+    up, _ = h.upstream()
+    up.dataReceived(OK)  # parked
+    proto, _ = h.client()
+    proto.dataReceived(one_shot)  # reused
+    up.connectionLost(Failure(ConnectionDone()))  # ... and retried on a new one
+    fresh, _ = h.upstream()
+    fresh.dataReceived(OK)  # parked
+    got = samples((await (await treq.get("http://admin.test/metrics")).content()).decode())
+    assert value(got, "proxymap_upstream_idle_connections") == 1
+    assert value(got, "proxymap_upstream_reused_total") == 1
+    assert value(got, "proxymap_upstream_retried_total") == 1
 
 
 @pytest_twisted.ensureDeferred

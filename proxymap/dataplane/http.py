@@ -104,6 +104,10 @@ def error_kind(status: int, message: str) -> str:
     return "bad_response"
 
 
+#: Methods a client expects may be repeated (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
 @attrs.define(slots=True)
 class Request:
     """
@@ -134,6 +138,15 @@ class Request:
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
+
+    @property
+    def retryable(self) -> bool:
+        """
+        Whether this request may be sent again if the connection it went
+        over closes before any answer (RFC 9110 9.2.2: idempotent, and no
+        body to have been half sent).
+        """
+        return self.method in IDEMPOTENT and not self.chunked and not self.content_length
 
     @property
     def authority(self) -> str:

@@ -43,6 +43,9 @@ from proxymap.dataplane.http import (
 from proxymap.dataplane.upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
+    from proxymap.dataplane.pool import UpstreamPool
+
+if TYPE_CHECKING:
     from proxymap.sessions import Session
 
 log = Logger()
@@ -101,6 +104,9 @@ class Tally:
     #: One set of ticks for every port: traffic spread over a thousand ports
     #: still shares a call per tick (a set per port made spreading 8% slower).
     deadlines: Deadlines | None = None
+    #: Idle upstream connections kept for later client connections (None:
+    #: none are kept; the service gives its tally one, see pool.py).
+    pool: UpstreamPool | None = None
 
 
 @attrs.frozen
@@ -310,7 +316,7 @@ class ProxyServer(flow.Throttled):
             if self._tunnel is not None and reason.check(ConnectionDone):
                 up.close()
             elif self._request is None and self._tunnel is None:
-                up.close()
+                self._release(up)
             else:
                 up.abort()
         self._upstream = self._tunnel = None
@@ -588,8 +594,14 @@ class ProxyServer(flow.Throttled):
         if up is None or not up.reusable_for(target):
             if up is not None:
                 self._upstream = None
-                up.close()
-            up = self._upstream = UpstreamProtocol.connect(self, target)
+                self._release(up)
+            pool = self.factory.tally.pool
+            parked = pool.take(target.key) if pool is not None and request.retryable else None
+            if parked is not None:
+                up = self._upstream = parked
+                parked.adopt(self)
+            else:
+                up = self._upstream = UpstreamProtocol.connect(self, target)
         line = b" ".join(
             (request.method, request.target if target.via_proxy else request.path, b"HTTP/1.1")
         )
@@ -651,7 +663,7 @@ class ProxyServer(flow.Throttled):
     def _open_tunnel(self, request: Request, target: UpstreamTarget) -> None:
         if self._upstream is not None:
             up, self._upstream = self._upstream, None
-            up.close()
+            self._release(up)
         self._upstream = UpstreamProtocol.connect(self, target, tunnel=request)
 
     def tunnel_ready(self, up: UpstreamProtocol, answer: bytes, early: bytes) -> None:
@@ -720,6 +732,24 @@ class ProxyServer(flow.Throttled):
         self._upstream = None
         self._fail(status, message)
 
+    def upstream_retry(self, up: UpstreamProtocol, request: Request, head: bytes) -> None:
+        """
+        A reused upstream connection closed before answering ``request``,
+        which is safe to send again: send it on a new connection (once; a
+        new connection's failure is reported as usual).
+        """
+        if up is not self._upstream or self._closing:
+            return
+        pool = self.factory.tally.pool
+        if pool is not None:
+            pool.retried += 1
+        log.debug(
+            "upstream {upstream} closed a kept connection; sending the request again",
+            upstream=up.address,
+        )
+        self._upstream = UpstreamProtocol.connect(self, up.target)
+        self._upstream.send_request(request, head)
+
     def upstream_gone(self, up: UpstreamProtocol, clean: bool) -> None:
         """
         An upstream connection of ours closed.
@@ -754,6 +784,15 @@ class ProxyServer(flow.Throttled):
             self.write(error_response(status, message, headers))
         self._fail_quietly()
 
+    def _release(self, up: UpstreamProtocol) -> None:
+        """
+        Let go of an upstream connection: park it for a later client
+        connection of its session if it is idle and may be, else close it.
+        """
+        pool = self.factory.tally.pool
+        if pool is None or self.factory.draining or not pool.park(up):
+            up.close()
+
     def _fail_quietly(self) -> None:
         self._closing = True
         self._request = None
@@ -762,7 +801,7 @@ class ProxyServer(flow.Throttled):
         up = self._upstream
         if up is not None:
             self._upstream = None
-            up.close()
+            self._release(up)
         self.resume_reading(flow.PIPELINE)
         self.transport.loseConnection()  # type: ignore[union-attr]
 

@@ -35,6 +35,7 @@ from proxymap.dataplane.http import (
 from proxymap.dataplane.socks import is_ip_address
 
 if TYPE_CHECKING:
+    from proxymap.dataplane.pool import UpstreamPool
     from proxymap.dataplane.server import ProxyServer, UpstreamTarget
 
 log = Logger()
@@ -79,8 +80,10 @@ class UpstreamProtocol(flow.Throttled):
         "_lost",
         "_pending",
         "_pending_size",
+        "_pool",
         "_ready",
         "_request",
+        "_retry_head",
         "_reusable",
         "_socks_state",
         "_tunnel",
@@ -89,6 +92,7 @@ class UpstreamProtocol(flow.Throttled):
         "connected_at",
         "connector",
         "key",
+        "served",
         "server",
         "started",
         "target",
@@ -124,6 +128,13 @@ class UpstreamProtocol(flow.Throttled):
         self._ready = False
         #: The SOCKS5 client handshake's state, while it runs.
         self._socks_state = ""
+        #: Responses completed over this connection.
+        self.served = 0
+        #: The head of the request in flight, while sending it again on a
+        #: fresh connection would be safe (see connectionLost); else b"".
+        self._retry_head = b""
+        #: The pool this connection is parked in (None: in use).
+        self._pool: UpstreamPool | None = None
 
     @classmethod
     def connect(
@@ -168,7 +179,58 @@ class UpstreamProtocol(flow.Throttled):
     def send_request(self, request: Request, head: bytes) -> None:
         self._request = request
         self.started = False
+        # Only a connection that served before can turn out stale: a fresh
+        # one that fails is the upstream's answer, not a race with its close.
+        self._retry_head = head if self.served and request.retryable else b""
         self.send(head)
+
+    @property
+    def idle(self) -> bool:
+        """
+        Whether this connection may be parked for another client connection:
+        open, between requests, nothing buffered either way.
+        """
+        transport = self.transport
+        return (
+            self._ready
+            and self._reusable
+            and not self._lost
+            and not self._read_closed
+            and self._request is None
+            and self._tunnel_request is None
+            and not self._tunnel
+            and self._framer is None
+            and not self._buffer
+            and not self._pending
+            and transport is not None
+            and not transport.disconnecting  # type: ignore[attr-defined]
+        )
+
+    def park(self, pool: UpstreamPool) -> None:
+        """
+        Leave the client leg that used this connection (see pool.py).
+        """
+        self._pool = pool
+        transport = self.transport
+        assert transport is not None
+        # Neither leg throttles the other any more.
+        if transport.producer is not None:  # type: ignore[attr-defined]
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+        client = self.server.transport
+        if client is not None and getattr(client, "producer", None) is self:
+            client.unregisterProducer()  # type: ignore[attr-defined]
+        if self._paused:
+            self._paused = 0
+            transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def adopt(self, server: ProxyServer) -> None:
+        """
+        Serve ``server``, a client leg of the same session, after being parked.
+        """
+        self._pool = None
+        self.server = server
+        self.started = False
+        server.upstream_connected(self)
 
     def send(self, data: bytes) -> None:
         if self._ready:
@@ -431,7 +493,9 @@ class UpstreamProtocol(flow.Throttled):
             self._flush_head()
         self._framer = None
         self._request = None
+        self._retry_head = b""
         self._decode = False
+        self.served += 1
         if not self._reusable:
             self.transport.loseConnection()  # type: ignore[union-attr]
         self.server.response_done(self)
@@ -540,11 +604,20 @@ class UpstreamProtocol(flow.Throttled):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._reusable = False
+        if self._pool is not None:  # closed while parked: no client leg to tell
+            self._pool.discard(self)
+            self._pool = None
+            return
         server = self.server
         clean = bool(reason.check(error.ConnectionDone))
         if isinstance(self._framer, UntilCloseFramer):
             self._framer.done = True
             self._complete()
         elif self._request is not None:
-            server.upstream_failed(self, 502, "the upstream closed the connection")
+            if self._retry_head and not self.started and not self._buffer:
+                # Closed before any byte of an answer: the upstream most
+                # likely closed this kept connection as the request went.
+                server.upstream_retry(self, self._request, self._retry_head)
+            else:
+                server.upstream_failed(self, 502, "the upstream closed the connection")
         server.upstream_gone(self, clean)

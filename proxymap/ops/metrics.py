@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
+from proxymap.dataplane.pool import UpstreamPool
 from proxymap.dataplane.port import PortFactory
 from proxymap.sessions import EndReason, Session, SessionRegistry
 
@@ -32,10 +33,12 @@ class Metrics:
         registry: SessionRegistry,
         factories: dict[int, PortFactory],
         releases: Sequence[Any] = (),
+        pool: UpstreamPool | None = None,
     ) -> None:
         self.sessions = registry
         self.factories = factories
         self.releases = releases
+        self.pool = pool
         self.started: Counter[int] = Counter()
         self.ended: Counter[tuple[int, str]] = Counter()
         #: Per port: requests, bytes to and from upstream of sessions that ended.
@@ -80,6 +83,18 @@ class Metrics:
                 "Vendor release calls",
                 labels=["mapping", "result"],
             ),
+            GaugeMetricFamily(
+                "proxymap_upstream_idle_connections",
+                "Idle upstream connections kept for the next client connection of their session",
+            ),
+            CounterMetricFamily(
+                "proxymap_upstream_reused",
+                "Requests sent over a kept upstream connection instead of a new one",
+            ),
+            CounterMetricFamily(
+                "proxymap_upstream_retried",
+                "Requests sent again because a reused upstream connection had closed",
+            ),
         ]
 
     def describe(self) -> Iterable[Metric]:
@@ -93,7 +108,7 @@ class Metrics:
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        started, ended, active, conns, requests, up, down, errors, release = families
+        started, ended, active, conns, requests, up, down, errors, release, *pooled = families
         for port in sorted(self.factories):
             factory = self.factories[port]
             value = [factory.mapping.name, str(port)]
@@ -118,4 +133,10 @@ class Metrics:
             release.add_metric([caller.mapping, "succeeded"], caller.succeeded)
             release.add_metric([caller.mapping, "failed"], caller.failed)
             release.add_metric([caller.mapping, "retried"], caller.retried)
+        pool = self.pool
+        if pool is not None:
+            idle, reused, retried = pooled
+            idle.add_metric([], len(pool))
+            reused.add_metric([], pool.reused)
+            retried.add_metric([], pool.retried)
         return families

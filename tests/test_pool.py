@@ -1,0 +1,424 @@
+"""
+Idle upstream connections kept across client connections (dataplane/pool.py),
+in memory: client and upstream legs on StringTransports, a MemoryReactorClock.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from proxymap.config import Limits
+from proxymap.dataplane.pool import UpstreamPool
+from proxymap.dataplane.server import ProxyServer
+from proxymap.dataplane.upstream import UpstreamProtocol
+from proxymap.sessions import EndReason
+
+from .helpers import PORT, Harness, creds, head_of, header
+
+GET = b"GET http://example.com/page HTTP/1.1\r\nHost: example.com\r\n\r\n"
+ONE_SHOT = b"GET http://example.com/page HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"
+POST = (
+    b"POST http://example.com/form HTTP/1.1\r\nHost: example.com\r\n"
+    b"Content-Length: 3\r\nConnection: close\r\n\r\nabc"
+)
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+DONE = Failure(ConnectionDone())
+
+
+def pool_of(h: Harness) -> UpstreamPool:
+    assert h.tally.pool is not None
+    return h.tally.pool
+
+
+def one_shot(
+    h: Harness, answer: bool = True
+) -> tuple[ProxyServer, StringTransport, UpstreamProtocol, StringTransport]:
+    """
+    A client connection's single request, answered over a new upstream
+    connection, and the client gone.
+    """
+    proto, client = h.client()
+    proto.dataReceived(ONE_SHOT)
+    up, upstream = h.upstream()
+    up.dataReceived(OK)
+    assert client.disconnecting
+    proto.connectionLost(DONE)
+    return proto, client, up, upstream
+
+
+def test_one_shot_clients_share_one_upstream_connection() -> None:
+    """
+    The next client connection of the session takes the connection the last
+    one left, with the session's credentials, and gets its own answer.
+    """
+    h = Harness(pool=True)
+    _, first, up, upstream = one_shot(h)
+    assert not upstream.disconnecting
+    assert len(pool_of(h)) == 1
+
+    proto, client = h.client()
+    proto.dataReceived(ONE_SHOT)
+    assert len(h.reactor.tcpClients) == 1
+    assert len(pool_of(h)) == 0
+    second = upstream.value().split(b"\r\n\r\n")[1]
+    assert second.startswith(b"GET http://example.com/page HTTP/1.1")
+    assert header(head_of(second + b"\r\n\r\n")[1], b"proxy-authorization") == [creds("sess0001")]
+    up.dataReceived(OK)
+    assert head_of(client.value())[2] == b"hello"
+    assert first.value().count(b"hello") == 1
+    assert pool_of(h).reused == 1
+    # The first client's leg no longer hears from this connection.
+    assert up.server is proto
+
+
+def test_keep_alive_client_leaving_idle_parks_its_connection() -> None:
+    h = Harness(pool=True)
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    up.dataReceived(OK)
+    assert not client.disconnecting
+    proto.connectionLost(DONE)
+    assert not upstream.disconnecting
+    assert len(pool_of(h)) == 1
+
+
+def test_without_a_pool_the_connection_closes() -> None:
+    h = Harness()
+    _, _, _, upstream = one_shot(h)
+    assert upstream.disconnecting
+
+
+def test_none_kept_when_max_idle_is_zero() -> None:
+    h = Harness(Limits(max_idle_upstreams=0), pool=True)
+    _, _, _, upstream = one_shot(h)
+    assert upstream.disconnecting
+    assert len(pool_of(h)) == 0
+
+
+def test_a_request_with_a_body_gets_a_fresh_connection() -> None:
+    """
+    A parked connection may have been closed by the vendor unseen; only a
+    request that may be sent twice takes one.
+    """
+    h = Harness(pool=True)
+    one_shot(h)
+    proto, _client = h.client()
+    proto.dataReceived(POST)
+    assert len(h.reactor.tcpClients) == 2
+    assert len(pool_of(h)) == 1
+    _up, upstream = h.upstream()
+    assert upstream.value().startswith(b"POST http://example.com/form")
+
+
+def test_stale_parked_connection_is_retried_on_a_new_one() -> None:
+    """
+    The vendor closed the kept connection as the request went: the request
+    goes again, once, on a new connection, and the client never knows.
+    """
+    h = Harness(pool=True)
+    _, _, up, _upstream = one_shot(h)
+    proto, client = h.client()
+    proto.dataReceived(ONE_SHOT)
+    up.connectionLost(DONE)
+    assert len(h.reactor.tcpClients) == 2
+    fresh, fresh_transport = h.upstream()
+    first, lines, _ = head_of(fresh_transport.value())
+    assert first == b"GET http://example.com/page HTTP/1.1"
+    assert header(lines, b"proxy-authorization") == [creds("sess0001")]
+    fresh.dataReceived(OK)
+    assert head_of(client.value())[0] == b"HTTP/1.1 200 OK"
+    assert pool_of(h).retried == 1
+
+
+def test_a_retry_is_not_retried() -> None:
+    h = Harness(pool=True)
+    _, _, up, _ = one_shot(h)
+    proto, client = h.client()
+    proto.dataReceived(ONE_SHOT)
+    up.connectionLost(Failure(ConnectionLost()))
+    fresh, _ = h.upstream()
+    fresh.connectionLost(DONE)
+    assert len(h.reactor.tcpClients) == 2
+    assert head_of(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+
+
+def test_no_retry_once_the_answer_began() -> None:
+    h = Harness(pool=True)
+    _, _, up, _ = one_shot(h)
+    proto, client = h.client()
+    proto.dataReceived(ONE_SHOT)
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+    up.connectionLost(DONE)
+    assert len(h.reactor.tcpClients) == 1
+    assert client.value().endswith(b"part")
+    assert client.disconnecting
+
+
+def test_no_retry_after_part_of_a_head() -> None:
+    h = Harness(pool=True)
+    _, _, up, _ = one_shot(h)
+    proto, client = h.client()
+    proto.dataReceived(ONE_SHOT)
+    up.dataReceived(b"HTTP/1.1 2")
+    up.connectionLost(DONE)
+    assert len(h.reactor.tcpClients) == 1
+    assert head_of(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+
+
+def test_keep_alive_reuse_is_retried_too() -> None:
+    """
+    Within one client connection as well: the second request over a
+    connection that served the first is sent again if it closes unanswered.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    up.dataReceived(OK)
+    proto.dataReceived(GET)
+    up.connectionLost(DONE)
+    assert len(h.reactor.tcpClients) == 2
+    fresh, _ = h.upstream()
+    fresh.dataReceived(OK)
+    assert client.value().count(b"hello") == 2
+    assert b"502" not in client.value()
+
+
+def test_a_request_that_is_not_idempotent_is_never_sent_twice() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, _upstream = h.upstream()
+    up.dataReceived(OK)
+    proto.dataReceived(b"DELETE http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    proto.dataReceived(b"POST http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    up.dataReceived(OK)  # DELETE answered
+    up.connectionLost(DONE)  # POST not
+    assert len(h.reactor.tcpClients) == 1
+    assert client.value().count(b"hello") == 2
+    assert client.value().endswith(b"the upstream closed the connection\n")
+
+
+def test_the_first_request_of_a_connection_is_not_retried() -> None:
+    h = Harness(pool=True)
+    proto, client = h.client()
+    proto.dataReceived(ONE_SHOT)
+    up, _ = h.upstream()
+    up.connectionLost(DONE)
+    assert len(h.reactor.tcpClients) == 1
+    assert head_of(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+
+
+def test_rotation_closes_parked_connections() -> None:
+    h = Harness(pool=True, lifetime="90s")
+    _, _, _, upstream = one_shot(h)
+    h.reactor.advance(90)
+    assert upstream.disconnecting
+    assert len(pool_of(h)) == 0
+    proto, _ = h.client()
+    proto.dataReceived(ONE_SHOT)
+    assert len(h.reactor.tcpClients) == 2
+    _, fresh = h.upstream()
+    assert header(head_of(fresh.value())[1], b"proxy-authorization") == [creds("sess0002")]
+
+
+def test_a_closed_session_takes_its_parked_connections() -> None:
+    h = Harness(pool=True)
+    _, _, _, upstream = one_shot(h)
+    h.registry.close(h.registry.current(PORT).id)
+    assert upstream.disconnecting
+    assert len(pool_of(h)) == 0
+
+
+def test_a_connection_of_an_ended_session_is_not_parked() -> None:
+    """
+    A keep-alive client still holds a connection of a session that ended
+    (rotation without closing clients): when it leaves, so does that connection.
+    """
+    h = Harness(pool=True)
+    proto, _ = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    up.dataReceived(OK)
+    h.registry.end(h.registry.current(PORT).id, EndReason.RENEWED)
+    proto.connectionLost(DONE)
+    assert upstream.disconnecting
+    assert len(pool_of(h)) == 0
+
+
+def test_other_sessions_parked_connections_stay() -> None:
+    h = Harness(pool=True)
+    _, _, _, mine = one_shot(h)
+    proto, _ = h.client(10202)
+    proto.dataReceived(ONE_SHOT)
+    up, theirs = h.upstream()
+    up.dataReceived(OK)
+    h.registry.reset(PORT)
+    assert mine.disconnecting
+    assert not theirs.disconnecting
+    assert len(pool_of(h)) == 1
+
+
+def test_ports_do_not_share_connections() -> None:
+    h = Harness(pool=True)
+    one_shot(h)
+    proto, _ = h.client(10202)
+    proto.dataReceived(ONE_SHOT)
+    assert len(h.reactor.tcpClients) == 2
+
+
+def test_a_parked_connection_closed_by_the_vendor_leaves_the_pool() -> None:
+    h = Harness(pool=True)
+    _old, old_client, up, _ = one_shot(h)
+    written = old_client.value()
+    up.connectionLost(DONE)
+    assert len(pool_of(h)) == 0
+    assert old_client.value() == written
+    proto, _ = h.client()
+    proto.dataReceived(ONE_SHOT)
+    assert len(h.reactor.tcpClients) == 2
+
+
+def test_bytes_nobody_asked_for_close_a_parked_connection() -> None:
+    h = Harness(pool=True)
+    _, _, up, upstream = one_shot(h)
+    up.dataReceived(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+    assert upstream.disconnecting
+    # Not yet lost: taking it skips it.
+    proto, _ = h.client()
+    proto.dataReceived(ONE_SHOT)
+    assert len(h.reactor.tcpClients) == 2
+    up.connectionLost(DONE)
+    assert len(pool_of(h)) == 0
+
+
+def test_parked_connections_expire() -> None:
+    h = Harness(Limits(idle_upstream_timeout=30.0), pool=True)
+    _, _, up, upstream = one_shot(h)
+    h.reactor.advance(20)
+    proto, _ = h.client()
+    proto.dataReceived(GET)
+    assert len(h.reactor.tcpClients) == 1  # taken back at t=20
+    up.dataReceived(OK)
+    h.reactor.advance(1)
+    proto.connectionLost(DONE)  # parked again at t=21
+    h.reactor.advance(29.5)
+    assert not upstream.disconnecting
+    h.reactor.advance(0.5)
+    assert upstream.disconnecting
+    assert len(pool_of(h)) == 0
+
+
+def test_at_most_max_idle_the_oldest_goes() -> None:
+    h = Harness(Limits(max_idle_upstreams=2), pool=True)
+    clients = [h.client() for _ in range(3)]
+    for proto, _ in clients:
+        proto.dataReceived(ONE_SHOT)
+    legs = [h.upstream(i) for i in range(3)]
+    for up, _ in legs:
+        up.dataReceived(OK)
+    assert [t.disconnecting for _, t in legs] == [True, False, False]
+    assert len(pool_of(h)) == 2
+    # The most recent is reused first.
+    proto, _ = h.client()
+    proto.dataReceived(ONE_SHOT)
+    assert legs[2][1].value().count(b"GET ") == 2
+    assert legs[1][1].value().count(b"GET ") == 1
+
+
+def test_fewer_allowed_after_a_reload() -> None:
+    h = Harness(pool=True)
+    clients = [h.client() for _ in range(3)]
+    for proto, _ in clients:
+        proto.dataReceived(ONE_SHOT)
+    legs = [h.upstream(i) for i in range(3)]
+    for up, _ in legs:
+        up.dataReceived(OK)
+    pool_of(h).configure(Limits(max_idle_upstreams=1))
+    assert [t.disconnecting for _, t in legs] == [True, True, False]
+
+
+def test_a_draining_port_parks_nothing() -> None:
+    h = Harness(pool=True)
+    h.factory.draining = True
+    _, _, _, upstream = one_shot(h)
+    assert upstream.disconnecting
+
+
+def test_close_all() -> None:
+    h = Harness(pool=True)
+    _, _, _, upstream = one_shot(h)
+    pool_of(h).close_all()
+    assert upstream.disconnecting
+    # A client leg that ends after the stop began parks nothing.
+    proto, _ = h.client()
+    proto.dataReceived(GET)
+    up, later = h.upstream()
+    up.dataReceived(OK)
+    proto.connectionLost(DONE)
+    assert later.disconnecting
+    assert len(pool_of(h)) == 0
+    sweeps = [c for c in h.reactor.getDelayedCalls() if c.func == pool_of(h)._expire]
+    assert sweeps == []
+
+
+def test_a_tunnel_is_never_parked() -> None:
+    h = Harness(pool=True)
+    proto, _client = h.client()
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    up, upstream = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    proto.connectionLost(DONE)
+    assert upstream.disconnecting
+    assert len(pool_of(h)) == 0
+
+
+def test_a_connection_mid_response_is_not_parked() -> None:
+    h = Harness(pool=True)
+    proto, _client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+    proto.connectionLost(Failure(ConnectionLost()))
+    assert upstream.disconnecting
+    assert len(pool_of(h)) == 0
+
+
+def test_a_connection_the_vendor_will_close_is_not_parked() -> None:
+    h = Harness(pool=True)
+    proto, _ = h.client()
+    proto.dataReceived(ONE_SHOT)
+    up, upstream = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+    assert upstream.disconnecting
+    assert len(pool_of(h)) == 0
+
+
+def test_flow_control_is_handed_over() -> None:
+    """
+    A parked connection reads (so a close is seen) and throttles nobody; the
+    client leg that takes it gets backpressure both ways.
+    """
+    h = Harness(pool=True)
+    proto, client = h.client()
+    proto.dataReceived(ONE_SHOT)
+    up, upstream = h.upstream()
+    assert client.producer is up
+    assert upstream.producer is proto
+    up.pauseProducing()  # the client's buffer is full
+    assert upstream.producerState == "paused"
+    up.dataReceived(OK)
+    proto.connectionLost(DONE)
+    assert len(pool_of(h)) == 1
+    assert upstream.producerState == "producing"
+    assert upstream.producer is None
+    assert client.producer is None
+
+    proto2, client2 = h.client()
+    proto2.dataReceived(ONE_SHOT)
+    assert client2.producer is up
+    assert upstream.producer is proto2
+    assert up.server is proto2
