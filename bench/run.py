@@ -237,7 +237,12 @@ class Rig:
         return Running("reference", first, self._popen(argv))
 
     def _start_proxymap(
-        self, first: int, nports: int, name: str = "proxymap", twist: tuple[str, ...] = ()
+        self,
+        first: int,
+        nports: int,
+        name: str = "proxymap",
+        twist: tuple[str, ...] = (),
+        limits: str = "",
     ) -> Running:
         (admin,) = free_ports(1)
         config = self.work / f"proxymap-{first}.toml"
@@ -245,6 +250,7 @@ class Rig:
             # The harness measures capacity, not the default caps (1000 a port,
             # 9000 in all): it holds up to ~10,000 tunnels through one port.
             "[limits]\nmax_connections_per_port = 20000\nmax_connections = 20000\n"
+            f"{limits}"
             f'[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\n'
             f'[[mapping]]\nports = "{first}-{first + nports - 1}"\n'
             f'upstream = "http://127.0.0.1:{self.parent_port}"\n'
@@ -257,6 +263,13 @@ class Rig:
         # proxymap on Twisted's stock epoll reactor instead of its own: what
         # proxymap/dataplane/reactor.py is worth, measured in the same run.
         return self._start_proxymap(first, nports, "proxymap-stock", ("--reactor=epoll",))
+
+    def _start_proxymap_unkept(self, first: int, nports: int) -> Running:
+        # proxymap keeping no upstream connection across client connections
+        # (README: Upstream connections), as the reference and the peers do:
+        # what keeping is worth, and our code's cost on the same work.
+        limits = "max_idle_upstreams = 0\n"
+        return self._start_proxymap(first, nports, "proxymap-unkept", limits=limits)
 
     def _start_pproxy(self, first: int, nports: int) -> Running:
         assert nports == 1
@@ -736,7 +749,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     subjects = args.subjects.split(",")
-    known = {"reference", "proxymap", "proxymap-stock", "direct", *PEERS}
+    known = {"reference", "proxymap", "proxymap-stock", "proxymap-unkept", "direct", *PEERS}
     if not set(subjects) <= known or "proxymap" not in subjects:
         parser.error(f"--subjects: proxymap and any of {sorted(known)}")
     args.tunnels = (1000, 5000)
