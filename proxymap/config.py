@@ -173,7 +173,7 @@ class Limits:
     max_connections: int = 9000
     #: Idle upstream connections kept for the next client connection of the
     #: same session, across all ports (0: none; see dataplane/pool.py).
-    max_idle_upstreams: int = 256
+    max_idle_upstreams: int = 2048
     #: How long such a connection is kept.
     idle_upstream_timeout: float = 30.0
 

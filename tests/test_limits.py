@@ -219,7 +219,7 @@ def test_limits_parse() -> None:
         {"mapping": [raw], "limits": {"idle_timeout": "2m", "max_headers": 50}}, env={}
     )
     assert (c.limits.idle_timeout, c.limits.max_headers, c.limits.head_timeout) == (120, 50, 30)
-    assert (c.limits.max_idle_upstreams, c.limits.idle_upstream_timeout) == (256, 30)
+    assert (c.limits.max_idle_upstreams, c.limits.idle_upstream_timeout) == (2048, 30)
     c = parse_config(
         {"mapping": [raw], "limits": {"max_idle_upstreams": 0, "idle_upstream_timeout": "5s"}},
         env={},

@@ -422,3 +422,26 @@ def test_flow_control_is_handed_over() -> None:
     assert client2.producer is up
     assert upstream.producer is proto2
     assert up.server is proto2
+
+
+def test_kept_connections_give_way_to_clients() -> None:
+    """
+    Parked connections and client connections together stay within
+    max_connections: a client beyond it closes the oldest parked connection
+    (file descriptors are for clients first).
+    """
+    h = Harness(Limits(max_connections=3), pool=True)
+    clients = [h.client() for _ in range(2)]
+    for proto, _ in clients:
+        proto.dataReceived(ONE_SHOT)
+    legs = [h.upstream(i) for i in range(2)]
+    for up, _ in legs:
+        up.dataReceived(OK)
+    for proto, _ in clients:
+        proto.connectionLost(DONE)
+    assert len(pool_of(h)) == 2
+    h.client()
+    assert [t.disconnecting for _, t in legs] == [False, False]
+    h.client()
+    assert [t.disconnecting for _, t in legs] == [True, False]
+    assert len(pool_of(h)) == 1

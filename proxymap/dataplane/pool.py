@@ -22,8 +22,11 @@ What keeps this safe:
   its parked connections with it, so no request of a new session goes over a
   connection of an old one, and nothing of a released session stays open;
 - parked connections are closed after ``idle_timeout`` and there are at most
-  ``max_idle`` of them across every port (the oldest goes first); a draining or
-  stopped service parks nothing and closes what is parked.
+  ``max_idle`` of them across every port (the oldest goes first); together
+  with the client connections they stay within ``max_connections`` (a new
+  client connection beyond it closes the oldest parked one), so they never
+  take the file descriptors clients need; a draining or stopped service
+  parks nothing and closes what is parked.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class UpstreamPool:
         if session is not None and session.ended is not None:
             return False
         if len(self._expires) >= self.max_idle:
-            self._close(next(iter(self._expires)))
+            self.evict()
         up.park(self)
         self._by_key.setdefault(up.key, []).append(up)
         self._expires[up] = self._clock.seconds() + self.idle_timeout
@@ -121,6 +124,13 @@ class UpstreamPool:
         stack.remove(up)
         if not stack:
             del self._by_key[up.key]
+
+    def evict(self) -> None:
+        """
+        Close the connection parked longest ago, if any.
+        """
+        if self._expires:
+            self._close(next(iter(self._expires)))
 
     def close_all(self) -> None:
         """

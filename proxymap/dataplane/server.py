@@ -44,8 +44,6 @@ from proxymap.dataplane.upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
     from proxymap.dataplane.pool import UpstreamPool
-
-if TYPE_CHECKING:
     from proxymap.sessions import Session
 
 log = Logger()
@@ -254,7 +252,12 @@ class ProxyServer(flow.Throttled):
             self._refused = True
         else:
             factory.connections[self.id] = self
-            factory.tally.connections += 1
+            tally = factory.tally
+            tally.connections += 1
+            pool = tally.pool
+            if pool and tally.connections + len(pool) > limits.max_connections:
+                # Kept upstream connections give way to clients (file descriptors).
+                pool.evict()
         self._arm(limits.head_timeout)
 
     def dataReceived(self, data: bytes) -> None:

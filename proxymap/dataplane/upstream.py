@@ -209,6 +209,8 @@ class UpstreamProtocol(flow.Throttled):
     def park(self, pool: UpstreamPool) -> None:
         """
         Leave the client leg that used this connection (see pool.py).
+        ``server`` still names that leg until :meth:`adopt`, but nothing
+        reaches it: a parked connection that closes only tells the pool.
         """
         self._pool = pool
         transport = self.transport
