@@ -71,8 +71,8 @@ class UpstreamPool:
         """
         self.max_idle = limits.max_idle_upstreams
         self.idle_timeout = limits.idle_upstream_timeout
-        while len(self._expires) > self.max_idle:
-            self._close(next(iter(self._expires)))
+        for _ in range(len(self._expires) - max(self.max_idle, 0)):
+            self.evict()
 
     def __len__(self) -> int:
         return len(self._expires)
