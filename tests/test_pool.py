@@ -48,6 +48,22 @@ def one_shot(
     return proto, client, up, upstream
 
 
+def one_shots_at_once(h: Harness, n: int) -> list[tuple[UpstreamProtocol, StringTransport]]:
+    """
+    ``n`` client connections at once, each with one request answered over
+    its own upstream connection (which each leaves as it closes).
+    """
+    clients = [h.client() for _ in range(n)]
+    for proto, _ in clients:
+        proto.dataReceived(ONE_SHOT)
+    legs = [h.upstream(i) for i in range(n)]
+    for up, _ in legs:
+        up.dataReceived(OK)
+    for proto, _ in clients:
+        proto.connectionLost(DONE)
+    return legs
+
+
 def test_one_shot_clients_share_one_upstream_connection() -> None:
     """
     The next client connection of the session takes the connection the last
@@ -314,12 +330,7 @@ def test_parked_connections_expire() -> None:
 
 def test_at_most_max_idle_the_oldest_goes() -> None:
     h = Harness(Limits(max_idle_upstreams=2), pool=True)
-    clients = [h.client() for _ in range(3)]
-    for proto, _ in clients:
-        proto.dataReceived(ONE_SHOT)
-    legs = [h.upstream(i) for i in range(3)]
-    for up, _ in legs:
-        up.dataReceived(OK)
+    legs = one_shots_at_once(h, 3)
     assert [t.disconnecting for _, t in legs] == [True, False, False]
     assert len(pool_of(h)) == 2
     # The most recent is reused first.
@@ -331,12 +342,7 @@ def test_at_most_max_idle_the_oldest_goes() -> None:
 
 def test_fewer_allowed_after_a_reload() -> None:
     h = Harness(pool=True)
-    clients = [h.client() for _ in range(3)]
-    for proto, _ in clients:
-        proto.dataReceived(ONE_SHOT)
-    legs = [h.upstream(i) for i in range(3)]
-    for up, _ in legs:
-        up.dataReceived(OK)
+    legs = one_shots_at_once(h, 3)
     pool_of(h).configure(Limits(max_idle_upstreams=1))
     assert [t.disconnecting for _, t in legs] == [True, True, False]
 
@@ -431,14 +437,7 @@ def test_kept_connections_give_way_to_clients() -> None:
     (file descriptors are for clients first).
     """
     h = Harness(Limits(max_connections=3), pool=True)
-    clients = [h.client() for _ in range(2)]
-    for proto, _ in clients:
-        proto.dataReceived(ONE_SHOT)
-    legs = [h.upstream(i) for i in range(2)]
-    for up, _ in legs:
-        up.dataReceived(OK)
-    for proto, _ in clients:
-        proto.connectionLost(DONE)
+    legs = one_shots_at_once(h, 2)
     assert len(pool_of(h)) == 2
     h.client()
     assert [t.disconnecting for _, t in legs] == [False, False]
