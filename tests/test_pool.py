@@ -5,6 +5,7 @@ in memory: client and upstream legs on StringTransports, a MemoryReactorClock.
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -371,34 +372,37 @@ def test_close_all() -> None:
     assert sweeps == []
 
 
-def test_a_tunnel_is_never_parked() -> None:
-    h = Harness(pool=True)
-    proto, _client = h.client()
-    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
-    up, upstream = h.upstream()
-    up.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
-    proto.connectionLost(DONE)
-    assert upstream.disconnecting
-    assert len(pool_of(h)) == 0
-
-
-def test_a_connection_mid_response_is_not_parked() -> None:
-    h = Harness(pool=True)
-    proto, _client = h.client()
-    proto.dataReceived(GET)
-    up, upstream = h.upstream()
-    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
-    proto.connectionLost(Failure(ConnectionLost()))
-    assert upstream.disconnecting
-    assert len(pool_of(h)) == 0
-
-
-def test_a_connection_the_vendor_will_close_is_not_parked() -> None:
+@pytest.mark.parametrize(
+    ("request_head", "answer", "client_lost"),
+    [
+        pytest.param(
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            b"HTTP/1.1 200 Connection established\r\n\r\n",
+            DONE,
+            id="a tunnel",
+        ),
+        pytest.param(
+            GET,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart",
+            Failure(ConnectionLost()),
+            id="mid-response",
+        ),
+        pytest.param(
+            ONE_SHOT,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+            None,
+            id="the vendor will close it",
+        ),
+    ],
+)
+def test_never_parked(request_head: bytes, answer: bytes, client_lost: Failure | None) -> None:
     h = Harness(pool=True)
     proto, _ = h.client()
-    proto.dataReceived(ONE_SHOT)
+    proto.dataReceived(request_head)
     up, upstream = h.upstream()
-    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+    up.dataReceived(answer)
+    if client_lost is not None:
+        proto.connectionLost(client_lost)
     assert upstream.disconnecting
     assert len(pool_of(h)) == 0
 
