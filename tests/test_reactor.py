@@ -9,6 +9,8 @@ run: they turn it by hand with ``doPoll``.  No global reactor is touched.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import subprocess
 import sys
@@ -18,11 +20,12 @@ from typing import Any
 import pytest
 from twisted.internet import error
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.address import IPv6Address
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
 from proxymap.dataplane import flow
-from proxymap.dataplane.reactor import LeanEPollReactor
+from proxymap.dataplane.reactor import LeanEPollReactor, _Port
 from tests.conftest import LoggedFailures
 
 
@@ -306,3 +309,231 @@ def test_a_chosen_reactor_wins(runner: str) -> None:
     """
     assert reactor_under(runner, "--reactor=epoll", "proxymap", "--demo") == "EPollReactor"
     assert reactor_under(runner, "--reactor=poll", "proxymap", "--demo") == "PollReactor"
+
+
+class Accepting(Factory):
+    """
+    Records what the listening port hands over; ``refuse`` and ``explode``
+    name the client ports to turn away (None) or to fail on.
+    """
+
+    def __init__(self) -> None:
+        self.addresses: list[Any] = []
+        self.protocols: list[Protocol] = []
+        self.refuse: set[int] = set()
+        self.explode: set[int] = set()
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        self.addresses.append(addr)
+        if addr.port in self.refuse:
+            return None
+        if addr.port in self.explode:
+            raise RuntimeError("buildProtocol blew up")
+        proto = Protocol()
+        self.protocols.append(proto)
+        return proto
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[[int, int], list[socket.socket]]]:
+    made: list[socket.socket] = []
+
+    def connect(port: int, n: int) -> list[socket.socket]:
+        batch = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+        made.extend(batch)
+        return batch
+
+    try:
+        yield connect
+    finally:
+        for c in made:
+            c.close()
+
+
+def listening(lean: LeanEPollReactor, factory: Factory) -> Any:
+    port = lean.listenTCP(0, factory, interface="127.0.0.1")
+    assert isinstance(port, _Port)  # what these tests are about
+    return port
+
+
+def test_a_port_accepts_the_waiting_connections_in_one_call(
+    lean: LeanEPollReactor, clients: Callable[[int, int], list[socket.socket]]
+) -> None:
+    """
+    One doRead accepts every waiting client (up to the port's batch size),
+    each with its own address, session number and a plain TCP transport
+    connected to it; the batch size then follows what came, as Twisted's does.
+    """
+    factory = Accepting()
+    port = listening(lean, factory)
+    try:
+        batch = clients(port.getHost().port, 3)
+        port.doRead()
+        assert [a.port for a in factory.addresses] == [c.getsockname()[1] for c in batch]
+        transports = [p.transport for p in factory.protocols]
+        assert [t.sessionno for t in transports] == [0, 1, 2]  # type: ignore[union-attr]
+        assert all(type(t) in flow._PLAIN_TCP for t in transports)
+        for proto, client in zip(factory.protocols, batch, strict=True):
+            flow.send(proto.transport, b"hi %d" % client.getsockname()[1])
+            assert client.recv(100) == b"hi %d" % client.getsockname()[1]
+        assert port.numberAccepts == 3
+    finally:
+        port.stopListening()
+
+
+def test_an_ipv6_client_gets_an_ipv6_address(lean: LeanEPollReactor) -> None:
+    """
+    accept gives IPv6 peers as 4-tuples; the factory and the transport get
+    Twisted's IPv6Address as from the stock port.  (The host's ``%scope``
+    suffix, which the port renders as Twisted's does, appears only for
+    link-local peers, which loopback cannot make.)
+    """
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    factory = Accepting()
+    try:
+        port = lean.listenTCP(0, factory, interface="::1")
+    except error.CannotListenError:
+        pytest.skip("no IPv6 loopback")
+    client = socket.create_connection(("::1", port.getHost().port), timeout=5)
+    try:
+        port.doRead()
+        (addr,) = factory.addresses
+        assert (type(addr), addr.host, addr.port) == (IPv6Address, "::1", client.getsockname()[1])
+        assert factory.protocols[0].transport.getPeer() == addr  # type: ignore[union-attr]
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_a_full_batch_leaves_the_rest_for_the_next_call(
+    lean: LeanEPollReactor, clients: Callable[[int, int], list[socket.socket]]
+) -> None:
+    """
+    The loop is bounded by the batch size; a full batch raises it by 20,
+    and the next call takes what was left.
+    """
+    factory = Accepting()
+    port = listening(lean, factory)
+    try:
+        port.numberAccepts = 2
+        clients(port.getHost().port, 5)
+        port.doRead()
+        assert (len(factory.protocols), port.numberAccepts) == (2, 22)
+        port.doRead()
+        assert (len(factory.protocols), port.numberAccepts) == (5, 3)
+        port.doRead()  # nothing waits: EAGAIN at once, still at least one next time
+        assert (len(factory.protocols), port.numberAccepts) == (5, 1)
+    finally:
+        port.stopListening()
+
+
+def test_a_refused_connection_is_closed_and_the_next_one_served(
+    lean: LeanEPollReactor, clients: Callable[[int, int], list[socket.socket]]
+) -> None:
+    factory = Accepting()
+    port = listening(lean, factory)
+    try:
+        turned_away, served = clients(port.getHost().port, 2)
+        factory.refuse.add(turned_away.getsockname()[1])
+        port.doRead()
+        assert turned_away.recv(10) == b""  # closed by the port
+        assert [p.transport.getPeer().port for p in factory.protocols] == [  # type: ignore[union-attr]
+            served.getsockname()[1]
+        ]
+    finally:
+        port.stopListening()
+
+
+def test_an_exception_from_the_factory_is_logged_and_the_port_keeps_listening(
+    lean: LeanEPollReactor,
+    clients: Callable[[int, int], list[socket.socket]],
+    logged_failures: LoggedFailures,
+) -> None:
+    factory = Accepting()
+    port = listening(lean, factory)
+    try:
+        (bad,) = clients(port.getHost().port, 1)
+        factory.explode.add(bad.getsockname()[1])
+        lean.doPoll(0.5)
+        assert len(logged_failures.expect(RuntimeError)) == 1
+        assert port.connected and port in lean.getReaders()
+        (good,) = clients(port.getHost().port, 1)
+        lean.doPoll(0.5)
+        assert [p.transport.getPeer().port for p in factory.protocols] == [  # type: ignore[union-attr]
+            good.getsockname()[1]
+        ]
+    finally:
+        port.stopListening()
+
+
+class FlakyListener:
+    """
+    A listening socket whose first ``failures`` accepts fail with ``errno``.
+    """
+
+    def __init__(self, real: socket.socket, errno_: int, failures: int) -> None:
+        self.real = real
+        self.errno = errno_
+        self.failures = failures
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(self.errno, os.strerror(self.errno))
+        return self.real.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize(
+    ("errno_", "outcome"),
+    [
+        # A firewall's veto: Twisted skips it and accepts who waits.
+        (errno.EPERM, "served"),
+        # Logged, the call ends; the next call serves who waits.
+        (errno.ECONNABORTED, "waiting"),
+        # Out of descriptors: Twisted frees its reserved one and closes
+        # whoever waits, so they do not queue while nothing can be served.
+        (errno.EMFILE, "closed"),
+    ],
+)
+def test_other_accept_errors_take_twisteds_path(
+    lean: LeanEPollReactor,
+    clients: Callable[[int, int], list[socket.socket]],
+    errno_: int,
+    outcome: str,
+) -> None:
+    """
+    Only EAGAIN is handled by the lean loop; any other accept error is
+    Twisted's to handle (here it meets the error once more on its own
+    accept), and the port goes on listening.
+    """
+    factory = Accepting()
+    port = listening(lean, factory)
+    real = port.socket
+    try:
+        (first,) = clients(port.getHost().port, 1)
+        port.socket = FlakyListener(real, errno_, failures=2)
+        port.doRead()
+        port.socket = real
+
+        def served() -> list[int]:
+            return [p.transport.getPeer().port for p in factory.protocols]  # type: ignore[union-attr]
+
+        if outcome == "served":
+            assert served() == [first.getsockname()[1]]
+        elif outcome == "waiting":
+            assert served() == []
+            port.doRead()
+            assert served() == [first.getsockname()[1]]
+        else:
+            assert served() == []
+            assert first.recv(10) == b""
+        (second,) = clients(port.getHost().port, 1)
+        port.doRead()
+        assert served()[-1] == second.getsockname()[1]
+    finally:
+        port.socket = real
+        port.stopListening()
