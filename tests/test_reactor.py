@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from twisted.internet import error
+from twisted.internet import error, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv6Address
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -231,6 +231,62 @@ def test_connecting_to_an_ip_literal_starts_at_once(
         flow.send(transport, b"hello")
         assert accepted.recv(5) == b"hello"
     finally:
+        accepted.close()
+
+
+class CountingPoller:
+    """
+    The reactor's epoll object, counting the changes asked of it.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.changes: list[str] = []
+
+    def register(self, fd: int, events: int) -> None:
+        self.changes.append("add")
+        self.real.register(fd, events)
+
+    def modify(self, fd: int, events: int) -> None:
+        self.changes.append("mod")
+        self.real.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        self.changes.append("del")
+        self.real.unregister(fd)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_connect_settles_with_one_change_to_what_is_watched(
+    lean: LeanEPollReactor, listener: socket.socket
+) -> None:
+    """
+    Once connected, the socket is watched for reading only, after three
+    epoll changes in all (read, write, then no more write); Twisted's
+    doConnect makes five (and calls connect again).  The connection then
+    reads as any other.
+    """
+    poller = CountingPoller(lean._poller)
+    lean._poller = poller
+    try:
+        factory = Recorder()
+        lean.connectTCP("127.0.0.1", listener.getsockname()[1], factory, timeout=None)
+        accepted, _ = listener.accept()
+        turn_until(lean, lambda: factory.made and factory.made[0].transport)
+        transport: Any = factory.made[0].transport
+        assert poller.changes == ["add", "mod", "mod"]
+        assert transport in lean.getReaders() and transport not in lean.getWriters()
+        assert transport.doRead.__func__ is tcp.Connection.doRead
+        received: list[bytes] = []
+        proto: Any = factory.made[0]
+        proto.dataReceived = received.append
+        accepted.send(b"after connect")
+        turn_until(lean, lambda: received)
+        assert received == [b"after connect"]
+    finally:
+        lean._poller = poller.real
         accepted.close()
 
 

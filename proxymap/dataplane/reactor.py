@@ -27,11 +27,12 @@ see :func:`install_unless_chosen`.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import error, tcp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.interfaces import IConnector
 from twisted.internet.protocol import ClientFactory
@@ -54,11 +55,11 @@ class _Client(tcp.Client):
     and a syscall per tunnel.  Here the constructor calls ``connect`` itself.
 
     Only the expected answer, ``EINPROGRESS``, is handled here (the same
-    ``startReading``/``startWriting`` ``doConnect`` does; completion and
-    errors then go through Twisted's ``doConnect`` as always).  Anything else
-    (an immediate failure such as ``ENETUNREACH``) falls back to Twisted's
-    path on the next turn, so the failure still reaches the factory
-    asynchronously, never inside ``connectTCP``.
+    ``startReading``/``startWriting`` ``doConnect`` does); the connect then
+    settles in :meth:`_connect_settled`.  Anything else (an immediate
+    failure such as ``ENETUNREACH``) falls back to Twisted's path on the
+    next turn, so the failure still reaches the factory asynchronously,
+    never inside ``connectTCP``.
     """
 
     def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
@@ -72,11 +73,33 @@ class _Client(tcp.Client):
         except OSError as e:  # connect_ex raises for what is not an errno
             result = e.args[0]
         if result == errno.EINPROGRESS:
-            self.doRead = self.doWrite = self.doConnect  # type: ignore[method-assign]
+            self.doRead = self.doWrite = self._connect_settled  # type: ignore[method-assign]
             self.startReading()
             self.startWriting()
         else:
             reactor.callLater(0, whenDone)
+
+    def _connect_settled(self) -> None:
+        """
+        The connect :meth:`_finishInit` started has succeeded or failed.
+
+        Twisted's ``doConnect`` (which this replaces only for connects
+        started here) asks ``SO_ERROR``, then calls ``connect`` once more
+        (its own comment: the event itself already says the connect
+        succeeded), then stops reading and writing and starts reading again:
+        a syscall and two ``epoll_ctl`` per upstream connection that change
+        nothing.  Here a connected socket just stops being watched for
+        writing; a failure is reported exactly as Twisted reports it.
+        """
+        if not hasattr(self, "connector"):  # failed already (Twisted's guard)
+            return
+        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.failIfNotConnected(error.getConnectError((err, os.strerror(err))))
+            return
+        del self.doRead, self.doWrite
+        self.stopWriting()
+        self._connectDone()  # starts reading: already does
 
 
 flow.plain_tcp(_Client)
