@@ -32,8 +32,9 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet import error, tcp
+from twisted.internet import tcp
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import getConnectError
 from twisted.internet.interfaces import IConnector
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
@@ -95,7 +96,7 @@ class _Client(tcp.Client):
             return
         err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self.failIfNotConnected(error.getConnectError((err, os.strerror(err))))
+            self.failIfNotConnected(getConnectError((err, os.strerror(err))))
             return
         del self.doRead, self.doWrite
         self.stopWriting()
