@@ -274,20 +274,20 @@ def test_a_connect_settles_with_one_change_to_what_is_watched(
         factory = Recorder()
         lean.connectTCP("127.0.0.1", listener.getsockname()[1], factory, timeout=None)
         accepted, _ = listener.accept()
-        turn_until(lean, lambda: factory.made and factory.made[0].transport)
-        transport: Any = factory.made[0].transport
-        assert poller.changes == ["add", "mod", "mod"]
-        assert transport in lean.getReaders() and transport not in lean.getWriters()
-        assert transport.doRead.__func__ is tcp.Connection.doRead
-        received: list[bytes] = []
-        proto: Any = factory.made[0]
-        proto.dataReceived = received.append
-        accepted.send(b"after connect")
-        turn_until(lean, lambda: received)
-        assert received == [b"after connect"]
+        with accepted:
+            turn_until(lean, lambda: factory.made and factory.made[0].transport)
+            transport: Any = factory.made[0].transport
+            assert poller.changes == ["add", "mod", "mod"]
+            assert transport in lean.getReaders() and transport not in lean.getWriters()
+            assert transport.doRead.__func__ is tcp.Connection.doRead
+            received: list[bytes] = []
+            proto: Any = factory.made[0]
+            proto.dataReceived = received.append
+            accepted.send(b"after connect")
+            turn_until(lean, lambda: received)
+            assert received == [b"after connect"]
     finally:
         lean._poller = poller.real
-        accepted.close()
 
 
 def test_a_refused_connect_is_reported_as_before(lean: LeanEPollReactor) -> None:
@@ -389,6 +389,12 @@ class Accepting(Factory):
         self.protocols.append(proto)
         return proto
 
+    def peers(self) -> list[int]:
+        """
+        The client ports of the connections handed over, in order.
+        """
+        return [p.transport.getPeer().port for p in self.protocols]  # type: ignore[union-attr]
+
 
 @pytest.fixture
 def clients() -> Iterator[Callable[[int, int], list[socket.socket]]]:
@@ -406,35 +412,39 @@ def clients() -> Iterator[Callable[[int, int], list[socket.socket]]]:
             c.close()
 
 
-def listening(lean: LeanEPollReactor, factory: Factory) -> Any:
+@pytest.fixture
+def accepting(lean: LeanEPollReactor) -> Iterator[tuple[Accepting, Any]]:
+    """
+    A factory and the port listening with it on 127.0.0.1.
+    """
+    factory = Accepting()
     port = lean.listenTCP(0, factory, interface="127.0.0.1")
     assert isinstance(port, _Port)  # what these tests are about
-    return port
+    try:
+        yield factory, port
+    finally:
+        port.stopListening()
 
 
 def test_a_port_accepts_the_waiting_connections_in_one_call(
-    lean: LeanEPollReactor, clients: Callable[[int, int], list[socket.socket]]
+    accepting: tuple[Accepting, Any], clients: Callable[[int, int], list[socket.socket]]
 ) -> None:
     """
     One doRead accepts every waiting client (up to the port's batch size),
     each with its own address, session number and a plain TCP transport
     connected to it; the batch size then follows what came, as Twisted's does.
     """
-    factory = Accepting()
-    port = listening(lean, factory)
-    try:
-        batch = clients(port.getHost().port, 3)
-        port.doRead()
-        assert [a.port for a in factory.addresses] == [c.getsockname()[1] for c in batch]
-        transports = [p.transport for p in factory.protocols]
-        assert [t.sessionno for t in transports] == [0, 1, 2]  # type: ignore[union-attr]
-        assert all(type(t) in flow._PLAIN_TCP for t in transports)
-        for proto, client in zip(factory.protocols, batch, strict=True):
-            flow.send(proto.transport, b"hi %d" % client.getsockname()[1])
-            assert client.recv(100) == b"hi %d" % client.getsockname()[1]
-        assert port.numberAccepts == 3
-    finally:
-        port.stopListening()
+    factory, port = accepting
+    batch = clients(port.getHost().port, 3)
+    port.doRead()
+    assert [a.port for a in factory.addresses] == [c.getsockname()[1] for c in batch]
+    transports = [p.transport for p in factory.protocols]
+    assert [t.sessionno for t in transports] == [0, 1, 2]  # type: ignore[union-attr]
+    assert all(type(t) in flow._PLAIN_TCP for t in transports)
+    for proto, client in zip(factory.protocols, batch, strict=True):
+        flow.send(proto.transport, b"hi %d" % client.getsockname()[1])
+        assert client.recv(100) == b"hi %d" % client.getsockname()[1]
+    assert port.numberAccepts == 3
 
 
 def test_an_ipv6_client_gets_an_ipv6_address(lean: LeanEPollReactor) -> None:
@@ -463,64 +473,49 @@ def test_an_ipv6_client_gets_an_ipv6_address(lean: LeanEPollReactor) -> None:
 
 
 def test_a_full_batch_leaves_the_rest_for_the_next_call(
-    lean: LeanEPollReactor, clients: Callable[[int, int], list[socket.socket]]
+    accepting: tuple[Accepting, Any], clients: Callable[[int, int], list[socket.socket]]
 ) -> None:
     """
     The loop is bounded by the batch size; a full batch raises it by 20,
     and the next call takes what was left.
     """
-    factory = Accepting()
-    port = listening(lean, factory)
-    try:
-        port.numberAccepts = 2
-        clients(port.getHost().port, 5)
-        port.doRead()
-        assert (len(factory.protocols), port.numberAccepts) == (2, 22)
-        port.doRead()
-        assert (len(factory.protocols), port.numberAccepts) == (5, 3)
-        port.doRead()  # nothing waits: EAGAIN at once, still at least one next time
-        assert (len(factory.protocols), port.numberAccepts) == (5, 1)
-    finally:
-        port.stopListening()
+    factory, port = accepting
+    port.numberAccepts = 2
+    clients(port.getHost().port, 5)
+    port.doRead()
+    assert (len(factory.protocols), port.numberAccepts) == (2, 22)
+    port.doRead()
+    assert (len(factory.protocols), port.numberAccepts) == (5, 3)
+    port.doRead()  # nothing waits: EAGAIN at once, still at least one next time
+    assert (len(factory.protocols), port.numberAccepts) == (5, 1)
 
 
 def test_a_refused_connection_is_closed_and_the_next_one_served(
-    lean: LeanEPollReactor, clients: Callable[[int, int], list[socket.socket]]
+    accepting: tuple[Accepting, Any], clients: Callable[[int, int], list[socket.socket]]
 ) -> None:
-    factory = Accepting()
-    port = listening(lean, factory)
-    try:
-        turned_away, served = clients(port.getHost().port, 2)
-        factory.refuse.add(turned_away.getsockname()[1])
-        port.doRead()
-        assert turned_away.recv(10) == b""  # closed by the port
-        assert [p.transport.getPeer().port for p in factory.protocols] == [  # type: ignore[union-attr]
-            served.getsockname()[1]
-        ]
-    finally:
-        port.stopListening()
+    factory, port = accepting
+    turned_away, served = clients(port.getHost().port, 2)
+    factory.refuse.add(turned_away.getsockname()[1])
+    port.doRead()
+    assert turned_away.recv(10) == b""  # closed by the port
+    assert factory.peers() == [served.getsockname()[1]]
 
 
 def test_an_exception_from_the_factory_is_logged_and_the_port_keeps_listening(
     lean: LeanEPollReactor,
+    accepting: tuple[Accepting, Any],
     clients: Callable[[int, int], list[socket.socket]],
     logged_failures: LoggedFailures,
 ) -> None:
-    factory = Accepting()
-    port = listening(lean, factory)
-    try:
-        (bad,) = clients(port.getHost().port, 1)
-        factory.explode.add(bad.getsockname()[1])
-        lean.doPoll(0.5)
-        assert len(logged_failures.expect(RuntimeError)) == 1
-        assert port.connected and port in lean.getReaders()
-        (good,) = clients(port.getHost().port, 1)
-        lean.doPoll(0.5)
-        assert [p.transport.getPeer().port for p in factory.protocols] == [  # type: ignore[union-attr]
-            good.getsockname()[1]
-        ]
-    finally:
-        port.stopListening()
+    factory, port = accepting
+    (bad,) = clients(port.getHost().port, 1)
+    factory.explode.add(bad.getsockname()[1])
+    lean.doPoll(0.5)
+    assert len(logged_failures.expect(RuntimeError)) == 1
+    assert port.connected and port in lean.getReaders()
+    (good,) = clients(port.getHost().port, 1)
+    lean.doPoll(0.5)
+    assert factory.peers() == [good.getsockname()[1]]
 
 
 class FlakyListener:
@@ -556,7 +551,7 @@ class FlakyListener:
     ],
 )
 def test_other_accept_errors_take_twisteds_path(
-    lean: LeanEPollReactor,
+    accepting: tuple[Accepting, Any],
     clients: Callable[[int, int], list[socket.socket]],
     errno_: int,
     outcome: str,
@@ -566,30 +561,23 @@ def test_other_accept_errors_take_twisteds_path(
     Twisted's to handle (here it meets the error once more on its own
     accept), and the port goes on listening.
     """
-    factory = Accepting()
-    port = listening(lean, factory)
+    factory, port = accepting
     real = port.socket
+    (first,) = clients(port.getHost().port, 1)
+    port.socket = FlakyListener(real, errno_, failures=2)
     try:
-        (first,) = clients(port.getHost().port, 1)
-        port.socket = FlakyListener(real, errno_, failures=2)
         port.doRead()
-        port.socket = real
-
-        def served() -> list[int]:
-            return [p.transport.getPeer().port for p in factory.protocols]  # type: ignore[union-attr]
-
-        if outcome == "served":
-            assert served() == [first.getsockname()[1]]
-        elif outcome == "waiting":
-            assert served() == []
-            port.doRead()
-            assert served() == [first.getsockname()[1]]
-        else:
-            assert served() == []
-            assert first.recv(10) == b""
-        (second,) = clients(port.getHost().port, 1)
-        port.doRead()
-        assert served()[-1] == second.getsockname()[1]
     finally:
         port.socket = real
-        port.stopListening()
+    if outcome == "served":
+        assert factory.peers() == [first.getsockname()[1]]
+    elif outcome == "waiting":
+        assert factory.peers() == []
+        port.doRead()
+        assert factory.peers() == [first.getsockname()[1]]
+    else:
+        assert factory.peers() == []
+        assert first.recv(10) == b""
+    (second,) = clients(port.getHost().port, 1)
+    port.doRead()
+    assert factory.peers()[-1] == second.getsockname()[1]
