@@ -65,6 +65,18 @@ def one_shots_at_once(h: Harness, n: int) -> list[tuple[UpstreamProtocol, String
     return legs
 
 
+def sent_over_kept(h: Harness) -> tuple[StringTransport, UpstreamProtocol]:
+    """
+    A one-shot client left its upstream connection kept; the next client's
+    request has just gone over it.  Returns that client's transport and
+    the kept connection.
+    """
+    _, _, up, _ = one_shot(h)
+    proto, client = h.client()
+    proto.dataReceived(ONE_SHOT)
+    return client, up
+
+
 def test_one_shot_clients_share_one_upstream_connection() -> None:
     """
     The next client connection of the session takes the connection the last
@@ -136,9 +148,7 @@ def test_stale_parked_connection_is_retried_on_a_new_one() -> None:
     goes again, once, on a new connection, and the client never knows.
     """
     h = Harness(pool=True)
-    _, _, up, _upstream = one_shot(h)
-    proto, client = h.client()
-    proto.dataReceived(ONE_SHOT)
+    client, up = sent_over_kept(h)
     up.connectionLost(DONE)
     assert len(h.reactor.tcpClients) == 2
     fresh, fresh_transport = h.upstream()
@@ -152,9 +162,7 @@ def test_stale_parked_connection_is_retried_on_a_new_one() -> None:
 
 def test_a_retry_is_not_retried() -> None:
     h = Harness(pool=True)
-    _, _, up, _ = one_shot(h)
-    proto, client = h.client()
-    proto.dataReceived(ONE_SHOT)
+    client, up = sent_over_kept(h)
     up.connectionLost(Failure(ConnectionLost()))
     fresh, _ = h.upstream()
     fresh.connectionLost(DONE)
@@ -164,9 +172,7 @@ def test_a_retry_is_not_retried() -> None:
 
 def test_no_retry_once_the_answer_began() -> None:
     h = Harness(pool=True)
-    _, _, up, _ = one_shot(h)
-    proto, client = h.client()
-    proto.dataReceived(ONE_SHOT)
+    client, up = sent_over_kept(h)
     up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
     up.connectionLost(DONE)
     assert len(h.reactor.tcpClients) == 1
@@ -176,9 +182,7 @@ def test_no_retry_once_the_answer_began() -> None:
 
 def test_no_retry_after_part_of_a_head() -> None:
     h = Harness(pool=True)
-    _, _, up, _ = one_shot(h)
-    proto, client = h.client()
-    proto.dataReceived(ONE_SHOT)
+    client, up = sent_over_kept(h)
     up.dataReceived(b"HTTP/1.1 2")
     up.connectionLost(DONE)
     assert len(h.reactor.tcpClients) == 1
