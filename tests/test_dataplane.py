@@ -5,12 +5,14 @@ StringTransports and a MemoryReactorClock, and tunnels over iosim.
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError, UserError
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
+from proxymap.dataplane import flow
 from proxymap.dataplane.http import MAX_HEAD_SIZE
 from proxymap.sessions import EndReason
 
@@ -211,6 +213,47 @@ def test_client_connection_close_honoured() -> None:
     up.dataReceived(OK)
     assert header(head_of(client.value())[1], b"connection") == [b"close"]
     assert client.disconnecting
+
+
+@pytest.mark.parametrize(
+    ("closing", "answer", "lasts"),
+    [
+        # The whole response in one read, after which the client leaves.
+        (True, [OK], [b"\r\n\r\nhello"]),
+        # The body in later reads: only its end is the last write.
+        (True, [OK[:-3], b"llo"], [b"llo"]),
+        # A kept client connection has no last write.
+        (False, [OK], []),
+        (False, [OK[:-3], b"llo"], []),
+    ],
+)
+def test_the_response_that_ends_a_connection_goes_out_last(
+    monkeypatch: pytest.MonkeyPatch, closing: bool, answer: list[bytes], lasts: list[bytes]
+) -> None:
+    """
+    The bytes that end a response after which the client connection closes
+    go through flow.send_last (their FIN travels with them: see test_flow),
+    and nothing else does.
+    """
+    sent_last: list[bytes] = []
+    send_last = flow.send_last
+
+    def spy(transport: object, data: bytes) -> None:
+        sent_last.append(data)
+        send_last(transport, data)
+
+    monkeypatch.setattr(flow, "send_last", spy)
+    h = Harness()
+    proto, client = h.client()
+    request = GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") if closing else GET
+    proto.dataReceived(request)
+    up, _ = h.upstream()
+    for data in answer:
+        up.dataReceived(data)
+    assert len(sent_last) == len(lasts)
+    assert [data[-len(end) :] for data, end in zip(sent_last, lasts, strict=True)] == lasts
+    assert client.value().endswith(b"hello")
+    assert client.disconnecting is closing
 
 
 def test_hop_by_hop_fields_removed_both_ways() -> None:

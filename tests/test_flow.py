@@ -1,6 +1,7 @@
 """
 flow.send: bytes go to the socket at once when nothing is queued ahead of
-them, and through the transport's own buffer otherwise.
+them, and through the transport's own buffer otherwise; flow.send_last: the
+same, with the FIN in the same segment.
 
 These use a real tcp.Server over a socketpair (so the bytes really cross a
 socket) driven by a MemoryReactor (so nothing runs by itself).
@@ -9,6 +10,7 @@ socket) driven by a MemoryReactor (so nothing runs by itself).
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -152,6 +154,101 @@ def test_other_transports_get_write() -> None:
     transport = StringTransport()
     flow.send(transport, b"hello")
     assert transport.value() == b"hello"
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[tcp.Server, socket.socket, MemoryReactor]]:
+    """
+    As ``pair``, over a real TCP connection on loopback (segments and FINs
+    exist only there).
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    peer = socket.create_connection(listener.getsockname(), timeout=5)
+    ours, _ = listener.accept()
+    listener.close()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    reactor = MemoryReactor()
+    transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
+    yield transport, peer, reactor
+    ours.close()
+    peer.close()
+
+
+def segments_out(skt: socket.socket) -> int:
+    """
+    How many segments ``skt`` has sent (``tcpi_segs_out`` of Linux's
+    ``struct tcp_info``, at byte 136 since Linux 4.2).
+    """
+    info = skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("I", info, 136)[0])
+
+
+def at_eof(peer: socket.socket) -> bool:
+    try:
+        return peer.recv(1) == b""
+    except BlockingIOError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's tcp_info")
+def test_last_bytes_carry_the_fin(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    send_last puts the bytes and the FIN on the wire before it returns, in
+    one segment, without the reactor.
+    """
+    transport, peer, reactor = tcp_pair
+    before = segments_out(transport.socket)
+    flow.send_last(transport, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert segments_out(transport.socket) - before == 1
+    assert received(peer) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert at_eof(peer)
+    assert transport not in reactor.getWriters()
+    # The caller's close is done at once, and says the connection ended
+    # cleanly: nothing was left to flush.
+    lost: list[Failure] = []
+    transport.protocol.connectionLost = lost.append  # type: ignore[method-assign]
+    transport.loseConnection()
+    assert len(lost) == 1 and lost[0].check(main.CONNECTION_DONE.__class__)
+    assert transport not in reactor.getReaders() and transport not in reactor.getWriters()
+    # Anything written after it goes nowhere.
+    transport.write(b"late")
+    flow.send(transport, b"later")
+
+
+def test_last_bytes_the_socket_does_not_take_are_queued(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    What the socket does not take waits in the transport, and nothing is
+    shut early: every byte arrives, and the FIN only with the caller's close.
+    """
+    transport, peer, reactor = tcp_pair
+    data = bytes(range(256)) * (16 * 1024)  # 4 MiB: more than any socket buffer here
+    flow.send_last(transport, data)
+    assert 0 < transport._tempDataLen < len(data)
+    got = [received(peer)]
+    for _ in range(10_000):
+        if transport not in reactor.getWriters():
+            break
+        transport.doWrite()
+        got.append(received(peer))
+    assert b"".join(got) == data
+    assert not at_eof(peer)
+
+
+def test_last_bytes_to_other_transports_are_written() -> None:
+    """
+    A transport that is not plain TCP gets write() (its caller closes it).
+    """
+    transport = StringTransport()
+    flow.send_last(transport, b"hello")
+    assert transport.value() == b"hello"
+    assert not transport.disconnecting
 
 
 _LAYOUT_PROBE = """

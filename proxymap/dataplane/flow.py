@@ -10,6 +10,7 @@ transport only when the set becomes empty or non-empty.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import tcp
@@ -143,6 +144,56 @@ def send(transport: Any, data: bytes) -> None:
             # Would block, or an error: doWrite meets it again and reports it.
             sent = 0
         if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+def send_last(transport: Any, data: bytes) -> None:
+    """
+    Write ``data`` as the last bytes of ``transport``, whose caller closes
+    it next: as :func:`send`, and when the socket takes all of it at once,
+    its write side is shut at once too, so that the FIN travels in the same
+    segment as the data.
+
+    Otherwise the FIN would follow a loop turn later, when Twisted closes the
+    socket: a second segment through the network stack and, on loopback, a
+    second wake-up of the peer, for every response that ends a connection.
+    The data is sent with ``MSG_MORE`` so the kernel holds it for the
+    ``shutdown`` that follows in the same call.
+
+    The transport is then marked write-closed, as Twisted marks it after its
+    own ``loseWriteConnection``: later writes are dropped, and the caller's
+    ``loseConnection`` closes at once (stop reading, close the socket, tell
+    the protocol the connection is done) instead of watching for
+    writability first to flush a buffer that is empty.  The protocol's
+    ``connectionLost`` therefore runs inside that ``loseConnection`` call,
+    as Twisted already does for a half-closed transport.
+
+    Anything else (a partial send, an error, not a plain TCP transport) is
+    :func:`send`'s path, and the caller's ``loseConnection`` closes as usual.
+    """
+    if (
+        type(transport) in _PLAIN_TCP
+        and transport.connected
+        and not transport._tempDataLen
+        and not transport.dataBuffer
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport.TLS
+    ):
+        skt = transport.socket
+        try:
+            sent = skt.send(data, socket.MSG_MORE)
+        except OSError:
+            sent = 0
+        if sent == len(data):
+            try:
+                skt.shutdown(socket.SHUT_WR)
+            except OSError:
+                # Reset meanwhile: Twisted's close meets it and reports it.
+                return
+            transport._writeDisconnected = True
             return
         data = data[sent:]
     transport.write(data)

@@ -243,9 +243,10 @@ class UpstreamProtocol(flow.Throttled):
         if self._pending_size > flow.BUFFER_LIMIT:
             self.server.pause_reading(flow.CONNECTING)
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes, last: bool = False) -> None:
         """
-        Write bytes that came from upstream to the client, counting them.
+        Write bytes that came from upstream to the client, counting them;
+        ``last``: the client connection closes right after them.
         """
         server = self.server
         n = len(data)
@@ -255,7 +256,10 @@ class UpstreamProtocol(flow.Throttled):
         session = server.session
         if session is not None:
             session.bytes_down += n
-        flow.send(server.transport, data)
+        if last:
+            flow.send_last(server.transport, data)
+        else:
+            flow.send(server.transport, data)
 
     def close(self) -> None:
         """
@@ -451,11 +455,13 @@ class UpstreamProtocol(flow.Throttled):
                 # The whole body came with the head (the usual small response):
                 # one write, no framer.
                 head, self._head = self._head, b""
+                # Its close follows in response_done (see _finish_request).
+                last = server._close_after
                 if length:
                     self._buffer = buffered[length:]
-                    self.deliver(head + buffered[:length])
+                    self.deliver(head + buffered[:length], last)
                 else:
-                    self.deliver(head)
+                    self.deliver(head, last)
                 self._complete()
                 return
             self._framer = LengthFramer(length)
@@ -478,7 +484,9 @@ class UpstreamProtocol(flow.Throttled):
                 self.deliver(piece)
             framer.decoded.clear()
         elif n:
-            self.deliver(head + data[:n] if head else data if n == len(data) else data[:n])
+            # The end of a response its client connection closes after.
+            last = framer.done and self.server._close_after
+            self.deliver(head + data[:n] if head else data if n == len(data) else data[:n], last)
         elif head:
             self.deliver(head)
         if framer.done:
