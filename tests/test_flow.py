@@ -1,7 +1,8 @@
 """
 flow.send: bytes go to the socket at once when nothing is queued ahead of
 them, and through the transport's own buffer otherwise; flow.send_last: the
-same, with the FIN in the same segment.
+same, with the FIN in the same segment; flow.close_write: a half-close at
+once when nothing is queued.
 
 These use a real tcp.Server over a socketpair (so the bytes really cross a
 socket) driven by a MemoryReactor (so nothing runs by itself).
@@ -17,9 +18,11 @@ from collections.abc import Iterator
 
 import pytest
 from twisted.internet import main, tcp
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from proxymap.dataplane import flow
 
@@ -251,9 +254,69 @@ def test_last_bytes_to_other_transports_are_written() -> None:
     assert not transport.disconnecting
 
 
+@implementer(IHalfCloseableProtocol)
+class HalfCloseable(Protocol):
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.events.append(data)
+
+    def readConnectionLost(self) -> None:
+        self.events.append("read closed")
+
+    def writeConnectionLost(self) -> None:
+        self.events.append("write closed")
+
+
+def test_half_close_with_nothing_queued_is_done_at_once(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    close_write shuts the write side before it returns and tells the
+    protocol, without the reactor; the read side stays open.
+    """
+    transport, peer, reactor = tcp_pair
+    protocol = HalfCloseable()
+    transport.protocol = protocol
+    flow.close_write(transport)
+    assert at_eof(peer)
+    assert protocol.events == ["write closed"]
+    assert transport not in reactor.getWriters()
+    assert transport in reactor.getReaders()
+    peer.sendall(b"still heard")
+    transport.doRead()
+    assert protocol.events == ["write closed", b"still heard"]
+    # Writes after it go nowhere; closing is immediate, as after Twisted's own.
+    flow.send(transport, b"late")
+    transport.loseConnection()
+    assert received(peer) == b""
+    assert transport.disconnected
+
+
+def test_half_close_waits_for_queued_bytes(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    With bytes queued, the half-close is Twisted's: after them, on a later turn.
+    """
+    transport, peer, _ = tcp_pair
+    protocol = HalfCloseable()
+    transport.protocol = protocol
+    transport.write(b"queued")
+    flow.close_write(transport)
+    assert not at_eof(peer)
+    assert protocol.events == []
+    transport.doWrite()
+    assert received(peer) == b"queued"
+    assert at_eof(peer)
+    assert protocol.events == ["write closed"]
+
+
 _LAYOUT_PROBE = """
 import socket, sys, tracemalloc
 from twisted.internet import tcp
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor
 if sys.argv[1] == "taught":

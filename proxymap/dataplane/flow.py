@@ -110,6 +110,23 @@ def plain_tcp(cls: type) -> None:
         _PLAIN_TCP = (*_PLAIN_TCP, cls)
 
 
+def _nothing_queued(transport: Any) -> bool:
+    """
+    Whether ``transport`` is plain TCP in its ordinary state, open, with
+    nothing queued to write: what it is asked to do now may be done on its
+    socket at once.
+    """
+    return (
+        type(transport) in _PLAIN_TCP
+        and transport.connected
+        and not transport._tempDataLen
+        and not transport.dataBuffer
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport.TLS
+    )
+
+
 def send(transport: Any, data: bytes) -> None:
     """
     Write ``data`` to ``transport`` now if it can take all of it, else as
@@ -129,15 +146,7 @@ def send(transport: Any, data: bytes) -> None:
     Only plain TCP transports in their ordinary state qualify; anything else
     (TLS, closing, test doubles) is simply ``transport.write``.
     """
-    if (
-        type(transport) in _PLAIN_TCP
-        and transport.connected
-        and not transport._tempDataLen
-        and not transport.dataBuffer
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport.TLS
-    ):
+    if _nothing_queued(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:
@@ -173,15 +182,7 @@ def send_last(transport: Any, data: bytes) -> None:
     Anything else (a partial send, an error, not a plain TCP transport) is
     :func:`send`'s path, and the caller's ``loseConnection`` closes as usual.
     """
-    if (
-        type(transport) in _PLAIN_TCP
-        and transport.connected
-        and not transport._tempDataLen
-        and not transport.dataBuffer
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport.TLS
-    ):
+    if _nothing_queued(transport):
         skt = transport.socket
         try:
             sent = skt.send(data, socket.MSG_MORE)
@@ -197,6 +198,26 @@ def send_last(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def close_write(transport: Any) -> None:
+    """
+    ``transport.loseWriteConnection()``, done at once when nothing is queued.
+
+    Twisted queues a half-close behind the write buffer: it watches the
+    socket for writability, and on the next turn finds the buffer empty,
+    stops watching, shuts the write side and tells the protocol
+    (``writeConnectionLost``).  With nothing queued those are the same
+    steps, done now by Twisted's own ``_closeWriteConnection``, without the
+    two ``epoll_ctl`` and the turn; every tunnel ends with one on each leg.
+    The protocol's ``writeConnectionLost`` therefore runs inside this call.
+    """
+    if _nothing_queued(transport):
+        transport._writeDisconnecting = True
+        transport._writeDisconnected = True
+        transport._closeWriteConnection()
+        return
+    transport.loseWriteConnection()
 
 
 @implementer(IPushProducer)

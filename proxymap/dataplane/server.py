@@ -295,7 +295,7 @@ class ProxyServer(flow.Throttled):
         self._read_closed = True
         tunnel = self._tunnel
         if tunnel is not None:
-            tunnel.transport.loseWriteConnection()  # type: ignore[union-attr]
+            flow.close_write(tunnel.transport)
         elif self._request is None:
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -688,7 +688,7 @@ class ProxyServer(flow.Throttled):
             flow.send(up.transport, data)
         self.resume_reading(flow.PIPELINE)
         if self._read_closed:
-            up.transport.loseWriteConnection()  # type: ignore[union-attr]
+            flow.close_write(up.transport)
 
     # ------------------------------------------------------------ upstream events
 

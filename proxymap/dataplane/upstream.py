@@ -605,7 +605,7 @@ class UpstreamProtocol(flow.Throttled):
     def readConnectionLost(self) -> None:
         self._read_closed = True
         if self._tunnel:
-            self.server.transport.loseWriteConnection()  # type: ignore[union-attr]
+            flow.close_write(self.server.transport)
             if self._write_closed:
                 self.transport.loseConnection()  # type: ignore[union-attr]
         else:
