@@ -447,6 +447,68 @@ def test_a_port_accepts_the_waiting_connections_in_one_call(
     assert port.numberAccepts == 3
 
 
+class ShutdownRecorder:
+    """
+    A socket that records its ``shutdown`` calls and is otherwise the real one.
+    """
+
+    def __init__(self, skt: socket.socket) -> None:
+        self._skt = skt
+        self.shutdowns: list[int] = []
+
+    def shutdown(self, how: int) -> None:
+        self.shutdowns.append(how)
+        self._skt.shutdown(how)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._skt, name)
+
+
+@pytest.mark.parametrize(
+    ("ending", "shutdowns"),
+    [
+        # The FIN went with the last bytes: close needs no second shutdown.
+        ("send_last", [socket.SHUT_WR]),
+        # Half-closed first, then closed: the same.
+        ("close_write", [socket.SHUT_WR]),
+        # A plain close is Twisted's, shutdown included.
+        ("close", [socket.SHUT_RDWR]),
+    ],
+)
+def test_an_accepted_connection_shuts_its_socket_down_once(
+    accepting: tuple[Accepting, Any],
+    clients: Callable[[int, int], list[socket.socket]],
+    ending: str,
+    shutdowns: list[int],
+) -> None:
+    """
+    Accepted transports close without shutting down a socket whose write
+    side is shut already, and the client sees the bytes and an orderly end.
+    """
+    factory, port = accepting
+    (client,) = clients(port.getHost().port, 1)
+    port.doRead()
+    transport = factory.protocols[0].transport
+    recorder = ShutdownRecorder(transport.socket)  # type: ignore[union-attr]
+    transport.socket = recorder  # type: ignore[union-attr]
+    if ending == "send_last":
+        flow.send_last(transport, b"bye")
+    elif ending == "close_write":
+        flow.send(transport, b"bye")
+        flow.close_write(transport)
+    else:
+        flow.send(transport, b"bye")
+    transport.loseConnection()  # type: ignore[union-attr]
+    if ending == "close":
+        transport.doWrite()  # type: ignore[union-attr]  # Twisted closes on the next turn
+        transport.connectionLost(Failure(error.ConnectionDone()))  # type: ignore[union-attr]
+    assert recorder.shutdowns == shutdowns
+    assert recorder._skt.fileno() == -1  # closed
+    client.settimeout(5)
+    assert client.recv(100) == b"bye"
+    assert client.recv(100) == b""
+
+
 def test_an_ipv6_client_gets_an_ipv6_address(lean: LeanEPollReactor) -> None:
     """
     accept gives IPv6 peers as 4-tuples; the factory and the transport get

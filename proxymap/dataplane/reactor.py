@@ -44,7 +44,38 @@ from proxymap.dataplane import flow
 log = Logger()
 
 
-class _Client(tcp.Client):
+class _ShutOnce:
+    """
+    A TCP transport that closes without shutting a socket down twice.
+
+    Twisted shuts a socket down (both ways) before closing it.  When the
+    write side is shut already (the FIN went with a connection's last bytes,
+    :func:`flow.send_last`, or with a half-close), that second ``shutdown``
+    does nothing ``close`` would not, and once the peer has closed as well
+    it fails with ``ENOTCONN``: a syscall and a caught exception per
+    connection.  A property, not an attribute set per connection: a
+    transport's attributes are at the limit of CPython's shared layout (see
+    ``flow._teach_layouts``).
+    """
+
+    _writeDisconnected: bool
+
+    @property
+    def _shouldShutdown(self) -> bool:
+        return not self._writeDisconnected
+
+
+# Twisted only reads _shouldShutdown (a class attribute there): read-only is enough.
+class _Server(_ShutOnce, tcp.Server):  # type: ignore[override]
+    """
+    An accepted TCP connection (see :class:`_ShutOnce`).
+    """
+
+
+flow.plain_tcp(_Server)
+
+
+class _Client(_ShutOnce, tcp.Client):  # type: ignore[override]  # as _Server
     """
     A TCP client that starts connecting to an IPv4 literal at once.
 
@@ -130,6 +161,8 @@ class _Port(tcp.Port):
     ``EPERM``...) goes to Twisted's own ``doRead``, which tries ``accept``
     again and knows what each of them means.
     """
+
+    transport = _Server
 
     def doRead(self) -> None:
         try:
