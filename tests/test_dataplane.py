@@ -232,17 +232,18 @@ def test_the_response_that_ends_a_connection_goes_out_last(
 ) -> None:
     """
     The bytes that end a response after which the client connection closes
-    go through flow.send_last (their FIN travels with them: see test_flow),
+    go through flow.send with last (their FIN travels with them: see test_flow),
     and nothing else does.
     """
     sent_last: list[bytes] = []
-    send_last = flow.send_last
+    send = flow.send
 
-    def spy(transport: object, data: bytes) -> None:
-        sent_last.append(data)
-        send_last(transport, data)
+    def spy(transport: object, data: bytes, last: bool = False) -> None:
+        if last:
+            sent_last.append(data)
+        send(transport, data, last)
 
-    monkeypatch.setattr(flow, "send_last", spy)
+    monkeypatch.setattr(flow, "send", spy)
     h = Harness()
     proto, client = h.client()
     request = GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") if closing else GET

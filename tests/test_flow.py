@@ -1,6 +1,6 @@
 """
 flow.send: bytes go to the socket at once when nothing is queued ahead of
-them, and through the transport's own buffer otherwise; flow.send_last: the
+them, and through the transport's own buffer otherwise; flow.send with last: the
 same, with the FIN in the same segment; flow.close_write: a half-close at
 once when nothing is queued.
 
@@ -210,12 +210,12 @@ def test_last_bytes_carry_the_fin(
     tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
 ) -> None:
     """
-    send_last puts the bytes and the FIN on the wire before it returns, in
+    send with last puts the bytes and the FIN on the wire before it returns, in
     one segment, without the reactor.
     """
     transport, peer, reactor = tcp_pair
     before = segments_out(transport.socket)
-    flow.send_last(transport, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    flow.send(transport, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", last=True)
     assert segments_out(transport.socket) - before == 1
     assert received(peer) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
     assert at_eof(peer)
@@ -232,6 +232,22 @@ def test_last_bytes_carry_the_fin(
     flow.send(transport, b"later")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's tcp_info")
+def test_bytes_that_are_not_last_are_not_held(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    An ordinary write leaves at once (``MSG_MORE`` would hold a small one
+    in the kernel), and the connection stays open.
+    """
+    transport, peer, _ = tcp_pair
+    before = segments_out(transport.socket)
+    flow.send(transport, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert segments_out(transport.socket) - before == 1
+    assert received(peer) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert not at_eof(peer)
+
+
 def test_last_bytes_the_socket_does_not_take_are_queued(
     tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
 ) -> None:
@@ -241,7 +257,7 @@ def test_last_bytes_the_socket_does_not_take_are_queued(
     """
     transport, peer, reactor = tcp_pair
     data = bytes(range(256)) * (16 * 1024)  # 4 MiB: more than any socket buffer here
-    flow.send_last(transport, data)
+    flow.send(transport, data, last=True)
     assert 0 < transport._tempDataLen < len(data)
     assert received(peer) + drained(transport, peer, reactor) == data
     assert not at_eof(peer)
@@ -252,7 +268,7 @@ def test_last_bytes_to_other_transports_are_written() -> None:
     A transport that is not plain TCP gets write() (its caller closes it).
     """
     transport = StringTransport()
-    flow.send_last(transport, b"hello")
+    flow.send(transport, b"hello", last=True)
     assert transport.value() == b"hello"
     assert not transport.disconnecting
 

@@ -468,7 +468,7 @@ class ShutdownRecorder:
     ("ending", "shutdowns"),
     [
         # The FIN went with the last bytes: close needs no second shutdown.
-        ("send_last", [socket.SHUT_WR]),
+        ("send last", [socket.SHUT_WR]),
         # Half-closed first, then closed: the same.
         ("close_write", [socket.SHUT_WR]),
         # A plain close is Twisted's, shutdown included.
@@ -491,8 +491,8 @@ def test_an_accepted_connection_shuts_its_socket_down_once(
     transport = factory.protocols[0].transport
     recorder = ShutdownRecorder(transport.socket)  # type: ignore[union-attr]
     transport.socket = recorder  # type: ignore[union-attr]
-    if ending == "send_last":
-        flow.send_last(transport, b"bye")
+    if ending == "send last":
+        flow.send(transport, b"bye", last=True)
     elif ending == "close_write":
         flow.send(transport, b"bye")
         flow.close_write(transport)

@@ -127,7 +127,7 @@ def _nothing_queued(transport: Any) -> bool:
     )
 
 
-def send(transport: Any, data: bytes) -> None:
+def send(transport: Any, data: bytes, last: bool = False) -> None:
     """
     Write ``data`` to ``transport`` now if it can take all of it, else as
     ``transport.write`` does.
@@ -143,58 +143,41 @@ def send(transport: Any, data: bytes) -> None:
     so partial writes, backpressure (producers are paused by the transport's
     own buffer) and failures are handled by Twisted as before.
 
+    ``last``: these are the last bytes of ``transport``, whose caller closes
+    it next.  When the socket takes all of them at once, its write side is
+    shut at once too, so that the FIN travels in the same segment as the
+    data (sent with ``MSG_MORE``, the kernel holds it for the ``shutdown``).
+    Otherwise the FIN would follow a loop turn later, when Twisted closes
+    the socket: a second segment through the network stack and, on
+    loopback, a second wake-up of the peer, for every response that ends a
+    connection.  The transport is then marked write-closed, as Twisted
+    marks it after its own ``loseWriteConnection``: later writes are
+    dropped, and the caller's ``loseConnection`` closes at once (stop
+    reading, close the socket, tell the protocol the connection is done)
+    instead of watching for writability first to flush an empty buffer.
+    The protocol's ``connectionLost`` therefore runs inside that
+    ``loseConnection`` call, as Twisted already does for a half-closed
+    transport.  After a partial send or an error the caller's
+    ``loseConnection`` closes as usual.
+
     Only plain TCP transports in their ordinary state qualify; anything else
     (TLS, closing, test doubles) is simply ``transport.write``.
     """
     if _nothing_queued(transport):
+        skt = transport.socket
         try:
-            sent = transport.socket.send(data)
+            sent = skt.send(data, socket.MSG_MORE if last else 0)
         except OSError:
             # Would block, or an error: doWrite meets it again and reports it.
             sent = 0
         if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
-
-
-def send_last(transport: Any, data: bytes) -> None:
-    """
-    Write ``data`` as the last bytes of ``transport``, whose caller closes
-    it next: as :func:`send`, and when the socket takes all of it at once,
-    its write side is shut at once too, so that the FIN travels in the same
-    segment as the data.
-
-    Otherwise the FIN would follow a loop turn later, when Twisted closes the
-    socket: a second segment through the network stack and, on loopback, a
-    second wake-up of the peer, for every response that ends a connection.
-    The data is sent with ``MSG_MORE`` so the kernel holds it for the
-    ``shutdown`` that follows in the same call.
-
-    The transport is then marked write-closed, as Twisted marks it after its
-    own ``loseWriteConnection``: later writes are dropped, and the caller's
-    ``loseConnection`` closes at once (stop reading, close the socket, tell
-    the protocol the connection is done) instead of watching for
-    writability first to flush a buffer that is empty.  The protocol's
-    ``connectionLost`` therefore runs inside that ``loseConnection`` call,
-    as Twisted already does for a half-closed transport.
-
-    Anything else (a partial send, an error, not a plain TCP transport) is
-    :func:`send`'s path, and the caller's ``loseConnection`` closes as usual.
-    """
-    if _nothing_queued(transport):
-        skt = transport.socket
-        try:
-            sent = skt.send(data, socket.MSG_MORE)
-        except OSError:
-            sent = 0
-        if sent == len(data):
-            try:
-                skt.shutdown(socket.SHUT_WR)
-            except OSError:
-                # Reset meanwhile: Twisted's close meets it and reports it.
-                return
-            transport._writeDisconnected = True
+            if last:
+                try:
+                    skt.shutdown(socket.SHUT_WR)
+                except OSError:
+                    # Reset meanwhile: Twisted's close meets it and reports it.
+                    return
+                transport._writeDisconnected = True
             return
         data = data[sent:]
     transport.write(data)

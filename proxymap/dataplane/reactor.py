@@ -50,7 +50,7 @@ class _ShutOnce:
 
     Twisted shuts a socket down (both ways) before closing it.  When the
     write side is shut already (the FIN went with a connection's last bytes,
-    :func:`flow.send_last`, or with a half-close), that second ``shutdown``
+    :func:`flow.send` with ``last``, or with a half-close), that second ``shutdown``
     does nothing ``close`` would not, and once the peer has closed as well
     it fails with ``ENOTCONN``: a syscall and a caught exception per
     connection.  A property, not an attribute set per connection: a

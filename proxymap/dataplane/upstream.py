@@ -256,10 +256,7 @@ class UpstreamProtocol(flow.Throttled):
         session = server.session
         if session is not None:
             session.bytes_down += n
-        if last:
-            flow.send_last(server.transport, data)
-        else:
-            flow.send(server.transport, data)
+        flow.send(server.transport, data, last)
 
     def close(self) -> None:
         """
