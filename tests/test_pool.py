@@ -5,6 +5,9 @@ in memory: client and upstream legs on StringTransports, a MemoryReactorClock.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
@@ -91,6 +94,7 @@ def test_one_shot_clients_share_one_upstream_connection() -> None:
     proto.dataReceived(ONE_SHOT)
     assert len(h.reactor.tcpClients) == 1
     assert len(pool_of(h)) == 0
+    assert up.server is proto
     second = upstream.value().split(b"\r\n\r\n")[1]
     assert second.startswith(b"GET http://example.com/page HTTP/1.1")
     assert header(head_of(second + b"\r\n\r\n")[1], b"proxy-authorization") == [creds("sess0001")]
@@ -98,8 +102,33 @@ def test_one_shot_clients_share_one_upstream_connection() -> None:
     assert head_of(client.value())[2] == b"hello"
     assert first.value().count(b"hello") == 1
     assert pool_of(h).reused == 1
-    # The first client's leg no longer hears from this connection.
+    # The first client's leg no longer hears from this connection, which
+    # is parked again for the next one.
+    assert len(pool_of(h)) == 1
+
+
+def test_a_parked_connection_lets_go_of_the_client_leg_it_served() -> None:
+    """
+    The finished client leg is freed when its connection is parked, not
+    kept until the next client of the session takes the connection; that
+    client then gets the connection as usual.
+    """
+    h = Harness(pool=True)
+    gc.disable()  # freed by reference counting alone, not by a collection
+    try:
+        first, first_client, up, upstream = one_shot(h)
+        assert len(pool_of(h)) == 1 and not upstream.disconnecting
+        left = weakref.ref(first)
+        del first, first_client
+        assert left() is None
+    finally:
+        gc.enable()
+    proto, client = h.client()
+    proto.dataReceived(ONE_SHOT)
     assert up.server is proto
+    up.dataReceived(OK)
+    assert head_of(client.value())[2] == b"hello"
+    assert len(h.reactor.tcpClients) == 1
 
 
 def test_keep_alive_client_leaving_idle_parks_its_connection() -> None:
