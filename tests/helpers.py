@@ -9,10 +9,13 @@ import os
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import DNSLookupError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from proxymap.config import Limits, MappingConfig, SessionIdSpec, parse_config
 from proxymap.credentials import basic_authorization
+from proxymap.dataplane.names import HostCache
 from proxymap.dataplane.pool import UpstreamPool
 from proxymap.dataplane.port import PortFactory
 from proxymap.dataplane.server import ProxyServer, Tally
@@ -24,6 +27,8 @@ from proxymap.sessions import PortPolicy, SessionRegistry
 FUZZ_EXAMPLES = int(os.environ.get("PROXYMAP_FUZZ_EXAMPLES", "300"))
 
 UPSTREAM_HOST = "gw.example.com"
+#: Where the harness's resolver says UPSTREAM_HOST is.
+UPSTREAM_ADDRESS = "192.0.2.10"
 UPSTREAM_PORT = 10000
 PORT = 10201
 
@@ -71,6 +76,15 @@ class Harness:
     def __init__(self, limits: Limits | None = None, pool: bool = False, **overrides: Any) -> None:
         self.reactor = MemoryReactorClock()
         self.tally = Tally()
+        #: Names the harness's resolver knows, and the names it was asked.
+        self.addresses = {UPSTREAM_HOST: UPSTREAM_ADDRESS}
+        self.looked_up: list[str] = []
+        self.pending: dict[str, Deferred[str]] = {}
+        self.tally.names = HostCache(self.reactor, resolve=self.resolve)
+        # The gateway's name is known before the first connection, as it
+        # is soon after a real start.
+        self.tally.names.lookup(UPSTREAM_HOST)
+        self.reactor.advance(0)
         self.mapping = mapping(**overrides)
         self.registry = SessionRegistry(clock=self.reactor, new_id=counting_ids())
         if pool:  # as the service has it (tap.build_service)
@@ -84,6 +98,19 @@ class Harness:
                 self.reactor, self.registry, port, self.mapping, None, limits, self.tally
             )
         self.factory = self.factories[PORT]
+
+    def resolve(self, host: str) -> Deferred[str]:
+        """
+        The harness's resolver: ``addresses`` at once; a name under
+        ``.invalid`` fails at once; any other name waits in ``pending``.
+        """
+        self.looked_up.append(host)
+        if host in self.addresses:
+            return succeed(self.addresses[host])
+        if host.endswith(".invalid"):
+            return fail(DNSLookupError(host))
+        self.pending[host] = Deferred()
+        return self.pending[host]
 
     def client(self, port: int = PORT) -> tuple[ProxyServer, StringTransport]:
         """

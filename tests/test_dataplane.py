@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError, UserError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    TimeoutError,
+    UserError,
+)
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -16,7 +22,15 @@ from proxymap.dataplane import flow
 from proxymap.dataplane.http import MAX_HEAD_SIZE
 from proxymap.sessions import EndReason
 
-from .helpers import PORT, UPSTREAM_HOST, UPSTREAM_PORT, Harness, creds, head_of, header
+from .helpers import (
+    PORT,
+    UPSTREAM_ADDRESS,
+    UPSTREAM_PORT,
+    Harness,
+    creds,
+    head_of,
+    header,
+)
 
 GET = b"GET http://example.com/page?q=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
@@ -33,7 +47,7 @@ def test_forwards_absolute_form_with_session_credentials() -> None:
         b"GET http://example.com/a HTTP/1.1\r\nHost: example.com\r\n"
         b"Proxy-Authorization: Basic Y2xpZW50OnNlY3JldA==\r\nProxy-Connection: keep-alive\r\n\r\n"
     )
-    assert [(c[0], c[1]) for c in h.reactor.tcpClients] == [(UPSTREAM_HOST, UPSTREAM_PORT)]
+    assert [(c[0], c[1]) for c in h.reactor.tcpClients] == [(UPSTREAM_ADDRESS, UPSTREAM_PORT)]
     up, upstream = h.upstream()
     first, lines, rest = head_of(upstream.value())
     assert first == b"GET http://example.com/a HTTP/1.1"
@@ -370,6 +384,74 @@ def test_connect_deadline_is_kept_by_the_connections_own_timer() -> None:
     h.fail_connect(UserError())
     assert client.value().count(b"HTTP/1.1") == 1
     assert h.factory.upstream_errors == {"timeout": 1}
+
+
+def test_a_gateway_name_is_looked_up_once_then_connected_to_by_address() -> None:
+    """
+    The first request to a gateway known by name waits for its lookup and
+    goes to the address found; later connections use that address at once.
+    """
+    h = Harness(upstream="http://new.example.com:10000")
+    h.addresses["new.example.com"] = "192.0.2.20"
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    assert h.reactor.tcpClients == []
+    h.reactor.advance(0)
+    assert [c[:2] for c in h.reactor.tcpClients] == [("192.0.2.20", 10000)]
+    up, _ = h.upstream()
+    up.dataReceived(OK)
+    assert client.value().endswith(b"hello")
+
+    proto2, client2 = h.client()
+    proto2.dataReceived(GET)
+    assert [c[:2] for c in h.reactor.tcpClients][1:] == [("192.0.2.20", 10000)]
+    up2, _ = h.upstream()
+    up2.dataReceived(OK)
+    assert client2.value().endswith(b"hello")
+    assert h.looked_up.count("new.example.com") == 1
+
+
+def test_a_gateway_name_that_does_not_resolve_is_502_and_the_port_serves_on() -> None:
+    h = Harness(upstream="http://nowhere.invalid:10000")
+    for _ in range(2):
+        proto, client = h.client()
+        proto.dataReceived(GET)
+        h.reactor.advance(0)
+        first, _, body = head_of(client.value())
+        assert first == b"HTTP/1.1 502 Bad Gateway"
+        assert b"cannot look up the upstream host nowhere.invalid" in body
+        assert client.disconnecting
+    # The second client failed fast: no second lookup of a name that just failed.
+    assert h.looked_up.count("nowhere.invalid") == 1
+    assert h.reactor.tcpClients == []
+
+
+def test_the_connect_deadline_covers_a_lookup_that_hangs() -> None:
+    h = Harness(connect_timeout="3s", upstream="http://slow.example.com:10000")
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    h.reactor.advance(3.1)
+    first, _, body = head_of(client.value())
+    assert first == b"HTTP/1.1 504 Gateway Timeout"
+    assert b"timed out connecting to the upstream slow.example.com:10000" in body
+    # The answer that comes after all opens nothing.
+    h.pending["slow.example.com"].callback("192.0.2.30")
+    h.reactor.advance(0)
+    assert h.reactor.tcpClients == []
+
+
+def test_a_client_gone_during_the_lookup_opens_nothing() -> None:
+    h = Harness(upstream="http://slow.example.com:10000")
+    proto, _ = h.client()
+    proto.dataReceived(GET)
+    proto.connectionLost(Failure(ConnectionDone()))
+    h.pending["slow.example.com"].callback("192.0.2.30")
+    h.reactor.advance(0)
+    assert h.reactor.tcpClients == []
+    # The name is known now: the next client connects at once.
+    proto2, _ = h.client()
+    proto2.dataReceived(GET)
+    assert [c[:2] for c in h.reactor.tcpClients] == [("192.0.2.30", 10000)]
 
 
 def test_a_connect_that_succeeds_leaves_no_timer_behind() -> None:

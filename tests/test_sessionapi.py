@@ -177,7 +177,7 @@ def test_disabled_means_proxied() -> None:
     h = Harness()
     proto, _ = h.client()
     proto.dataReceived(get("/session/new"))
-    assert [c[:2] for c in h.reactor.tcpClients] == [("gw.example.com", 10000)]
+    assert [c[:2] for c in h.reactor.tcpClients] == [("192.0.2.10", 10000)]
     assert h.registry.peek(PORT) is not None
 
 

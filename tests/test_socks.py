@@ -270,7 +270,7 @@ def test_plain_http_over_a_socks5_upstream() -> None:
     h = Harness(upstream="socks5://gw.example.com:1080")
     proto, client = h.client()
     proto.dataReceived(b"GET http://example.com/x?y HTTP/1.1\r\nHost: example.com\r\n\r\n")
-    assert h.reactor.tcpClients[-1][:2] == ("gw.example.com", 1080)
+    assert h.reactor.tcpClients[-1][:2] == ("192.0.2.10", 1080)
     up, upstream, auth, request = socks_upstream_handshake(h)
     user = b"alice-session-sess0001"
     assert auth == b"\x01" + bytes((len(user),)) + user + b"\x06s3cret"

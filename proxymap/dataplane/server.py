@@ -40,6 +40,7 @@ from proxymap.dataplane.http import (
     error_response,
     parse_request_head,
 )
+from proxymap.dataplane.names import HostCache
 from proxymap.dataplane.upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
@@ -102,6 +103,9 @@ class Tally:
     #: One set of ticks for every port: traffic spread over a thousand ports
     #: still shares a call per tick (a set per port made spreading 8% slower).
     deadlines: Deadlines | None = None
+    #: Addresses of upstream host names (see names.py), given by the first
+    #: factory like ``deadlines``.
+    names: HostCache | None = None
     #: Idle upstream connections kept for later client connections (None:
     #: none are kept; the service gives its tally one, see pool.py).
     pool: UpstreamPool | None = None
@@ -852,6 +856,10 @@ class ProxyFactory(ServerFactory[ProxyServer]):
             self.tally.deadlines = Deadlines(reactor)
         #: The connections' timers (see deadlines.py), shared with the tally's ports.
         self.deadlines: Deadlines = self.tally.deadlines
+        if self.tally.names is None:
+            self.tally.names = HostCache(reactor)
+        #: Upstream addresses by name, shared with the tally's ports.
+        self.names: HostCache = self.tally.names
 
     def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
         """

@@ -144,17 +144,30 @@ class UpstreamProtocol(flow.Throttled):
         if tunnel is not None:
             proto._request = tunnel
         factory = server.factory
+        # The deadline covers looking the gateway's name up, if it must wait.
+        proto.connect_deadline = server.seconds() + factory.connect_timeout
+        server.wake_by(proto.connect_deadline)
+        names = factory.names
+        address = names.address(target.host)
+        if address is not None:
+            proto._dial(address)
+        else:
+            names.lookup(target.host).addCallbacks(proto._resolved, proto.connect_failed)
+        return proto
+
+    def _dial(self, address: str) -> None:
         # No timeout for Twisted to schedule (None, not its default of 30 s):
         # the client leg's own timer enforces it (see connect_timed_out).
         # A DelayedCall per upstream connection, cancelled on connect but
         # kept in the reactor's heap until the heap is next compacted, cost
         # time on every connection and about 150 bytes on every held tunnel.
-        proto.connector = factory.reactor.connectTCP(
-            target.host, target.port, _Connector(proto), timeout=None
+        self.connector = self.server.factory.reactor.connectTCP(
+            address, self.target.port, _Connector(self), timeout=None
         )
-        proto.connect_deadline = server.seconds() + factory.connect_timeout
-        server.wake_by(proto.connect_deadline)
-        return proto
+
+    def _resolved(self, address: str) -> None:
+        if not self._lost:  # else closed or timed out while looking up
+            self._dial(address)
 
     @property
     def connecting(self) -> bool:
@@ -272,16 +285,25 @@ class UpstreamProtocol(flow.Throttled):
         self._reusable = False
         if self.transport is not None:
             self.transport.loseConnection()
-        elif self.connector is not None and not self._lost:
-            self._lost = True
-            self.connector.stopConnecting()
+        else:
+            self._stop_connecting()
 
     def abort(self) -> None:
         self._reusable = False
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
-        elif self.connector is not None and not self._lost:
-            self._lost = True
+        else:
+            self._stop_connecting()
+
+    def _stop_connecting(self) -> None:
+        """
+        Give up connecting (or looking the gateway's name up): the failure
+        that stopping reports, and any address found later, are ignored.
+        """
+        if self._lost:
+            return
+        self._lost = True
+        if self.connector is not None:
             self.connector.stopConnecting()
 
     # ------------------------------------------------------------ connection events
@@ -292,6 +314,8 @@ class UpstreamProtocol(flow.Throttled):
         self._lost = True
         if reason.check(error.TimeoutError):
             status, message = 504, f"timed out connecting to the upstream {self.address}"
+        elif reason.check(error.DNSLookupError):
+            status, message = 502, f"cannot look up the upstream host {self.target.host}"
         else:
             status, message = 502, f"cannot connect to the upstream {self.address}"
         log.info(
@@ -311,8 +335,8 @@ class UpstreamProtocol(flow.Throttled):
         stopping reports is ignored.
         """
         self.connect_failed(Failure(error.TimeoutError()))
-        assert self.connector is not None
-        self.connector.stopConnecting()
+        if self.connector is not None:  # else still looking the name up
+            self.connector.stopConnecting()
 
     def connectionMade(self) -> None:
         server = self.server

@@ -108,17 +108,22 @@ class Stack:
 
 
 def start_stack(
-    nports: int = 3, admin: dict[str, Any] | None = None, scheme: str = "http", **mapping: Any
+    nports: int = 3,
+    admin: dict[str, Any] | None = None,
+    scheme: str = "http",
+    gateway: str = "127.0.0.1",
+    **mapping: Any,
 ) -> Stack:
     """
-    proxymap on ``nports`` free ports in front of a sandbox vendor; the admin
-    API only where ``admin`` says (never on the default port 8700).
+    proxymap on ``nports`` free ports in front of a sandbox vendor (reached
+    as ``gateway``, an address or a name); the admin API only where
+    ``admin`` says (never on the default port 8700).
     """
     sandbox_port, *ports = free_ports(nports + 1)
     raw = {
         "name": "sandbox",
         "ports": ports,
-        "upstream": f"{scheme}://127.0.0.1:{sandbox_port}",
+        "upstream": f"{scheme}://{gateway}:{sandbox_port}",
         "user": "alice",
         "pass": "s3cret",
         "lifetime": "10m",

@@ -137,6 +137,38 @@ async def test_vendor_rejecting_credentials_is_502() -> None:
         await s.service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_known_by_name(origin: Origin) -> None:
+    """
+    The vendor's gateway given as a name (``localhost``, through the
+    reactor's own resolver): requests and tunnels go through, and the name
+    is looked up once for all of them.
+    """
+    from .conftest import start_stack
+
+    s = start_stack(1, gateway="localhost")
+    try:
+        proxy = f"http://127.0.0.1:{s.ports[0]}"
+        for path in ("/a", "/b"):
+            code, out, err = await curl("-x", proxy, f"http://127.0.0.1:{origin.port}{path}")
+            assert code == 0, err
+            assert json.loads(out)["path"] == path
+        code, out, err = await curl(
+            "-x",
+            proxy,
+            "--cacert",
+            str(origin.cafile),
+            f"https://localhost:{origin.tls_port}/c",
+        )
+        assert code == 0, err
+        assert json.loads(out)["path"] == "/c"
+        names = s.service.tally.names
+        assert names is not None and names.lookups == 1
+        assert names.address("localhost") == "127.0.0.1"
+    finally:
+        await s.service.stopService()
+
+
 @implementer(IHalfCloseableProtocol)
 class _HalfCloser(Protocol):
     """

@@ -1,0 +1,154 @@
+"""
+Upstream host names looked up once and kept (dataplane/names.py): a Clock and
+a resolver the test answers by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import DNSLookupError, TimeoutError
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from proxymap.dataplane.names import FAILED_TTL, TTL, HostCache
+
+HOST = "gw.example.com"
+
+
+class Resolver:
+    """
+    Records each lookup; the test answers it.
+    """
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, Deferred[str]]] = []
+
+    def __call__(self, host: str) -> Deferred[str]:
+        d: Deferred[str] = Deferred()
+        self.asked.append((host, d))
+        return d
+
+    def answer(self, result: str | Exception) -> None:
+        _, d = self.asked[-1]
+        if isinstance(result, Exception):
+            d.errback(Failure(result))
+        else:
+            d.callback(result)
+
+
+def outcome(d: Deferred[str]) -> list[Any]:
+    seen: list[Any] = []
+    d.addBoth(seen.append)
+    return seen
+
+
+def cache() -> tuple[HostCache, Clock, Resolver]:
+    clock, resolver = Clock(), Resolver()
+    return HostCache(clock, resolve=resolver), clock, resolver
+
+
+def test_a_literal_is_its_own_address() -> None:
+    names, _, resolver = cache()
+    assert names.address("192.0.2.7") == "192.0.2.7"
+    assert names.address("2001:db8::1") == "2001:db8::1"
+    assert resolver.asked == []
+
+
+def test_a_new_name_is_looked_up_once_for_everyone_waiting() -> None:
+    names, clock, resolver = cache()
+    assert names.address(HOST) is None
+    first, second = outcome(names.lookup(HOST)), outcome(names.lookup(HOST))
+    assert [host for host, _ in resolver.asked] == [HOST]
+    resolver.answer("192.0.2.10")
+    # Answered on a later turn, never inside the caller's own connect.
+    assert first == second == []
+    clock.advance(0)
+    assert first == second == ["192.0.2.10"]
+    assert names.address(HOST) == "192.0.2.10"
+    assert names.lookups == 1
+
+
+def test_an_address_is_used_without_lookups_until_due() -> None:
+    names, clock, resolver = cache()
+    names.lookup(HOST)
+    resolver.answer("192.0.2.10")
+    clock.advance(TTL - 1)
+    for _ in range(3):
+        assert names.address(HOST) == "192.0.2.10"
+    assert len(resolver.asked) == 1
+
+
+def test_a_due_address_is_still_used_while_looked_up_again() -> None:
+    names, clock, resolver = cache()
+    names.lookup(HOST)
+    resolver.answer("192.0.2.10")
+    clock.advance(TTL)
+    assert names.address(HOST) == "192.0.2.10"
+    assert names.address(HOST) == "192.0.2.10"
+    assert len(resolver.asked) == 2  # one lookup in the background, not one per connection
+    resolver.answer("192.0.2.11")
+    assert names.address(HOST) == "192.0.2.11"
+    clock.advance(TTL - 1)
+    assert names.address(HOST) == "192.0.2.11"
+    assert len(resolver.asked) == 2
+
+
+def test_a_failed_refresh_keeps_the_address_and_tries_again_later() -> None:
+    names, clock, resolver = cache()
+    names.lookup(HOST)
+    resolver.answer("192.0.2.10")
+    clock.advance(TTL)
+    names.address(HOST)
+    resolver.answer(DNSLookupError(HOST))
+    assert names.address(HOST) == "192.0.2.10"
+    assert len(resolver.asked) == 2
+    clock.advance(FAILED_TTL)
+    assert names.address(HOST) == "192.0.2.10"
+    assert len(resolver.asked) == 3
+
+
+def test_a_name_that_never_resolved_fails_its_waiters_then_fails_fast() -> None:
+    names, clock, resolver = cache()
+    waiting = outcome(names.lookup(HOST))
+    resolver.answer(DNSLookupError(HOST))
+    assert waiting == []
+    clock.advance(0)
+    [failure] = waiting
+    assert failure.check(DNSLookupError)
+    # For a while new connections fail at once (on the next turn), without a lookup.
+    again = outcome(names.lookup(HOST))
+    clock.advance(0)
+    assert again[0].check(DNSLookupError)
+    assert len(resolver.asked) == 1
+    # Then the name is looked up again, and may resolve now.
+    clock.advance(FAILED_TTL)
+    later = outcome(names.lookup(HOST))
+    assert len(resolver.asked) == 2
+    resolver.answer("192.0.2.10")
+    clock.advance(0)
+    assert later == ["192.0.2.10"]
+
+
+@pytest.mark.parametrize("error", [TimeoutError(), OSError("resolver broke")])
+def test_any_lookup_failure_is_a_dns_lookup_error_naming_the_host(error: Exception) -> None:
+    names, clock, resolver = cache()
+    waiting = outcome(names.lookup(HOST))
+    resolver.answer(error)
+    clock.advance(0)
+    [failure] = waiting
+    assert failure.check(DNSLookupError)
+    assert HOST in failure.getErrorMessage()
+
+
+def test_a_lookup_after_the_answer_gets_it_on_the_next_turn() -> None:
+    names, clock, resolver = cache()
+    names.lookup(HOST)
+    resolver.answer("192.0.2.10")
+    late = outcome(names.lookup(HOST))
+    assert late == []
+    clock.advance(0)
+    assert late == ["192.0.2.10"]
+    assert len(resolver.asked) == 1
