@@ -152,3 +152,29 @@ def test_a_lookup_after_the_answer_gets_it_on_the_next_turn() -> None:
     clock.advance(0)
     assert late == ["192.0.2.10"]
     assert len(resolver.asked) == 1
+
+
+def test_at_most_max_names_are_kept_the_oldest_go_first() -> None:
+    names, clock, resolver = cache()
+    names.max_names = 2
+    for i, host in enumerate(["a.example", "b.example", "c.example"]):
+        names.lookup(host)
+        resolver.answer(f"192.0.2.{i}")
+    assert names.address("a.example") is None
+    assert names.address("b.example") == "192.0.2.1"
+    assert names.address("c.example") == "192.0.2.2"
+
+    # A name still being looked up is never the one to go.
+    names, clock, resolver = cache()
+    names.max_names = 2
+    names.lookup("d.example")
+    [(_, d_lookup)] = resolver.asked
+    names.lookup("x.example")
+    resolver.answer("192.0.2.9")
+    names.lookup("e.example")  # the oldest, d, is being looked up: x goes
+    d_lookup.callback("192.0.2.4")
+    resolver.answer("192.0.2.5")
+    assert names.address("d.example") == "192.0.2.4"
+    assert names.address("e.example") == "192.0.2.5"
+    assert names.address("x.example") is None
+    clock.advance(0)

@@ -68,6 +68,11 @@ class HostCache:
     :param resolve: Looks a name up (``reactor.resolve`` by default).
     """
 
+    #: At most this many names and literals are kept (the oldest go first).
+    #: A mapping's gateway is one name; the sandbox vendor connects to the
+    #: origins clients ask for, which are as many as they like.
+    max_names = 1024
+
     def __init__(self, clock: Any, resolve: Callable[[str], Deferred[str]] | None = None) -> None:
         self._clock = clock
         self._resolve = resolve if resolve is not None else clock.resolve
@@ -85,7 +90,7 @@ class HostCache:
         if name is None:
             if not is_ip_address(host):
                 return None
-            name = self._names[host] = _Name()
+            name = self._new(host)
             name.address = host
             name.expires = math.inf
         elif name.address is not None and name.expires <= self._clock.seconds():
@@ -97,7 +102,7 @@ class HostCache:
         The address of ``host``, a name :meth:`address` had none for.  Fails
         with :class:`DNSLookupError`.  Never answers synchronously.
         """
-        name = self._names.setdefault(host, _Name())
+        name = self._names.get(host) or self._new(host)
         waiter: Deferred[str] = Deferred()
         if name.address is not None:  # found meanwhile
             self._clock.callLater(0, waiter.callback, name.address)
@@ -107,6 +112,15 @@ class HostCache:
             name.waiting.append(waiter)
             self._start(host, name)
         return waiter
+
+    def _new(self, host: str) -> _Name:
+        if len(self._names) >= self.max_names:
+            for old, name in self._names.items():  # oldest first
+                if not name.looking:  # (no connection waits for it)
+                    del self._names[old]
+                    break
+        name = self._names[host] = _Name()
+        return name
 
     def _start(self, host: str, name: _Name) -> None:
         if name.looking:
