@@ -50,6 +50,16 @@ def cache() -> tuple[HostCache, Clock, Resolver]:
     return HostCache(clock, resolve=resolver), clock, resolver
 
 
+def known() -> tuple[HostCache, Clock, Resolver]:
+    """
+    A cache that has just found HOST at 192.0.2.10.
+    """
+    names, clock, resolver = cache()
+    names.lookup(HOST)
+    resolver.answer("192.0.2.10")
+    return names, clock, resolver
+
+
 def test_a_literal_is_its_own_address() -> None:
     names, _, resolver = cache()
     assert names.address("192.0.2.7") == "192.0.2.7"
@@ -72,9 +82,7 @@ def test_a_new_name_is_looked_up_once_for_everyone_waiting() -> None:
 
 
 def test_an_address_is_used_without_lookups_until_due() -> None:
-    names, clock, resolver = cache()
-    names.lookup(HOST)
-    resolver.answer("192.0.2.10")
+    names, clock, resolver = known()
     clock.advance(TTL - 1)
     for _ in range(3):
         assert names.address(HOST) == "192.0.2.10"
@@ -82,9 +90,7 @@ def test_an_address_is_used_without_lookups_until_due() -> None:
 
 
 def test_a_due_address_is_still_used_while_looked_up_again() -> None:
-    names, clock, resolver = cache()
-    names.lookup(HOST)
-    resolver.answer("192.0.2.10")
+    names, clock, resolver = known()
     clock.advance(TTL)
     assert names.address(HOST) == "192.0.2.10"
     assert names.address(HOST) == "192.0.2.10"
@@ -97,9 +103,7 @@ def test_a_due_address_is_still_used_while_looked_up_again() -> None:
 
 
 def test_a_failed_refresh_keeps_the_address_and_tries_again_later() -> None:
-    names, clock, resolver = cache()
-    names.lookup(HOST)
-    resolver.answer("192.0.2.10")
+    names, clock, resolver = known()
     clock.advance(TTL)
     names.address(HOST)
     resolver.answer(DNSLookupError(HOST))
@@ -144,9 +148,7 @@ def test_any_lookup_failure_is_a_dns_lookup_error_naming_the_host(error: Excepti
 
 
 def test_a_lookup_after_the_answer_gets_it_on_the_next_turn() -> None:
-    names, clock, resolver = cache()
-    names.lookup(HOST)
-    resolver.answer("192.0.2.10")
+    names, clock, resolver = known()
     late = outcome(names.lookup(HOST))
     assert late == []
     clock.advance(0)
