@@ -77,7 +77,7 @@ class HostCache:
         self._clock = clock
         self._resolve = resolve if resolve is not None else clock.resolve
         self._names: dict[str, _Name] = {}
-        #: Lookups started (for tests and metrics).
+        #: Lookups started (read by tests).
         self.lookups = 0
 
     def address(self, host: str) -> str | None:
