@@ -570,7 +570,10 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
     over many ports against one port, and the stickiness check.
     """
     many = args.ports
-    for name in [s for s in subjects if s in ("reference", "proxymap")]:
+    # Subjects that can listen on a range: proxymap's variants too, so that
+    # the spread is seen with and without kept upstream connections.
+    ranged = ("reference", "proxymap", "proxymap-stock", "proxymap-unkept")
+    for name in [s for s in subjects if s in ranged]:
         started: dict[int, tuple[float, int]] = {}
         for nports in (1, many + 1):
             # Start-up time is the median of three starts (one in --quick):
