@@ -9,7 +9,13 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionRefusedError,
+    DNSLookupError,
+    TimeoutError,
+)
+from twisted.python.failure import Failure
 
 from proxymap.dataplane import socks
 from proxymap.dataplane.socks import Socks4Handshake, Socks5Handshake, SocksConnect
@@ -337,3 +343,64 @@ def test_socks5_credentials_judged_at_the_auth_step() -> None:
     h.feed(b"\x05\x01\x02")
     step = h.feed(b"\x01\x01u\x05wrong")
     assert step.reply == b"\x01\x01" and step.close
+
+
+def test_socks5_upstream_resolves_targets_locally_once() -> None:
+    """
+    With ``socks_resolve = "local"`` the target goes to the vendor as an
+    address, looked up in the service's cache of names: a second connection
+    to the same target is sent at once, without another lookup.
+    """
+    h = Harness(upstream="socks5://gw.example.com:1080", socks_resolve="local")
+    h.addresses["example.com"] = "198.51.100.7"
+    proto, _client = h.client()
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    _up, upstream, _auth, request = socks_upstream_handshake(h)
+    assert request == b""  # waiting for the name, answered on a later turn
+    h.reactor.advance(0)
+    assert upstream.value() == b"\x05\x01\x00\x01" + bytes((198, 51, 100, 7)) + b"\x01\xbb"
+    proto, _client = h.client()
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    _up, _upstream, _auth, request = socks_upstream_handshake(h, 1)
+    assert request == b"\x05\x01\x00\x01" + bytes((198, 51, 100, 7)) + b"\x01\xbb"
+    assert h.looked_up.count("example.com") == 1
+
+
+def test_socks5_upstream_target_that_does_not_resolve() -> None:
+    h = Harness(upstream="socks5://gw.example.com:1080", socks_resolve="local")
+    proto, client = h.client()
+    proto.dataReceived(b"CONNECT nowhere.invalid:443 HTTP/1.1\r\n\r\n")
+    _up, upstream, _auth, request = socks_upstream_handshake(h)
+    h.reactor.advance(0)
+    assert request == b"" and upstream.value() == b""
+    first, _, body = head_of(client.value())
+    assert first.startswith(b"HTTP/1.1 502")
+    assert b"cannot look up the target host nowhere.invalid" in body
+    assert upstream.disconnecting
+    # The port keeps serving.
+    proto, client = h.client()
+    proto.dataReceived(b"CONNECT 192.0.2.99:443 HTTP/1.1\r\n\r\n")
+    _up, _upstream, _auth, request = socks_upstream_handshake(h)
+    assert request == b"\x05\x01\x00\x01" + bytes((192, 0, 2, 99)) + b"\x01\xbb"
+
+
+@pytest.mark.parametrize("found", [True, False], ids=["found", "not-found"])
+def test_socks5_upstream_closed_while_resolving_sends_nothing(found: bool) -> None:
+    """
+    A client gone while its target's name is looked up: the answer that
+    comes later, an address or a failure, writes nothing and tells no one.
+    """
+    h = Harness(upstream="socks5://gw.example.com:1080", socks_resolve="local")
+    proto, client = h.client()
+    proto.dataReceived(b"CONNECT slow.example:443 HTTP/1.1\r\n\r\n")
+    up, upstream, _auth, _request = socks_upstream_handshake(h)
+    proto.connectionLost(Failure(ConnectionDone()))
+    up.connectionLost(Failure(ConnectionDone()))
+    upstream.clear()
+    client.clear()
+    if found:
+        h.pending["slow.example"].callback("198.51.100.8")
+    else:
+        h.pending["slow.example"].errback(DNSLookupError("slow.example"))
+    h.reactor.advance(0)
+    assert upstream.value() == b"" and client.value() == b""

@@ -577,8 +577,17 @@ class UpstreamProtocol(flow.Throttled):
                 return
             self._socks_state = "resolving"
             if route.resolve_locally and not is_ip_address(route.host):
-                d = self.server.factory.reactor.resolve(route.host)
-                d.addCallbacks(self._socks_request, self._socks_unresolved)
+                # The service's cache of names, as for the gateway's own:
+                # a target's address is looked up once a minute, not per
+                # connection.
+                names = self.server.factory.names
+                address = names.address(route.host)
+                if address is not None:
+                    self._socks_request(address)
+                else:
+                    names.lookup(route.host).addCallbacks(
+                        self._socks_resolved, self._socks_unresolved
+                    )
             else:
                 self._socks_request(route.host)
         elif self._socks_state == "reply":
@@ -613,8 +622,18 @@ class UpstreamProtocol(flow.Throttled):
             b"\x05\x01\x00" + dest + route.port.to_bytes(2, "big")
         )
 
+    def _socks_resolved(self, address: str) -> None:
+        if not self._lost:  # else closed while the name was looked up
+            self._socks_request(address)
+
     def _socks_unresolved(self, failure: Failure) -> None:
-        self._give_up(502, f"cannot resolve {self.target.socks.host if self.target.socks else ''}")
+        if self._lost:
+            return
+        route = self.target.socks
+        assert route is not None
+        message = f"cannot look up the target host {route.host}"
+        log.info("{message}: {error}", message=message, error=failure.getErrorMessage())
+        self._give_up(502, message)
 
     def _start_tunnel(self, answer: bytes, early: bytes) -> None:
         self._tunnel = True
