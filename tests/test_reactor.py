@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
 from proxymap.dataplane import flow
-from proxymap.dataplane.reactor import LeanEPollReactor, _Port
+from proxymap.dataplane.reactor import LeanEPollReactor, _NonBlockingSocket, _Port
 from tests.conftest import LoggedFailures
 
 
@@ -242,13 +243,16 @@ class CountingPoller:
     def __init__(self, real: Any) -> None:
         self.real = real
         self.changes: list[str] = []
+        self.flags: list[int] = []
 
     def register(self, fd: int, events: int) -> None:
         self.changes.append("add")
+        self.flags.append(events)
         self.real.register(fd, events)
 
     def modify(self, fd: int, events: int) -> None:
         self.changes.append("mod")
+        self.flags.append(events)
         self.real.modify(fd, events)
 
     def unregister(self, fd: int) -> None:
@@ -263,10 +267,11 @@ def test_a_connect_settles_with_one_change_to_what_is_watched(
     lean: LeanEPollReactor, listener: socket.socket
 ) -> None:
     """
-    Once connected, the socket is watched for reading only, after three
-    epoll changes in all (read, write, then no more write); Twisted's
-    doConnect makes five (and calls connect again).  The connection then
-    reads as any other.
+    Once connected, the socket is watched for reading only, after two
+    epoll changes in all (read and write at once, then no more write);
+    Twisted's doConnect makes five (and calls connect again).  The socket
+    was non-blocking from the start.  The connection then reads as any
+    other.
     """
     poller = CountingPoller(lean._poller)
     lean._poller = poller
@@ -277,7 +282,10 @@ def test_a_connect_settles_with_one_change_to_what_is_watched(
         with accepted:
             turn_until(lean, lambda: factory.made and factory.made[0].transport)
             transport: Any = factory.made[0].transport
-            assert poller.changes == ["add", "mod", "mod"]
+            assert poller.changes == ["add", "mod"]
+            assert poller.flags[0] == select.EPOLLIN | select.EPOLLOUT
+            assert transport.socket.gettimeout() == 0.0
+            assert not os.get_blocking(transport.socket.fileno())
             assert transport in lean.getReaders() and transport not in lean.getWriters()
             assert transport.doRead.__func__ is tcp.Connection.doRead
             received: list[bytes] = []
@@ -643,3 +651,18 @@ def test_other_accept_errors_take_twisteds_path(
     (second,) = clients(port.getHost().port, 1)
     port.doRead()
     assert factory.peers()[-1] == second.getsockname()[1]
+
+
+def test_a_socket_made_non_blocking_still_changes_when_asked() -> None:
+    """
+    Asking a socket created non-blocking to be non-blocking is skipped; any
+    real change still reaches the socket, and back.
+    """
+    with _NonBlockingSocket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as s:
+        assert s.gettimeout() == 0.0 and not os.get_blocking(s.fileno())
+        s.setblocking(False)
+        assert not os.get_blocking(s.fileno())
+        s.setblocking(True)
+        assert s.gettimeout() is None and os.get_blocking(s.fileno())
+        s.setblocking(False)
+        assert s.gettimeout() == 0.0 and not os.get_blocking(s.fileno())

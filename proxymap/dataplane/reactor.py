@@ -16,8 +16,10 @@ wrapper's one other duty: an exception escaping the dispatch (a
 ``connectionLost`` that raises, say) is logged and the loop goes on with the
 next event.  Everything else is the stock reactor.
 
-It also connects to IPv4 literals at once (see :class:`_Client`) and accepts
-without Twisted's per-call set-up (see :class:`_Port`).
+It also connects to IPv4 literals at once, on a socket created non-blocking
+and watched for reading and writing in one ``epoll_ctl`` (see
+:class:`_Client`), and accepts without Twisted's per-call set-up (see
+:class:`_Port`).
 
 ``twist proxymap`` and ``twistd proxymap`` install it unless a reactor was
 already chosen (``--reactor=epoll`` before the subcommand picks the stock one);
@@ -33,7 +35,7 @@ import sys
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.epollreactor import EPOLLIN, EPOLLOUT, EPollReactor
 from twisted.internet.error import getConnectError
 from twisted.internet.interfaces import IConnector
 from twisted.internet.protocol import ClientFactory
@@ -75,6 +77,24 @@ class _Server(_ShutOnce, tcp.Server):  # type: ignore[override]
 flow.plain_tcp(_Server)
 
 
+class _NonBlockingSocket(socket.socket):
+    """
+    A socket made non-blocking when created (``SOCK_NONBLOCK``).
+
+    Twisted makes its client sockets non-blocking twice, when it creates one
+    and again when the connection wraps it: an ``ioctl`` each, per upstream
+    connection.  Created so, the socket already is non-blocking (and Python
+    knows: its timeout is 0), so asking for that while it still is changes
+    nothing and is not passed on; any other change still is.
+    """
+
+    __slots__ = ()
+
+    def setblocking(self, flag: bool) -> None:
+        if flag or self.gettimeout() != 0.0:
+            super().setblocking(flag)
+
+
 class _Client(_ShutOnce, tcp.Client):  # type: ignore[override]  # as _Server
     """
     A TCP client that starts connecting to an IPv4 literal at once.
@@ -94,6 +114,12 @@ class _Client(_ShutOnce, tcp.Client):  # type: ignore[override]  # as _Server
     never inside ``connectTCP``.
     """
 
+    def createInternetSocket(self) -> socket.socket:
+        """
+        A new socket, non-blocking from the start (see :class:`_NonBlockingSocket`).
+        """
+        return _NonBlockingSocket(self.addressFamily, self.socketType | socket.SOCK_NONBLOCK)
+
     def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
         if not whenDone or self._requiresResolution or len(self.addr) != 2:
             super()._finishInit(whenDone, skt, error, reactor)
@@ -106,8 +132,7 @@ class _Client(_ShutOnce, tcp.Client):  # type: ignore[override]  # as _Server
             result = e.args[0]
         if result == errno.EINPROGRESS:
             self.doRead = self.doWrite = self._connect_settled  # type: ignore[method-assign]
-            self.startReading()
-            self.startWriting()
+            reactor.watch_new(self)
         else:
             reactor.callLater(0, whenDone)
 
@@ -230,6 +255,22 @@ class LeanEPollReactor(EPollReactor):
                 )
 
     doIteration = doPoll
+
+    def watch_new(self, selectable: Any) -> None:
+        """
+        ``addReader`` and ``addWriter`` for a descriptor not watched yet (a
+        socket still connecting) in one ``epoll_ctl``, where the two calls
+        make two (an add, then a modify).
+        """
+        fd = selectable.fileno()
+        if fd in self._reads or fd in self._writes:  # not new after all
+            self.addReader(selectable)
+            self.addWriter(selectable)
+            return
+        self._poller.register(fd, EPOLLIN | EPOLLOUT)
+        self._reads.add(fd)
+        self._writes.add(fd)
+        self._selectables[fd] = selectable
 
     def listenTCP(
         self, port: int, factory: Any, backlog: int = 50, interface: str = ""
