@@ -11,6 +11,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import DNSLookupError, TimeoutError
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 
 from proxymap.dataplane.names import FAILED_TTL, TTL, HostCache
@@ -180,3 +181,22 @@ def test_at_most_max_names_are_kept_the_oldest_go_first() -> None:
     assert names.address("e.example") == "192.0.2.5"
     assert names.address("x.example") is None
     clock.advance(0)
+
+
+def test_only_an_address_that_changes_is_logged_as_news() -> None:
+    """
+    A first address is logged at debug level (origins come by the
+    thousand); a refresh that finds another address is logged at info,
+    naming both.
+    """
+    with capturedLogs() as events:
+        names, clock, resolver = known()
+        clock.advance(TTL)
+        names.address(HOST)
+        resolver.answer("192.0.2.10")
+        clock.advance(TTL)
+        names.address(HOST)
+        resolver.answer("192.0.2.11")
+    news = [e for e in events if e["log_level"] >= LogLevel.info]
+    assert [(e["old"], e["address"]) for e in news] == [("192.0.2.10", "192.0.2.11")]
+    assert names.address(HOST) == "192.0.2.11"

@@ -136,8 +136,17 @@ class HostCache:
         )
 
     def _found(self, address: str, host: str, name: _Name) -> None:
-        if address != name.address:
-            log.info("upstream host {host} is at {address}", host=host, address=address)
+        # Only a change is news: the first address of each of the many
+        # origins the sandbox or a SOCKS5 upstream resolves is not.
+        if name.address is None:
+            log.debug("host {host} is at {address}", host=host, address=address)
+        elif address != name.address:
+            log.info(
+                "host {host} moved from {old} to {address}",
+                host=host,
+                old=name.address,
+                address=address,
+            )
         name.looking = False
         name.address = address
         name.failure = None
@@ -152,7 +161,7 @@ class HostCache:
         if name.address is not None:
             # Keep what worked; look again after FAILED_TTL.
             log.warn(
-                "cannot look up upstream host {host} again ({error}); still using {address}",
+                "cannot look up host {host} again ({error}); still using {address}",
                 host=host,
                 error=failure.getErrorMessage(),
                 address=name.address,
