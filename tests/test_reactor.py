@@ -666,3 +666,37 @@ def test_a_socket_made_non_blocking_still_changes_when_asked() -> None:
         assert s.gettimeout() is None and os.get_blocking(s.fileno())
         s.setblocking(False)
         assert s.gettimeout() == 0.0 and not os.get_blocking(s.fileno())
+
+
+class Watched(FileDescriptor):
+    def __init__(self, sock: socket.socket, reactor: LeanEPollReactor) -> None:
+        super().__init__(reactor)
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def test_watch_new_adds_reading_and_writing_in_one_change(lean: LeanEPollReactor) -> None:
+    """
+    A new descriptor is registered for both in one change; one watched
+    already (for reading, say) is changed as addReader and addWriter would.
+    """
+    poller = CountingPoller(lean._poller)
+    lean._poller = poller
+    a, b = socket.socketpair()
+    try:
+        new, known = Watched(a, lean), Watched(b, lean)
+        lean.watch_new(new)
+        known.startReading()
+        lean.watch_new(known)
+        assert poller.changes == ["add", "add", "mod"]
+        both = select.EPOLLIN | select.EPOLLOUT
+        assert poller.flags == [both, select.EPOLLIN, both]
+        for watched in (new, known):
+            assert watched in lean.getReaders() and watched in lean.getWriters()
+        lean.removeAll()
+    finally:
+        lean._poller = poller.real
+        a.close()
+        b.close()
