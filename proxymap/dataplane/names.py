@@ -20,7 +20,9 @@ so a DNS outage does not queue a lookup per connection.  Literal addresses
 skip all of this.
 
 Lookups go through the reactor's resolver (``reactor.resolve``), as
-Twisted's own ``connectTCP`` does, so the addresses are IPv4.
+Twisted's own ``connectTCP`` does, so the addresses are IPv4.  The same
+cache answers for the targets a SOCKS5 upstream is given as addresses
+(``socks_resolve = "local"``), and for the origins of the sandbox vendor.
 """
 
 from __future__ import annotations
