@@ -15,6 +15,7 @@ from twisted.internet.error import (
     DNSLookupError,
     TimeoutError,
 )
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 from proxymap.dataplane import socks
@@ -358,11 +359,11 @@ def test_socks5_upstream_resolves_targets_locally_once() -> None:
     _up, upstream, _auth, request = socks_upstream_handshake(h)
     assert request == b""  # waiting for the name, answered on a later turn
     h.reactor.advance(0)
-    assert upstream.value() == b"\x05\x01\x00\x01" + bytes((198, 51, 100, 7)) + b"\x01\xbb"
+    assert upstream.value() == s5_request(bytes((198, 51, 100, 7)), 443)
     proto, _client = h.client()
     proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
     _up, _upstream, _auth, request = socks_upstream_handshake(h, 1)
-    assert request == b"\x05\x01\x00\x01" + bytes((198, 51, 100, 7)) + b"\x01\xbb"
+    assert request == s5_request(bytes((198, 51, 100, 7)), 443)
     assert h.looked_up.count("example.com") == 1
 
 
@@ -381,7 +382,7 @@ def test_socks5_upstream_target_that_does_not_resolve() -> None:
     proto, client = h.client()
     proto.dataReceived(b"CONNECT 192.0.2.99:443 HTTP/1.1\r\n\r\n")
     _up, _upstream, _auth, request = socks_upstream_handshake(h)
-    assert request == b"\x05\x01\x00\x01" + bytes((192, 0, 2, 99)) + b"\x01\xbb"
+    assert request == s5_request(bytes((192, 0, 2, 99)), 443)
 
 
 @pytest.mark.parametrize("found", [True, False], ids=["found", "not-found"])
@@ -398,9 +399,11 @@ def test_socks5_upstream_closed_while_resolving_sends_nothing(found: bool) -> No
     up.connectionLost(Failure(ConnectionDone()))
     upstream.clear()
     client.clear()
-    if found:
-        h.pending["slow.example"].callback("198.51.100.8")
-    else:
-        h.pending["slow.example"].errback(DNSLookupError("slow.example"))
-    h.reactor.advance(0)
+    with capturedLogs() as events:
+        if found:
+            h.pending["slow.example"].callback("198.51.100.8")
+        else:
+            h.pending["slow.example"].errback(DNSLookupError("slow.example"))
+        h.reactor.advance(0)
     assert upstream.value() == b"" and client.value() == b""
+    assert not [e for e in events if "target host" in str(e.get("message", ""))]
