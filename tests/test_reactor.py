@@ -560,6 +560,79 @@ def test_a_full_batch_leaves_the_rest_for_the_next_call(
     assert (len(factory.protocols), port.numberAccepts) == (5, 1)
 
 
+class AcceptCounter:
+    """
+    A listening socket that counts its ``accept`` calls and is otherwise the
+    real one.
+    """
+
+    def __init__(self, skt: socket.socket) -> None:
+        self._skt = skt
+        self.accepts = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.accepts += 1
+        return self._skt.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._skt, name)
+
+
+@pytest.fixture
+def counted(accepting: tuple[Accepting, Any]) -> Iterator[tuple[Accepting, Any, AcceptCounter]]:
+    """
+    The accepting port, its socket counting ``accept`` calls, and its batch
+    at one (where a port taking one connection per wake settles).
+    """
+    factory, port = accepting
+    real = port.socket
+    port.socket = counter = AcceptCounter(real)
+    port.numberAccepts = 1
+    try:
+        yield factory, port, counter
+    finally:
+        port.socket = real
+
+
+def test_one_connection_per_poll_takes_one_accept_each(
+    lean: LeanEPollReactor,
+    counted: tuple[Accepting, Any, AcceptCounter],
+    clients: Callable[[int, int], list[socket.socket]],
+) -> None:
+    """
+    A port woken for one connection at a time (a port of a range, under
+    load spread over the range) accepts it and stops: no further ``accept``
+    that can only end in ``EAGAIN``, and its batch stays at one.
+    """
+    factory, port, counter = counted
+    for served in (1, 2, 3):
+        clients(port.getHost().port, 1)
+        lean.doPoll(0)
+        assert (len(factory.protocols), counter.accepts, port.numberAccepts) == (served,) * 2 + (1,)
+        lean.doPoll(0)  # another poll, with nothing waiting on the port
+        assert counter.accepts == served
+
+
+def test_a_queue_on_consecutive_polls_grows_a_batch_of_one(
+    lean: LeanEPollReactor,
+    counted: tuple[Accepting, Any, AcceptCounter],
+    clients: Callable[[int, int], list[socket.socket]],
+) -> None:
+    """
+    When connections queue up, the port is full on consecutive polls: the
+    second one raises the batch by 20, as Twisted does, and the next poll
+    takes the rest of the queue at once.
+    """
+    factory, port, counter = counted
+    clients(port.getHost().port, 4)
+    lean.doPoll(0)
+    assert (len(factory.protocols), port.numberAccepts) == (1, 1)
+    lean.doPoll(0)
+    assert (len(factory.protocols), port.numberAccepts) == (2, 21)
+    lean.doPoll(0)
+    assert (len(factory.protocols), port.numberAccepts, counter.accepts) == (4, 2, 5)
+
+
 def test_a_refused_connection_is_closed_and_the_next_one_served(
     accepting: tuple[Accepting, Any], clients: Callable[[int, int], list[socket.socket]]
 ) -> None:

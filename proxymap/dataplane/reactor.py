@@ -181,13 +181,24 @@ class _Port(tcp.Port):
     This loop does the same work directly: the same adaptive number of
     accepts per call, IPv6 scope ids, a factory refusing a connection, and
     any exception from the factory or protocol logged without losing the
-    port.  Only the expected end of the queue (``EAGAIN``) is handled here;
+    port.  One change to the adaptive number: Twisted raises it by 20 after
+    every full batch, a batch of one included, so a port that gets one
+    connection per wake alternates between a batch of one and a batch of 21
+    that ends in ``EAGAIN``: half an ``accept`` and a raised and caught
+    ``BlockingIOError`` more per connection (perf, 1,000 ports: 1.50
+    ``accept4`` per connection, against 1.07 on one busy port).  Here a
+    batch of one grows only when the port was full on the poll before as
+    well, that is when connections really queue up; the listener being
+    level-triggered, a connection left waiting wakes the next poll anyway.
+
+    Only the expected end of the queue (``EAGAIN``) is handled here;
     every other ``accept`` error (``EMFILE``, ``ENFILE``, ``ENOBUFS``,
     ``EPERM``...) goes to Twisted's own ``doRead``, which tries ``accept``
     again and knows what each of them means.
     """
 
     transport = _Server
+    _full_at = -2  # the reactor's poll count when a batch last came full
 
     def doRead(self) -> None:
         try:
@@ -217,7 +228,14 @@ class _Port(tcp.Port):
                 protocol.makeConnection(transport)
             # Twisted's rule: a full batch means more may wait, so take
             # more next time; otherwise as many as came (at least one).
-            self.numberAccepts = limit + 20 if accepted == limit else max(1, accepted)
+            # But a full batch of one grows only on a second poll in a row.
+            if accepted == limit:
+                polls = self.reactor.polls  # type: ignore[attr-defined]  # a LeanEPollReactor
+                if limit > 1 or self._full_at == polls - 1:
+                    self.numberAccepts = limit + 20
+                self._full_at = polls
+            else:
+                self.numberAccepts = max(1, accepted)
         except Exception:
             log.failure("Unhandled error accepting a connection on {port!r}", port=self)
 
@@ -227,10 +245,17 @@ class LeanEPollReactor(EPollReactor):
     An epoll reactor that dispatches events without the legacy log context.
     """
 
+    polls = 0
+    """
+    How many times :meth:`doPoll` has run: :class:`_Port` tells a backlog
+    (full on consecutive polls) from one connection per wake by it.
+    """
+
     def doPoll(self, timeout: float | None) -> None:
         """
         Poll for ready descriptors and dispatch each event (see the module).
         """
+        self.polls += 1
         if timeout is None:
             timeout = -1  # wait indefinitely
         try:
