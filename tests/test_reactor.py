@@ -517,6 +517,90 @@ def test_an_accepted_connection_shuts_its_socket_down_once(
     assert client.recv(100) == b""
 
 
+def watch_a_socket_numbered(
+    lean: LeanEPollReactor, pairs: list[Any], fd: int
+) -> tuple[Reader, socket.socket]:
+    """
+    A new socket given descriptor number ``fd``, watched for reading, and
+    its peer.  (The lowest free number goes first; others may be free below.)
+    """
+    for _ in range(64):
+        r, theirs = reader(lean, pairs)
+        if r.fileno() == fd:
+            return r, theirs
+    raise AssertionError(f"descriptor {fd} was not given again")
+
+
+def test_a_connection_closed_after_its_last_bytes_asks_epoll_nothing(
+    lean: LeanEPollReactor,
+    accepting: tuple[Accepting, Any],
+    clients: Callable[[int, int], list[socket.socket]],
+    pairs: list[Any],
+) -> None:
+    """
+    Closing a connection whose last bytes went with its FIN (``flow.send``
+    with ``last``, then ``loseConnection``) makes no ``epoll_ctl``: the
+    reactor forgets the socket and the close takes it out of the epoll set.
+    The protocol hears of it at once, the client gets its bytes and the
+    end, and a new socket given the same number is watched as any other.
+    """
+    factory, port = accepting
+    (client,) = clients(port.getHost().port, 1)
+    port.doRead()
+    proto = factory.protocols[0]
+    transport: Any = proto.transport
+    lost: list[Failure] = []
+    proto.connectionLost = lost.append  # type: ignore[method-assign]
+    fd = transport.fileno()
+    poller = CountingPoller(lean._poller)
+    lean._poller = poller
+    try:
+        flow.send(transport, b"bye", last=True)
+        transport.loseConnection()
+        assert poller.changes == []
+        assert [r.type for r in lost] == [error.ConnectionDone]
+        assert fd not in lean._selectables and fd not in lean._reads | lean._writes
+        assert poller.real.poll(0) == []  # gone from the epoll set too
+    finally:
+        lean._poller = poller.real
+    client.settimeout(5)
+    assert (client.recv(100), client.recv(100)) == (b"bye", b"")
+    again, peer = watch_a_socket_numbered(lean, pairs, fd)
+    peer.send(b"hello again")
+    lean.doPoll(0)
+    assert again.reads == [b"hello again"]
+
+
+def test_a_client_connection_closes_the_same_way(
+    lean: LeanEPollReactor, listener: socket.socket
+) -> None:
+    """
+    An upstream connection closes without ``epoll_ctl`` too, and its
+    factory hears that the connection was lost, as from Twisted's close.
+    """
+    factory = Recorder()
+    lost: list[Failure] = []
+    factory.clientConnectionLost = lambda connector, reason: lost.append(reason)  # type: ignore[method-assign]
+    lean.connectTCP("127.0.0.1", listener.getsockname()[1], factory, timeout=None)
+    accepted, _ = listener.accept()
+    with accepted:
+        turn_until(lean, lambda: factory.made and factory.made[0].transport)
+        transport: Any = factory.made[0].transport
+        fd = transport.fileno()
+        poller = CountingPoller(lean._poller)
+        lean._poller = poller
+        try:
+            flow.send(transport, b"last words", last=True)
+            transport.loseConnection()
+            assert poller.changes == []
+            assert [r.type for r in lost] == [error.ConnectionDone]
+            assert fd not in lean._selectables and fd not in lean._reads | lean._writes
+        finally:
+            lean._poller = poller.real
+        accepted.settimeout(5)
+        assert (accepted.recv(100), accepted.recv(100)) == (b"last words", b"")
+
+
 def test_an_ipv6_client_gets_an_ipv6_address(lean: LeanEPollReactor) -> None:
     """
     accept gives IPv6 peers as 4-tuples; the factory and the transport get
