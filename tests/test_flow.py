@@ -2,7 +2,8 @@
 flow.send: bytes go to the socket at once when nothing is queued ahead of
 them, and through the transport's own buffer otherwise; flow.send with last: the
 same, with the FIN in the same segment; flow.close_write: a half-close at
-once when nothing is queued.
+once when nothing is queued; flow.close: a close at once when nothing is
+queued and no producer waits.
 
 These use a real tcp.Server over a socketpair (so the bytes really cross a
 socket) driven by a MemoryReactor (so nothing runs by itself).
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from twisted.internet import main, tcp
+from twisted.internet import error, main, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
@@ -39,7 +40,9 @@ class Producer:
         self.resumed += 1
 
     def stopProducing(self) -> None:
-        pass
+        self.stopped = True
+
+    stopped = False
 
 
 @pytest.fixture
@@ -330,6 +333,78 @@ def test_half_close_waits_for_queued_bytes(
     assert received(peer) == b"queued"
     assert at_eof(peer)
     assert protocol.events == ["write closed"]
+
+
+class Closing(Protocol):
+    def __init__(self) -> None:
+        self.lost: list[type] = []
+
+    def connectionLost(self, reason: Failure = main.CONNECTION_DONE) -> None:  # type: ignore[assignment]
+        self.lost.append(reason.type)
+
+
+def test_close_with_nothing_queued_is_done_at_once(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    close closes before it returns: the peer sees the end, the protocol is
+    told the connection is done, and the reactor watches nothing; Twisted's
+    loseConnection would watch for writability and close on a later turn.
+    """
+    transport, peer, reactor = tcp_pair
+    protocol = Closing()
+    transport.protocol = protocol
+    flow.close(transport)
+    assert at_eof(peer)
+    assert protocol.lost == [error.ConnectionDone]
+    assert transport not in reactor.getWriters() and transport not in reactor.getReaders()
+    assert transport.disconnected
+
+
+def test_close_stops_a_streaming_producer(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    A streaming producer that is not paused does not hold the close (nor
+    would it Twisted's); it is told to stop, as Twisted tells it.
+    """
+    transport, peer, _ = tcp_pair
+    protocol = Closing()
+    transport.protocol = protocol
+    producer = Producer()
+    transport.registerProducer(producer, True)
+    flow.close(transport)
+    assert at_eof(peer)
+    assert (protocol.lost, producer.stopped) == ([error.ConnectionDone], True)
+
+
+@pytest.mark.parametrize("holding", ["queued bytes", "pull producer"])
+def test_close_waits_for_what_twisted_waits_for(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor], holding: str
+) -> None:
+    """
+    Bytes still queued, or a producer Twisted would resume before closing
+    (a pull producer, or a paused streaming one), make close Twisted's
+    loseConnection: the transport watches for writability, and the end
+    comes on a later turn (after the bytes; the producer is resumed first).
+    """
+    transport, peer, reactor = tcp_pair
+    protocol = Closing()
+    transport.protocol = protocol
+    producer = Producer()
+    if holding == "queued bytes":
+        transport.write(b"queued")
+    else:
+        transport.registerProducer(producer, False)  # resumes it once
+    flow.close(transport)
+    assert protocol.lost == []
+    assert transport in reactor.getWriters() and transport.disconnecting
+    transport.doWrite()
+    if holding == "queued bytes":
+        assert received(peer) == b"queued"
+        assert protocol.lost == []  # Twisted closes through the reactor after
+    else:
+        assert producer.resumed == 2 and protocol.lost == []
 
 
 _LAYOUT_PROBE = """

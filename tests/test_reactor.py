@@ -22,8 +22,10 @@ import pytest
 from twisted.internet import error, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv6Address
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from proxymap.dataplane import flow
 from proxymap.dataplane.reactor import LeanEPollReactor, _NonBlockingSocket, _Port
@@ -599,6 +601,78 @@ def test_a_client_connection_closes_the_same_way(
             lean._poller = poller.real
         accepted.settimeout(5)
         assert (accepted.recv(100), accepted.recv(100)) == (b"last words", b"")
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfOpen(Protocol):
+    """
+    Stays open for writing when its peer ends (or closes with ``flow.close``
+    when ``close`` is set), and records what it hears.
+    """
+
+    def __init__(self, close: bool) -> None:
+        self.close = close
+        self.events: list[object] = []
+
+    def readConnectionLost(self) -> None:
+        self.events.append("read closed")
+        if self.close:
+            flow.close(self.transport)
+
+    def writeConnectionLost(self) -> None:
+        self.events.append("write closed")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.events.append(reason.type)
+
+
+@pytest.mark.parametrize(
+    "kind, changes, events",
+    [
+        ("closes", [], ["read closed", error.ConnectionDone]),
+        ("not half-closeable", [], []),  # Twisted closes it
+        ("stays half-open", ["del"], ["read closed"]),
+    ],
+)
+def test_the_end_of_input_is_told_before_the_socket_is_unwatched(
+    lean: LeanEPollReactor,
+    accepting: tuple[Accepting, Any],
+    clients: Callable[[int, int], list[socket.socket]],
+    kind: str,
+    changes: list[str],
+    events: list[object],
+) -> None:
+    """
+    When a client ends its side, the protocol hears it first; a connection
+    closed meanwhile leaves epoll to the close (no ``epoll_ctl``), and one
+    left half-open stops being watched for reading (one), so its end is
+    not reported again.  Either way its client gets what it writes after.
+    """
+    factory, port = accepting
+    (client,) = clients(port.getHost().port, 1)
+    port.doRead()
+    transport: Any = factory.protocols[0].transport
+    protocol = Protocol() if kind == "not half-closeable" else HalfOpen(close=kind == "closes")
+    transport.protocol = protocol
+    protocol.transport = transport
+    fd = transport.fileno()
+    poller = CountingPoller(lean._poller)
+    lean._poller = poller
+    try:
+        client.shutdown(socket.SHUT_WR)
+        lean.doPoll(1)
+        assert poller.changes == changes
+        assert getattr(protocol, "events", []) == events
+        assert fd not in lean._reads
+        assert [fd_ for fd_, _ in poller.real.poll(0) if fd_ == fd] == []
+    finally:
+        lean._poller = poller.real
+    client.settimeout(5)
+    if changes:  # still open: it can answer, then close
+        flow.send(transport, b"after your end", last=True)
+        transport.loseConnection()
+        assert client.recv(100) == b"after your end"
+    assert client.recv(100) == b""
 
 
 def test_an_ipv6_client_gets_an_ipv6_address(lean: LeanEPollReactor) -> None:

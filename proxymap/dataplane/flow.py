@@ -14,8 +14,10 @@ import socket
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 #: The peer's transport asked us to stop (its write buffer is full).
@@ -28,6 +30,9 @@ CONNECTING = 4
 #: Bytes held for a peer (pipelined requests, writes before connect) before
 #: we stop reading.
 BUFFER_LIMIT = 64 * 1024
+
+#: Why a connection :func:`close` closed ended (one Failure, as Twisted's own).
+_DONE = Failure(ConnectionDone())
 
 #: The transports :func:`send` may write straight to the socket of.
 _PLAIN_TCP: tuple[type, ...] = (tcp.Server, tcp.Client)
@@ -201,6 +206,31 @@ def close_write(transport: Any) -> None:
         transport._closeWriteConnection()
         return
     transport.loseWriteConnection()
+
+
+def close(transport: Any) -> None:
+    """
+    ``transport.loseConnection()``, done at once when nothing is queued.
+
+    Twisted closes a connection only once it has flushed its write buffer,
+    even an empty one: it stops watching the socket for reading and starts
+    watching it for writing (two ``epoll_ctl``), and on the next turn sends
+    zero bytes, stops watching (a third) and closes.  With nothing queued
+    and no producer to wait for (none, or a streaming one not paused: one
+    Twisted would not resume first), the close is done now by the
+    transport's own ``connectionLost``, with the same reason (the
+    connection is done; the producer is told to stop, as Twisted tells it).
+    The protocol's ``connectionLost`` therefore runs inside this call, as
+    it does after a peer's reset: callers use this where the peer has just
+    ended its side, from the reactor's own call, and nothing of theirs
+    follows the close.
+    """
+    if _nothing_queued(transport) and (
+        transport.producer is None or (transport.streamingProducer and not transport.producerPaused)
+    ):
+        transport.connectionLost(_DONE)
+        return
+    transport.loseConnection()
 
 
 @implementer(IPushProducer)

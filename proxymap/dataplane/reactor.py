@@ -305,6 +305,12 @@ class _Port(tcp.Port):
             log.failure("Unhandled error accepting a connection on {port!r}", port=self)
 
 
+# Transports that close through _connection_lost, and the end of input
+# they are told of (a shared Failure, as Twisted's own).
+_CLOSING = (_Server, _Client)
+_READ_DONE = Failure(error.ConnectionDone())
+
+
 class LeanEPollReactor(EPollReactor):
     """
     An epoll reactor that dispatches events without the legacy log context.
@@ -345,6 +351,28 @@ class LeanEPollReactor(EPollReactor):
                 )
 
     doIteration = doPoll
+
+    def _disconnectSelectable(
+        self, selectable: Any, why: Any, isRead: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        """
+        Twisted's, but a proxymap connection that read its peer's end is
+        told before it stops being watched, not after.
+
+        Twisted unwatches the socket (an ``epoll_ctl``), then calls
+        ``readConnectionLost``, after which the protocol often closes the
+        connection: the close would have taken the socket out of the epoll
+        set by itself (see :func:`_connection_lost`).  Here a connection
+        still open after ``readConnectionLost`` (half-closed, or closing on
+        a later turn) is unwatched then; one closed meanwhile is not.
+        Nothing polls in between, so the order is not seen otherwise.
+        """
+        if isRead and why.__class__ is error.ConnectionDone and type(selectable) in _CLOSING:
+            selectable.readConnectionLost(_READ_DONE)
+            if selectable.connected:
+                self.removeReader(selectable)
+            return
+        super()._disconnectSelectable(selectable, why, isRead, *args, **kwargs)
 
     def watch_new(self, selectable: Any) -> None:
         """

@@ -301,7 +301,7 @@ class ProxyServer(flow.Throttled):
         if tunnel is not None:
             flow.close_write(tunnel.transport)
         elif self._request is None:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            flow.close(self.transport)
             return
         else:
             self._close_after = True

@@ -656,7 +656,7 @@ class UpstreamProtocol(flow.Throttled):
             if self._write_closed:
                 self.transport.loseConnection()  # type: ignore[union-attr]
         else:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            flow.close(self.transport)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
