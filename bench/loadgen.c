@@ -4,14 +4,17 @@
  * bench/run.py with gcc at bench time.
  *
  *   loadgen MODE PORT [-n NPORTS] [-c CONNS] [-d SECONDS] [-w WARMUP]
- *                     [-s SOURCES] [-a BASIC_TOKEN] [-r RAMP]
+ *                     [-s SOURCES] [-a BASIC_TOKEN] [-r RAMP] [-k | -x]
  *
  * MODE:
  *   connect  CONNECT setups: connect, CONNECT echo.bench:7, wait for the 200,
  *            send 16 bytes, read them back, close; repeat.  Counts setups.
  *   bulk     CONNECT chargen.bench:19 and count the bytes that come back.
  *   http     one absolute-URI GET per connection (Connection: close); counts
- *            responses.  With -k: keep-alive, requests back to back.
+ *            responses.  With -k: keep-alive, requests back to back.  With
+ *            -x: one GET per connection without Connection: close, and the
+ *            client closes once the response is in (as curl or a one-shot
+ *            Python client does): the proxy sees the client's end first.
  *   hold     open CONNS tunnels to echo.bench:7 (at most RAMP handshakes in
  *            flight), print "ready N" and hold them until stdin closes.
  *
@@ -54,7 +57,7 @@ struct conn {
 };
 
 static enum mode mode;
-static int base_port, nports = 1, conns = 32, sources = 8, ramp = 200, keepalive;
+static int base_port, nports = 1, conns = 32, sources = 8, ramp = 200, keepalive, client_closes;
 static double seconds = 5, warmup = 1;
 static char auth[512];
 static char request[1024];
@@ -76,7 +79,7 @@ static void build_request(void) {
     if (mode == HTTP)
         request_len = snprintf(request, sizeof request,
                                "GET http://bench.parent/ HTTP/1.1\r\nHost: bench.parent\r\n%s%s\r\n",
-                               keepalive ? "" : "Connection: close\r\n", auth);
+                               keepalive || client_closes ? "" : "Connection: close\r\n", auth);
     else
         request_len = snprintf(request, sizeof request,
                                "CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n", target, target, auth);
@@ -262,6 +265,8 @@ static void on_event(struct conn *c, unsigned events) {
             c->state = HEAD;
             if (send_all(c, request, request_len) < 0)
                 restart(c, 1);
+        } else if (client_closes) {
+            restart(c, 0);
         } else {
             c->state = IDLE; /* wait for the server's close */
         }
@@ -275,7 +280,7 @@ static void on_event(struct conn *c, unsigned events) {
 
 static void usage(void) {
     fprintf(stderr, "usage: loadgen connect|bulk|http|hold PORT [-n NPORTS] [-c CONNS] "
-                    "[-d SECONDS] [-w WARMUP] [-s SOURCES] [-a TOKEN] [-r RAMP] [-k]\n");
+                    "[-d SECONDS] [-w WARMUP] [-s SOURCES] [-a TOKEN] [-r RAMP] [-k | -x]\n");
     exit(2);
 }
 
@@ -297,6 +302,10 @@ int main(int argc, char **argv) {
         const char *opt = argv[i];
         if (!strcmp(opt, "-k")) {
             keepalive = 1;
+            continue;
+        }
+        if (!strcmp(opt, "-x")) {
+            client_closes = 1;
             continue;
         }
         if (i + 1 >= argc)

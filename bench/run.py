@@ -452,7 +452,7 @@ def measured(running: Running, run: Callable[[], dict[str, Any]]) -> tuple[dict[
 
 def throughput(rig: Rig, results: Results, subjects: list[str], args: argparse.Namespace) -> None:
     """
-    The five load figures, subjects interleaved, a fresh process each round.
+    The six load figures, subjects interleaved, a fresh process each round.
     """
     seconds = args.seconds
     for _ in range(args.reps):
@@ -464,6 +464,10 @@ def throughput(rig: Rig, results: Results, subjects: list[str], args: argparse.N
                     (
                         "one request per connection req/s",
                         partial(wrk, running, rig.work, seconds, 32, True),
+                    ),
+                    (
+                        "one request per connection, client closes req/s",
+                        partial(loadgen, running, "http", seconds, "-c", "32", "-x"),
                     ),
                     ("c1 latency", partial(wrk, running, rig.work, seconds, 1, False)),
                     ("CONNECT setups/s", partial(loadgen, running, "connect", seconds, "-c", "32")),

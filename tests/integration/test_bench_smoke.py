@@ -21,6 +21,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"
 EXPECTED = {
     "keep-alive req/s c32",
     "one request per connection req/s",
+    "one request per connection, client closes req/s",
     "c1 latency p50 us",
     "c1 latency p99 us",
     "CONNECT setups/s",
