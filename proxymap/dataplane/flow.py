@@ -31,8 +31,9 @@ CONNECTING = 4
 #: we stop reading.
 BUFFER_LIMIT = 64 * 1024
 
-#: Why a connection :func:`close` closed ended (one Failure, as Twisted's own).
-_DONE = Failure(ConnectionDone())
+#: A connection ended cleanly: the reason :func:`close` and the reactor's
+#: quicker closes give (one shared Failure, as Twisted shares its own).
+DONE = Failure(ConnectionDone())
 
 #: The transports :func:`send` may write straight to the socket of.
 _PLAIN_TCP: tuple[type, ...] = (tcp.Server, tcp.Client)
@@ -228,7 +229,7 @@ def close(transport: Any) -> None:
     if _nothing_queued(transport) and (
         transport.producer is None or (transport.streamingProducer and not transport.producerPaused)
     ):
-        transport.connectionLost(_DONE)
+        transport.connectionLost(DONE)
         return
     transport.loseConnection()
 

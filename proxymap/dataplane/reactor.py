@@ -35,7 +35,7 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet import error, main, tcp
+from twisted.internet import error, tcp
 from twisted.internet.epollreactor import EPOLLIN, EPOLLOUT, EPollReactor
 from twisted.internet.error import getConnectError
 from twisted.internet.interfaces import IConnector
@@ -82,7 +82,7 @@ class _ShutOnce:
             and not self.disconnecting  # type: ignore[attr-defined]
             and not self.TLS  # type: ignore[attr-defined]
         ):
-            self.connectionLost(Failure(main.CONNECTION_DONE))  # type: ignore[attr-defined]
+            self.connectionLost(flow.DONE)  # type: ignore[attr-defined]
             return
         super().loseConnection()  # type: ignore[misc]
 
@@ -305,10 +305,8 @@ class _Port(tcp.Port):
             log.failure("Unhandled error accepting a connection on {port!r}", port=self)
 
 
-# Transports that close through _connection_lost, and the end of input
-# they are told of (a shared Failure, as Twisted's own).
+# Transports that close through _connection_lost.
 _CLOSING = (_Server, _Client)
-_READ_DONE = Failure(error.ConnectionDone())
 
 
 class LeanEPollReactor(EPollReactor):
@@ -368,7 +366,7 @@ class LeanEPollReactor(EPollReactor):
         Nothing polls in between, so the order is not seen otherwise.
         """
         if isRead and why.__class__ is error.ConnectionDone and type(selectable) in _CLOSING:
-            selectable.readConnectionLost(_READ_DONE)
+            selectable.readConnectionLost(flow.DONE)
             if selectable.connected:
                 self.removeReader(selectable)
             return
