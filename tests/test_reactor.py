@@ -457,6 +457,26 @@ def test_a_port_accepts_the_waiting_connections_in_one_call(
     assert port.numberAccepts == 3
 
 
+def test_an_accepted_connection_names_itself_as_twisteds_does(
+    accepting: tuple[Accepting, Any], clients: Callable[[int, int], list[socket.socket]]
+) -> None:
+    """
+    The log prefix and the repr, built when asked rather than per
+    connection, read as Twisted's tcp.Server writes them; once closed, the
+    protocol's part says so.
+    """
+    factory, port = accepting
+    clients(port.getHost().port, 1)
+    port.doRead()
+    transport: Any = factory.protocols[0].transport
+    number = port.getHost().port
+    assert transport.logPrefix() == "Protocol,0,127.0.0.1"
+    assert repr(transport) == f"<Protocol #0 on {number}>"
+    transport.connectionLost(Failure(error.ConnectionDone()))
+    assert transport.logPrefix() == "(closed),0,127.0.0.1"
+    assert repr(transport) == f"<(closed) #0 on {number}>"
+
+
 class ShutdownRecorder:
     """
     A socket that records its ``shutdown`` calls and is otherwise the real one.

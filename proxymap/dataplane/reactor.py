@@ -36,6 +36,7 @@ import sys
 from typing import Any
 
 from twisted.internet import error, tcp
+from twisted.internet.address import IPv6Address
 from twisted.internet.epollreactor import EPOLLIN, EPOLLOUT, EPollReactor
 from twisted.internet.error import getConnectError
 from twisted.internet.interfaces import IConnector
@@ -135,6 +136,48 @@ class _Server(_ShutOnce, tcp.Server):  # type: ignore[override]
     """
 
     connectionLost = _connection_lost
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: Any,
+        client: tuple[Any, ...],
+        server: Any,
+        sessionno: int,
+        reactor: Any,
+    ) -> None:
+        """
+        Twisted's, without formatting this connection's log prefix and
+        ``repr`` up front: two strings per connection that only a log line
+        or a ``repr`` ever reads, so :meth:`logPrefix` and :meth:`__repr__`
+        build them when asked.  (Over 1,000 ports, where every connection's
+        work runs on cold caches, the two cost 6% of requests per second.)
+        """
+        tcp.Connection.__init__(self, sock, protocol, reactor)
+        if len(client) != 2:
+            self._addressType = IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self.startReading()
+        self.connected = 1
+
+    def logPrefix(self) -> str:
+        """
+        Twisted's: the protocol's prefix, the session number, the client host.
+        """
+        protocol = getattr(self, "protocol", None)  # gone once closed
+        prefix = "(closed)" if protocol is None else self._getLogPrefix(protocol)
+        return f"{prefix},{self.sessionno},{self.hostname}"
+
+    def __repr__(self) -> str:
+        """
+        Twisted's: the protocol's class, the session number, the port.
+        """
+        protocol = getattr(self, "protocol", None)
+        name = "(closed)" if protocol is None else type(protocol).__name__
+        return f"<{name} #{self.sessionno} on {self.server._realPortNumber}>"
 
 
 flow.plain_tcp(_Server)
