@@ -151,7 +151,6 @@ class ProxyServer(flow.Throttled):
         "_upstream",
         "bytes_down",
         "bytes_up",
-        "client",
         "connected_at",
         "id",
         "last_activity",
@@ -168,7 +167,6 @@ class ProxyServer(flow.Throttled):
     def __init__(self) -> None:
         super().__init__()
         self.id = next(_ids)
-        self.client = ""
         self._target: tuple[str, int] | None = None
         self.connected_at = 0.0
         self.last_activity = 0.0
@@ -240,12 +238,19 @@ class ProxyServer(flow.Throttled):
         if self.transport is not None and not self._gone:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
+    @property
+    def client(self) -> str:
+        """
+        The client's address as ``host:port``, for the admin API and log
+        lines: built when asked, not for every connection.
+        """
+        peer = None if self.transport is None else self.transport.getPeer()
+        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
+
     # ------------------------------------------------------------ connection events
 
     def connectionMade(self) -> None:
         factory = self.factory
-        peer = self.transport.getPeer()  # type: ignore[union-attr]
-        self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
         self.seconds = factory.seconds
         self.connected_at = self.last_activity = self.seconds()
         limits = factory.limits
