@@ -593,6 +593,29 @@ def test_a_connection_closed_after_its_last_bytes_asks_epoll_nothing(
     assert again.reads == [b"hello again"]
 
 
+def test_an_aborted_connection_is_reset(
+    lean: LeanEPollReactor,
+    accepting: tuple[Accepting, Any],
+    clients: Callable[[int, int], list[socket.socket]],
+) -> None:
+    """
+    abortConnection still resets the connection (no orderly close), and
+    the protocol hears it was aborted.
+    """
+    factory, port = accepting
+    (client,) = clients(port.getHost().port, 1)
+    port.doRead()
+    proto = factory.protocols[0]
+    lost: list[Failure] = []
+    proto.connectionLost = lost.append  # type: ignore[method-assign]
+    proto.transport.abortConnection()  # type: ignore[union-attr]
+    lean.runUntilCurrent()  # Twisted closes on the next turn
+    assert [r.type for r in lost] == [error.ConnectionAborted]
+    client.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        client.recv(100)
+
+
 def test_a_client_connection_closes_the_same_way(
     lean: LeanEPollReactor, listener: socket.socket
 ) -> None:

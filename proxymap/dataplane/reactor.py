@@ -110,7 +110,8 @@ def _connection_lost(self: Any, reason: Failure) -> None:
         self.producer.stopProducing()
         self.producer = None
     self.reactor.forget(self)
-    self._closeSocket(not reason.check(error.ConnectionAborted))
+    # reason.check, without its per-Failure class-name list: same answer.
+    self._closeSocket(not isinstance(reason.value, error.ConnectionAborted))
     protocol = self.protocol
     del self.protocol
     del self.socket
