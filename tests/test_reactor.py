@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -265,6 +266,38 @@ class CountingPoller:
         return getattr(self.real, name)
 
 
+@contextmanager
+def counting(lean: LeanEPollReactor) -> Iterator[CountingPoller]:
+    """
+    The reactor's epoll object counting the changes asked of it, for the
+    ``with`` block.
+    """
+    poller = CountingPoller(lean._poller)
+    lean._poller = poller
+    try:
+        yield poller
+    finally:
+        lean._poller = poller.real
+
+
+def closes_after_last_bytes(
+    lean: LeanEPollReactor, transport: Any, data: bytes, lost: list[Failure]
+) -> None:
+    """
+    Send ``data`` as ``transport``'s last bytes and close it: no
+    ``epoll_ctl`` at all, the connection told it is done at once, and the
+    reactor no longer knows the socket.
+    """
+    fd = transport.fileno()
+    with counting(lean) as poller:
+        flow.send(transport, data, last=True)
+        transport.loseConnection()
+        assert poller.changes == []
+        assert [r.type for r in lost] == [error.ConnectionDone]
+        assert fd not in lean._selectables and fd not in lean._reads | lean._writes
+        assert poller.real.poll(0) == []  # gone from the epoll set too
+
+
 def test_a_connect_settles_with_one_change_to_what_is_watched(
     lean: LeanEPollReactor, listener: socket.socket
 ) -> None:
@@ -275,9 +308,7 @@ def test_a_connect_settles_with_one_change_to_what_is_watched(
     was non-blocking from the start.  The connection then reads as any
     other.
     """
-    poller = CountingPoller(lean._poller)
-    lean._poller = poller
-    try:
+    with counting(lean) as poller:
         factory = Recorder()
         lean.connectTCP("127.0.0.1", listener.getsockname()[1], factory, timeout=None)
         accepted, _ = listener.accept()
@@ -296,8 +327,6 @@ def test_a_connect_settles_with_one_change_to_what_is_watched(
             accepted.send(b"after connect")
             turn_until(lean, lambda: received)
             assert received == [b"after connect"]
-    finally:
-        lean._poller = poller.real
 
 
 def test_a_refused_connect_is_reported_as_before(lean: LeanEPollReactor) -> None:
@@ -574,17 +603,7 @@ def test_a_connection_closed_after_its_last_bytes_asks_epoll_nothing(
     lost: list[Failure] = []
     proto.connectionLost = lost.append  # type: ignore[method-assign]
     fd = transport.fileno()
-    poller = CountingPoller(lean._poller)
-    lean._poller = poller
-    try:
-        flow.send(transport, b"bye", last=True)
-        transport.loseConnection()
-        assert poller.changes == []
-        assert [r.type for r in lost] == [error.ConnectionDone]
-        assert fd not in lean._selectables and fd not in lean._reads | lean._writes
-        assert poller.real.poll(0) == []  # gone from the epoll set too
-    finally:
-        lean._poller = poller.real
+    closes_after_last_bytes(lean, transport, b"bye", lost)
     client.settimeout(5)
     assert (client.recv(100), client.recv(100)) == (b"bye", b"")
     again, peer = watch_a_socket_numbered(lean, pairs, fd)
@@ -631,17 +650,7 @@ def test_a_client_connection_closes_the_same_way(
     with accepted:
         turn_until(lean, lambda: factory.made and factory.made[0].transport)
         transport: Any = factory.made[0].transport
-        fd = transport.fileno()
-        poller = CountingPoller(lean._poller)
-        lean._poller = poller
-        try:
-            flow.send(transport, b"last words", last=True)
-            transport.loseConnection()
-            assert poller.changes == []
-            assert [r.type for r in lost] == [error.ConnectionDone]
-            assert fd not in lean._selectables and fd not in lean._reads | lean._writes
-        finally:
-            lean._poller = poller.real
+        closes_after_last_bytes(lean, transport, b"last words", lost)
         accepted.settimeout(5)
         assert (accepted.recv(100), accepted.recv(100)) == (b"last words", b"")
 
@@ -699,17 +708,13 @@ def test_the_end_of_input_is_told_before_the_socket_is_unwatched(
     transport.protocol = protocol
     protocol.transport = transport
     fd = transport.fileno()
-    poller = CountingPoller(lean._poller)
-    lean._poller = poller
-    try:
+    with counting(lean) as poller:
         client.shutdown(socket.SHUT_WR)
         lean.doPoll(1)
         assert poller.changes == changes
         assert getattr(protocol, "events", []) == events
         assert fd not in lean._reads
         assert [fd_ for fd_, _ in poller.real.poll(0) if fd_ == fd] == []
-    finally:
-        lean._poller = poller.real
     client.settimeout(5)
     if changes:  # still open: it can answer, then close
         flow.send(transport, b"after your end", last=True)
@@ -956,21 +961,19 @@ def test_watch_new_adds_reading_and_writing_in_one_change(lean: LeanEPollReactor
     A new descriptor is registered for both in one change; one watched
     already (for reading, say) is changed as addReader and addWriter would.
     """
-    poller = CountingPoller(lean._poller)
-    lean._poller = poller
     a, b = socket.socketpair()
     try:
-        new, known = Watched(a, lean), Watched(b, lean)
-        lean.watch_new(new)
-        known.startReading()
-        lean.watch_new(known)
-        assert poller.changes == ["add", "add", "mod"]
-        both = select.EPOLLIN | select.EPOLLOUT
-        assert poller.flags == [both, select.EPOLLIN, both]
-        for watched in (new, known):
-            assert watched in lean.getReaders() and watched in lean.getWriters()
-        lean.removeAll()
+        with counting(lean) as poller:
+            new, known = Watched(a, lean), Watched(b, lean)
+            lean.watch_new(new)
+            known.startReading()
+            lean.watch_new(known)
+            assert poller.changes == ["add", "add", "mod"]
+            both = select.EPOLLIN | select.EPOLLOUT
+            assert poller.flags == [both, select.EPOLLIN, both]
+            for watched in (new, known):
+                assert watched in lean.getReaders() and watched in lean.getWriters()
+            lean.removeAll()
     finally:
-        lean._poller = poller.real
         a.close()
         b.close()
