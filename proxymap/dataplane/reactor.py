@@ -152,7 +152,7 @@ class _Server(_ShutOnce, tcp.Server):  # type: ignore[override]
         ``repr`` up front: two strings per connection that only a log line
         or a ``repr`` ever reads, so :meth:`logPrefix` and :meth:`__repr__`
         build them when asked.  (Over 1,000 ports, where every connection's
-        work runs on cold caches, the two cost 6% of requests per second.)
+        work runs on cold caches, the two cost 6-9% of requests per second.)
         """
         tcp.Connection.__init__(self, sock, protocol, reactor)
         if len(client) != 2:
