@@ -56,6 +56,35 @@ class Chargen:
 class Parent(Protocol):
     buffer = b""
     tunnel: str | None = None
+    # The last Proxy-Authorization value this connection sent and whose
+    # user it named: a kept connection sends the same one every time.
+    last_auth = b""
+    last_user: str | None = None
+
+    def send(self, data: bytes) -> None:
+        """
+        ``transport.write``, but straight to the socket when nothing is
+        queued: Twisted's write waits a loop turn and two epoll changes, and
+        the parent shares its core with the load, so its cost is the rig's.
+        """
+        transport = self.transport
+        if not (transport.dataBuffer or transport._tempDataLen or transport.disconnecting):
+            try:
+                sent = transport.socket.send(data)
+            except OSError:  # would block, or an error Twisted's write will meet
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
+
+    def user(self, head: bytes) -> str | None:
+        auth = _auth(head)
+        if auth is None:
+            return None
+        if auth != self.last_auth:
+            self.last_auth, self.last_user = auth, _username(auth)
+        return self.last_user
 
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel == "echo":
@@ -70,7 +99,7 @@ class Parent(Protocol):
                 return
             head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
             if self.tunnel is None:  # a proxy request; inside a tunnel: plain HTTP
-                username = _username(head)
+                username = self.user(head)
                 if username is None:
                     self.transport.write(DENIED)
                     self.transport.loseConnection()
@@ -84,10 +113,10 @@ class Parent(Protocol):
                 return
             body = _body(head)
             if b"\r\nconnection: close" in head.lower():
-                self.transport.write(_response(body, close=True))
+                self.send(_response(body, close=True))
                 self.transport.loseConnection()
                 return
-            self.transport.write(OK if body is None else _response(body, close=False))
+            self.send(OK if body is None else _response(body, close=False))
 
     def _tunnel(self, head: bytes) -> None:
         target = head.split(b" ", 2)[1]
@@ -139,7 +168,10 @@ def _response(body: bytes | None, close: bool) -> bytes:
     ) + body
 
 
-def _username(head: bytes) -> str | None:
+def _auth(head: bytes) -> bytes | None:
+    """
+    The Basic credentials of ``head``'s Proxy-Authorization, still encoded.
+    """
     start = head.find(b"\r\nProxy-Authorization: Basic ")
     if start < 0:  # field names are case-insensitive (Node sends them lowercase)
         start = head.lower().find(b"\r\nproxy-authorization: basic ")
@@ -147,10 +179,16 @@ def _username(head: bytes) -> str | None:
             return None
     start += 29
     end = head.find(b"\r\n", start)
+    return head[start : end if end > 0 else None]
+
+
+def _username(auth: bytes) -> str | None:
+    """
+    The user named by Basic credentials ``auth``, if the password is right
+    and the user a session of the configured one.
+    """
     try:
-        user, _, password = (
-            base64.b64decode(head[start : end if end > 0 else None]).decode().partition(":")
-        )
+        user, _, password = base64.b64decode(auth).decode().partition(":")
     except ValueError:
         return None
     if password != PASSWORD or not user.startswith(USER + "-session-"):
