@@ -622,6 +622,14 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
                 )
                 assert one and spread_rate
                 results.add(name, f"traffic over {many} ports / one port", spread_rate / one)
+                # The same gap as time: what spreading adds to each request.
+                # The ratio alone favours a slow subject (a fixed cost per
+                # request is a smaller share of a longer one); this does not.
+                results.add(
+                    name,
+                    f"time added per request over {many} ports us",
+                    1e6 / spread_rate - 1e6 / one,
+                )
                 if running.admin is not None:
                     check_stickiness(rig, running, many)
             finally:
@@ -709,6 +717,16 @@ def table(results: Results, subjects: list[str], args: argparse.Namespace) -> st
     ]
     if cpu:
         lines.append("\nSubject CPU during keep-alive load (core 0): " + ", ".join(cpu) + ".")
+    # A spread figure means something only if the subject was the limit on
+    # one port as well: below ~97% there, the load core was.
+    loads = "one request per connection req/s, "
+    spread = [
+        f"{s} {m.removeprefix(loads)} {statistics.median(v):.0%}"
+        for (s, m), v in results.cpu.items()
+        if m.startswith(loads)
+    ]
+    if spread:
+        lines.append("\nSubject CPU during the spread loads: " + ", ".join(spread) + ".")
     lines.append(
         f"\nMedians of {args.reps}; {args.seconds} s per load; subject on core 0, "
         "parent and load on core 1."
@@ -723,6 +741,8 @@ def _fmt(metric: str, value: float | None) -> str:
         return f"{value / 1e9:.2f} G"
     if metric.startswith("bytes") or "RSS" in metric:
         return f"{value / 1024:.1f} KiB"
+    if metric.startswith("time added"):
+        return f"{value:.1f}"
     if " s" in metric and "/s" not in metric:
         return f"{value:.2f}"
     if "/" in metric and "/s" not in metric:

@@ -34,6 +34,7 @@ EXPECTED = {
     "bytes per listening port",
     "1 port up s (process start to listening)",
     "traffic over 50 ports / one port",
+    "time added per request over 50 ports us",
 }
 
 
