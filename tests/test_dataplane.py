@@ -36,6 +36,15 @@ GET = b"GET http://example.com/page?q=1 HTTP/1.1\r\nHost: example.com\r\nUser-Ag
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
 
 
+def answered(client: StringTransport, status: bytes, text: bytes) -> None:
+    """
+    proxymap answered ``client`` itself: ``status``, and ``text`` in the body.
+    """
+    first, _, body = head_of(client.value())
+    assert first == b"HTTP/1.1 " + status
+    assert text in body
+
+
 def test_forwards_absolute_form_with_session_credentials() -> None:
     """
     A request goes to the vendor's gateway in absolute form, carrying the
@@ -341,9 +350,7 @@ def test_connect_refused_is_502_and_port_keeps_serving() -> None:
     proto, client = h.client()
     proto.dataReceived(GET)
     h.fail_connect(ConnectionRefusedError())
-    first, _, body = head_of(client.value())
-    assert first == b"HTTP/1.1 502 Bad Gateway"
-    assert b"cannot connect to the upstream gw.example.com:10000" in body
+    answered(client, b"502 Bad Gateway", b"cannot connect to the upstream gw.example.com:10000")
     assert client.disconnecting
     proto2, client2 = h.client()
     proto2.dataReceived(GET)
@@ -376,9 +383,9 @@ def test_connect_deadline_is_kept_by_the_connections_own_timer() -> None:
     h.reactor.advance(2.9)
     assert client.value() == b""
     h.reactor.advance(0.2)
-    first, _, body = head_of(client.value())
-    assert first == b"HTTP/1.1 504 Gateway Timeout"
-    assert b"timed out connecting to the upstream gw.example.com:10000" in body
+    answered(
+        client, b"504 Gateway Timeout", b"timed out connecting to the upstream gw.example.com:10000"
+    )
     assert connector.stoppedConnecting
     # Stopping reports the failure again: it is not answered twice.
     h.fail_connect(UserError())
@@ -417,9 +424,7 @@ def test_a_gateway_name_that_does_not_resolve_is_502_and_the_port_serves_on() ->
         proto, client = h.client()
         proto.dataReceived(GET)
         h.reactor.advance(0)
-        first, _, body = head_of(client.value())
-        assert first == b"HTTP/1.1 502 Bad Gateway"
-        assert b"cannot look up the upstream host nowhere.invalid" in body
+        answered(client, b"502 Bad Gateway", b"cannot look up the upstream host nowhere.invalid")
         assert client.disconnecting
     # The second client failed fast: no second lookup of a name that just failed.
     assert h.looked_up.count("nowhere.invalid") == 1
@@ -431,9 +436,11 @@ def test_the_connect_deadline_covers_a_lookup_that_hangs() -> None:
     proto, client = h.client()
     proto.dataReceived(GET)
     h.reactor.advance(3.1)
-    first, _, body = head_of(client.value())
-    assert first == b"HTTP/1.1 504 Gateway Timeout"
-    assert b"timed out connecting to the upstream slow.example.com:10000" in body
+    answered(
+        client,
+        b"504 Gateway Timeout",
+        b"timed out connecting to the upstream slow.example.com:10000",
+    )
     # The answer that comes after all opens nothing.
     h.pending["slow.example.com"].callback("192.0.2.30")
     h.reactor.advance(0)
@@ -475,9 +482,7 @@ def test_vendor_407_becomes_502_without_credentials() -> None:
         b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n"
         b"Content-Length: 0\r\n\r\n"
     )
-    first, _, body = head_of(client.value())
-    assert first == b"HTTP/1.1 502 Bad Gateway"
-    assert b"rejected" in body
+    answered(client, b"502 Bad Gateway", b"rejected")
     assert b"s3cret" not in client.value()
     assert b"alice" not in client.value()
     assert creds("sess0001") not in client.value()
@@ -538,9 +543,7 @@ def test_origin_form_is_400_with_hint() -> None:
     h = Harness()
     proto, client = h.client()
     proto.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:10201\r\n\r\n")
-    first, _, body = head_of(client.value())
-    assert first == b"HTTP/1.1 400 Bad Request"
-    assert b"curl -x" in body
+    answered(client, b"400 Bad Request", b"curl -x")
 
 
 def test_smuggling_shapes_are_rejected() -> None:
