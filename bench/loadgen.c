@@ -4,7 +4,7 @@
  * bench/run.py with gcc at bench time.
  *
  *   loadgen MODE PORT [-n NPORTS] [-c CONNS] [-d SECONDS] [-w WARMUP]
- *                     [-s SOURCES] [-a BASIC_TOKEN] [-r RAMP] [-k | -x]
+ *                     [-s SOURCES] [-a BASIC_TOKEN] [-r RAMP] [-k | -x] [-l]
  *
  * MODE:
  *   connect  CONNECT setups: connect, CONNECT echo.bench:7, wait for the 200,
@@ -15,6 +15,9 @@
  *            -x: one GET per connection without Connection: close, and the
  *            client closes once the response is in (as curl or a one-shot
  *            Python client does): the proxy sees the client's end first.
+ *            With -l: also the latency of every response counted, from the
+ *            request's send to the response's last byte (`-c 1 -k -l` is the
+ *            harness's latency probe).
  *   hold     open CONNS tunnels to echo.bench:7 (at most RAMP handshakes in
  *            flight), print "ready N" and hold them until stdin closes.
  *
@@ -23,7 +26,8 @@
  * kernel still picks ports per 4-tuple): that spreads TIME_WAIT over many
  * address pairs.  -s 0 leaves the source to the kernel (127.0.0.1).
  *
- * Prints one JSON line: {"mode", "ops", "bytes", "seconds", "rate", "errors"}.
+ * Prints one JSON line: {"mode", "ops", "bytes", "seconds", "rate", "errors"},
+ * with -l also "p50_us", "p99_us", "p999_us" and "max_us".
  * Every loop is bounded by the deadline.
  */
 #define _GNU_SOURCE
@@ -53,6 +57,7 @@ struct conn {
     enum state state;
     size_t have;
     long need; /* body bytes still to read (http), -1 unknown */
+    double sent; /* when the request went (http, -l) */
     char buf[4096];
 };
 
@@ -66,6 +71,11 @@ static int epfd;
 static unsigned long next_port, next_source;
 static unsigned long long ops, bytes, errors;
 static int measuring;
+/* -l: one latency per counted response, at most MAX_LATENCIES. */
+#define MAX_LATENCIES (1 << 24)
+static int latencies_on;
+static double *latencies;
+static size_t nlatencies, latencies_cap;
 static char sink[1 << 20];
 
 static double now(void) {
@@ -134,6 +144,8 @@ static void restart(struct conn *c, int failed) {
 
 static int send_all(struct conn *c, const char *p, size_t n) {
     /* Fresh sockets have far more buffer than these few hundred bytes. */
+    if (latencies_on)
+        c->sent = now();
     ssize_t sent = send(c->fd, p, n, MSG_NOSIGNAL);
     return sent == (ssize_t)n ? 0 : -1;
 }
@@ -144,6 +156,35 @@ static void want(struct conn *c, unsigned events) {
 }
 
 static unsigned long held;
+
+static void record_latency(double latency) {
+    if (nlatencies == latencies_cap) {
+        if (latencies_cap == MAX_LATENCIES)
+            return;
+        latencies_cap = latencies_cap ? latencies_cap * 2 : 1 << 16;
+        latencies = realloc(latencies, latencies_cap * sizeof *latencies);
+        if (latencies == NULL) {
+            perror("realloc");
+            exit(2);
+        }
+    }
+    latencies[nlatencies++] = latency;
+}
+
+static int by_value(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The q-quantile of the recorded latencies, in microseconds (nearest rank). */
+static double quantile_us(double q) {
+    size_t rank = (size_t)(q * nlatencies + 0.999999);
+    if (rank < 1)
+        rank = 1;
+    if (rank > nlatencies)
+        rank = nlatencies;
+    return latencies[rank - 1] * 1e6;
+}
 
 /* Parse a response head in c->buf; returns the head's length or 0 if incomplete, -1 if not 2xx. */
 static long head_end(struct conn *c) {
@@ -259,8 +300,11 @@ static void on_event(struct conn *c, unsigned events) {
             restart(c, 1);
             return;
         }
-        if (measuring)
+        if (measuring) {
             ops++;
+            if (latencies_on)
+                record_latency(now() - c->sent);
+        }
         if (keepalive) {
             c->state = HEAD;
             if (send_all(c, request, request_len) < 0)
@@ -280,7 +324,7 @@ static void on_event(struct conn *c, unsigned events) {
 
 static void usage(void) {
     fprintf(stderr, "usage: loadgen connect|bulk|http|hold PORT [-n NPORTS] [-c CONNS] "
-                    "[-d SECONDS] [-w WARMUP] [-s SOURCES] [-a TOKEN] [-r RAMP] [-k | -x]\n");
+                    "[-d SECONDS] [-w WARMUP] [-s SOURCES] [-a TOKEN] [-r RAMP] [-k | -x] [-l]\n");
     exit(2);
 }
 
@@ -306,6 +350,10 @@ int main(int argc, char **argv) {
         }
         if (!strcmp(opt, "-x")) {
             client_closes = 1;
+            continue;
+        }
+        if (!strcmp(opt, "-l")) {
+            latencies_on = 1;
             continue;
         }
         if (i + 1 >= argc)
@@ -389,7 +437,14 @@ int main(int argc, char **argv) {
     double elapsed = now() - begin;
     double rate = (mode == BULK ? bytes : ops) / elapsed;
     printf("{\"mode\": \"%s\", \"ops\": %llu, \"bytes\": %llu, \"seconds\": %.3f, "
-           "\"rate\": %.1f, \"errors\": %llu}\n",
+           "\"rate\": %.1f, \"errors\": %llu",
            argv[1], ops, bytes, elapsed, rate, errors);
+    if (latencies_on && nlatencies > 0) {
+        qsort(latencies, nlatencies, sizeof *latencies, by_value);
+        printf(", \"p50_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f",
+               quantile_us(0.5), quantile_us(0.99), quantile_us(0.999),
+               latencies[nlatencies - 1] * 1e6);
+    }
+    printf("}\n");
     return 0;
 }

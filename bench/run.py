@@ -20,9 +20,10 @@ Method:
 - loadgen ramps its connections and spreads client source addresses over
   127.0.0.2-9 (squid gets one source: it slows down with many);
 - memory is the slope of RSS between 1,000 and 5,000 idle tunnels on a fresh
-  process; the probe latency is measured again with as many idle tunnels as
-  the fd limit allows: min(10,000, (limit - ports - 64) / 2), and compared
-  with a twin of the subject that holds no tunnel (see memory()).
+  process; the probe latency (loadgen's c1 probe, see probe_p99()) is
+  measured again with as many idle tunnels as the fd limit allows:
+  min(10,000, (limit - ports - 64) / 2), and a twin of the subject that
+  holds no tunnel is probed in turn as a control (see memory()).
 
 Output: one JSON line per result in bench/results/run-STAMP.jsonl and a
 Markdown table of ratios (proxymap against each subject, same run) in
@@ -491,17 +492,26 @@ def probe_p99(
 ) -> tuple[float, float]:
     """
     The c1 probe's p99 in microseconds for the subject and its twin, probed
-    in turn: the median of three short probes each (one in --quick),
-    because a single p99 on this kind of machine moves several-fold between
-    runs on its own.
+    in turn: the median of five short probes each (one in --quick), because
+    a single p99 on this kind of machine moves several-fold between runs on
+    its own.
+
+    The probe is loadgen's (one keep-alive connection, every response's
+    latency recorded), not wrk's.  With ~40k loopback sockets open, wrk's
+    own c1 p99 reads 3-5x its idle value whichever subject it measures,
+    while two other clients, probing the same process in turn, read 1.0-1.3x
+    (bench/RESULTS.rst, run W): that part is wrk's, not the subject's.
     """
     seconds = min(3.0, args.seconds)
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else 5
     ours: list[float] = []
     theirs: list[float] = []
     for _ in range(rounds):
-        ours.append(wrk(running, work, seconds, 1, False)["p99_us"])
-        theirs.append(wrk(twin, work, seconds, 1, False)["p99_us"])
+        for subject, into in ((running, ours), (twin, theirs)):
+            result = loadgen(subject, "http", seconds, "-c", "1", "-k", "-l", "-w", "0.5")
+            if result.get("errors") or "p99_us" not in result:
+                print(f"warning: {subject.name}: probe errors: {result}", flush=True)
+            into.append(result.get("p99_us", 0.0))
     return statistics.median(ours), statistics.median(theirs)
 
 
@@ -511,12 +521,14 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
     as many idle tunnels as the fd limit allows, on a fresh process.
 
     The probe is also sent, in turn, to a twin: a second fresh process of
-    the same subject on the same core that holds no tunnel.  ~10k tunnels
-    open on this machine (some 40k loopback sockets across the subject, the
-    parent and loadgen) slow every cross-core round trip, whichever process
-    holds them: a tunnel-less proxymap and a fresh parent probed from core 0
-    slow down as much as the subject.  The subject's p99 ratio over the
-    twin's is the part the subject's own tunnels cost.
+    the same subject on the same core that holds no tunnel.  The twin is the
+    control: its ratio shows how far the machine itself moved between the
+    two probes.  It was once the correction too, when the probe was wrk's,
+    whose p99 rose 3-5x for the twin as for the subject once ~40k loopback
+    sockets were open (see probe_p99); with loadgen's probe the twin moves
+    0.8-1.03x, and dividing by it only adds the noise of two more p99s.  So
+    the target is on the subject's own ratio; the ratio over the twin's is
+    still reported.
     """
     low, high = args.tunnels
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -549,8 +561,8 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
             results.add(name, "idle RSS bytes", base)
             results.add(name, "idle tunnels held", held)
             results.add(name, "probe p99 us, idle", before)
-            if not after or not twin_after:
-                print(f"warning: {name}: the probe failed with tunnels held", flush=True)
+            if not (before and twin_before and after and twin_after):
+                print(f"warning: {name}: a probe failed", flush=True)
             else:
                 results.add(name, "probe p99 us, tunnels held", after)
                 results.add(name, "probe p99 with tunnels / without", after / before)
@@ -676,7 +688,7 @@ TARGETS = {
     "c1 latency p50 us": "added ≤ 1.3x reference's",
     "bytes per idle tunnel": "≤ 4 KB",
     "bytes per listening port": "≤ 2 KB",
-    "probe p99 with tunnels / without, over the twin's": "≤ 1.1",
+    "probe p99 with tunnels / without": "≤ 1.1",
     "traffic over 1000 ports / one port": "≥ 0.95",
     "1000 ports up s (process start to all listening)": "< 1 s",
 }
