@@ -498,9 +498,10 @@ def probe_p99(
 
     The probe is loadgen's (one keep-alive connection, every response's
     latency recorded), not wrk's.  With ~40k loopback sockets open, wrk's
-    own c1 p99 reads 3-5x its idle value whichever subject it measures,
-    while two other clients, probing the same process in turn, read 1.0-1.3x
-    (bench/RESULTS.rst, run W): that part is wrk's, not the subject's.
+    own c1 p99 reads 2-5x its idle value whichever subject it measures,
+    while two other clients, probing the same process in turn, read
+    0.95-1.1x (bench/RESULTS.rst, run W): that part is wrk's, not the
+    subject's.
     """
     seconds = min(3.0, args.seconds)
     rounds = 1 if args.quick else 5
@@ -524,9 +525,9 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
     the same subject on the same core that holds no tunnel.  The twin is the
     control: its ratio shows how far the machine itself moved between the
     two probes.  It was once the correction too, when the probe was wrk's,
-    whose p99 rose 3-5x for the twin as for the subject once ~40k loopback
+    whose p99 rose ~3x for the twin as for the subject once ~40k loopback
     sockets were open (see probe_p99); with loadgen's probe the twin moves
-    0.8-1.03x, and dividing by it only adds the noise of two more p99s.  So
+    0.81-1.10x, and dividing by it only adds the noise of two more p99s.  So
     the target is on the subject's own ratio; the ratio over the twin's is
     still reported.
     """
