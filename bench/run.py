@@ -487,6 +487,10 @@ def throughput(rig: Rig, results: Results, subjects: list[str], args: argparse.N
                 running.stop()
 
 
+#: Probes per subject and phase in the memory phase (one in --quick).
+PROBE_ROUNDS = 5
+
+
 def probe_p99(
     running: Running, twin: Running, work: Path, args: argparse.Namespace
 ) -> tuple[float, float]:
@@ -504,7 +508,7 @@ def probe_p99(
     subject's.
     """
     seconds = min(3.0, args.seconds)
-    rounds = 1 if args.quick else 5
+    rounds = 1 if args.quick else PROBE_ROUNDS
     ours: list[float] = []
     theirs: list[float] = []
     for _ in range(rounds):
@@ -741,8 +745,9 @@ def table(results: Results, subjects: list[str], args: argparse.Namespace) -> st
     if spread:
         lines.append("\nSubject CPU during the spread loads: " + ", ".join(spread) + ".")
     lines.append(
-        f"\nMedians of {args.reps}; {args.seconds} s per load; subject on core 0, "
-        "parent and load on core 1."
+        f"\nLoads: medians of {args.reps} rounds, {args.seconds} s each; memory and "
+        f"probe: one fresh process per subject, probe p99s the median of "
+        f"{1 if args.quick else PROBE_ROUNDS} probes; subject on core 0, parent and load on core 1."
     )
     return "\n".join(lines) + "\n"
 
