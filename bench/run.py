@@ -487,17 +487,18 @@ def throughput(rig: Rig, results: Results, subjects: list[str], args: argparse.N
                 running.stop()
 
 
-#: Probes per subject and phase in the memory phase (one in --quick).
-PROBE_ROUNDS = 5
+def probe_rounds(args: argparse.Namespace) -> int:
+    """
+    Probes per subject and phase in the memory phase.
+    """
+    return 1 if args.quick else 5
 
 
-def probe_p99(
-    running: Running, twin: Running, work: Path, args: argparse.Namespace
-) -> tuple[float, float]:
+def probe_p99(running: Running, twin: Running, args: argparse.Namespace) -> tuple[float, float]:
     """
     The c1 probe's p99 in microseconds for the subject and its twin, probed
-    in turn: the median of five short probes each (one in --quick), because
-    a single p99 on this kind of machine moves several-fold between runs on
+    in turn: the median of probe_rounds() short probes each, because a
+    single p99 on this kind of machine moves several-fold between runs on
     its own.
 
     The probe is loadgen's (one keep-alive connection, every response's
@@ -508,7 +509,7 @@ def probe_p99(
     subject's.
     """
     seconds = min(3.0, args.seconds)
-    rounds = 1 if args.quick else PROBE_ROUNDS
+    rounds = probe_rounds(args)
     ours: list[float] = []
     theirs: list[float] = []
     for _ in range(rounds):
@@ -545,7 +546,7 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
         twin: Running | None = None
         try:
             twin = rig.start(name)
-            before, twin_before = probe_p99(running, twin, rig.work, args)
+            before, twin_before = probe_p99(running, twin, args)
             assert running.pid is not None
             base = rss_bytes(running.pid)
             with held_tunnels(running, low, 120) as got_low:
@@ -557,7 +558,7 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
                     with held_tunnels(running, most - high, 120) as got_most:
                         held = got_low + got_high + got_most
                         time.sleep(1)
-                        after, twin_after = probe_p99(running, twin, rig.work, args)
+                        after, twin_after = probe_p99(running, twin, args)
             if got_low == low and got_high == high - low:
                 slope = (rss_high - rss_low) / (high - low)
                 results.add(name, "bytes per idle tunnel", slope)
@@ -747,7 +748,7 @@ def table(results: Results, subjects: list[str], args: argparse.Namespace) -> st
     lines.append(
         f"\nLoads: medians of {args.reps} rounds, {args.seconds} s each; memory and "
         f"probe: one fresh process per subject, probe p99s the median of "
-        f"{1 if args.quick else PROBE_ROUNDS} probes; subject on core 0, parent and load on core 1."
+        f"{probe_rounds(args)} probes; subject on core 0, parent and load on core 1."
     )
     return "\n".join(lines) + "\n"
 
