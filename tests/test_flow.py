@@ -3,7 +3,8 @@ flow.send: bytes go to the socket at once when nothing is queued ahead of
 them, and through the transport's own buffer otherwise; flow.send with last: the
 same, with the FIN in the same segment; flow.close_write: a half-close at
 once when nothing is queued; flow.close: a close at once when nothing is
-queued and no producer waits.
+queued and no producer waits; flow.interactive: the kernel delays the next
+ACK.
 
 These use a real tcp.Server over a socketpair (so the bytes really cross a
 socket) driven by a MemoryReactor (so nothing runs by itself).
@@ -190,6 +191,37 @@ def tcp_pair() -> Iterator[tuple[tcp.Server, socket.socket, MemoryReactor]]:
     yield transport, peer, reactor
     ours.close()
     peer.close()
+
+
+def delays_acks(skt: socket.socket) -> bool:
+    """
+    Whether the kernel counts ``skt`` as interactive (``TCP_QUICKACK``
+    reads 0 then): the ACK of what comes in next waits.
+    """
+    return skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux only")
+def test_interactive_asks_the_kernel_to_delay_acks(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    transport, _peer, _reactor = tcp_pair
+    assert not delays_acks(transport.socket)
+    flow.interactive(transport)
+    assert delays_acks(transport.socket)
+
+
+def test_interactive_without_a_socket_does_nothing(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    A transport with no socket (a test double) and a socket already closed
+    are both left alone, without an error.
+    """
+    flow.interactive(StringTransport())
+    transport, _peer, _reactor = tcp_pair
+    transport.socket.close()
+    flow.interactive(transport)
 
 
 def segments_out(skt: socket.socket) -> int:

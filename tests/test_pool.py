@@ -6,7 +6,9 @@ in memory: client and upstream legs on StringTransports, a MemoryReactorClock.
 from __future__ import annotations
 
 import gc
+import socket
 import weakref
+from collections.abc import Iterator
 
 import pytest
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -343,6 +345,49 @@ def test_bytes_nobody_asked_for_close_a_parked_connection() -> None:
     assert len(h.reactor.tcpClients) == 2
     up.connectionLost(DONE)
     assert len(pool_of(h)) == 0
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[socket.socket]:
+    """
+    A connected TCP socket on 127.0.0.1 (its peer held open), fresh: the
+    kernel does not yet count it as interactive.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    with near, far:
+        assert interactive(near) is False
+        yield near
+
+
+def interactive(skt: socket.socket) -> bool:
+    """
+    Whether the kernel delays the ACK of what ``skt`` receives next
+    (``TCP_QUICKACK`` reads 0 in its interactive mode).
+    """
+    return skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux only")
+@pytest.mark.parametrize(("parked_for", "asked"), [(0.029, False), (0.03, True), (5.0, True)])
+def test_a_connection_kept_a_while_asks_for_delayed_acks(
+    tcp_pair: socket.socket, parked_for: float, asked: bool
+) -> None:
+    """
+    A kept connection taken again after 30 ms or more asks the kernel to
+    treat the coming exchange as interactive, so that the response's ACK
+    waits instead of going out as proxymap reads it (flow.interactive);
+    one taken sooner is left to the kernel, which still counts it so.
+    """
+    h = Harness(pool=True)
+    _, _, up, upstream = one_shot(h)
+    upstream.getHandle = lambda: tcp_pair  # type: ignore[attr-defined]
+    h.reactor.advance(parked_for)
+    proto, _client = h.client()
+    proto.dataReceived(ONE_SHOT)
+    assert proto._upstream is up
+    assert interactive(tcp_pair) is asked
 
 
 def test_parked_connections_expire() -> None:

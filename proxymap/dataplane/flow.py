@@ -189,6 +189,55 @@ def send(transport: Any, data: bytes, last: bool = False) -> None:
     transport.write(data)
 
 
+#: A kept connection parked this long (seconds) may have been idle long
+#: enough to leave the kernel's interactive mode; taking it again calls
+#: :func:`interactive`.  The kernel's own bound is its delayed-ACK timeout,
+#: 40 ms at least, counted in jiffies (up to 10 ms each) from the last
+#: segment in: 30 ms stays clear of it.
+INTERACTIVE_GAP = 0.03
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def interactive(transport: Any) -> None:
+    """
+    Let the kernel delay the ACK of what ``transport`` receives next, as it
+    does by itself for a connection in request/response use.
+
+    Linux treats a TCP connection as interactive ("pingpong" mode) when it
+    sends data within the delayed-ACK timeout (40 ms at least) of the data
+    it last received: an answer is under way, so the ACK of what comes back
+    can wait, to ride on the next bytes out or to go with the kernel's
+    delayed-ACK timer.  A kept upstream connection taken again after a
+    longer idle spell does not look interactive, since its request follows
+    nothing recent, and the response to it is ACKed at once, as proxymap
+    reads it: a segment sent (and, over loopback, received by the peer)
+    inside proxymap's ``recv``, a network software interrupt of its own
+    for every request.  In interactive mode the ACK waits instead; the
+    timer sends it with the other connections' due ACKs, dozens to an
+    interrupt.  Over 1000 ports (bench/RESULTS.rst, "Delayed ACKs") that took
+    proxymap's core from 3.0 to 2.0 network receive interrupts a request
+    and its software-interrupt time from 10.5 to 5.6 us a request, what
+    one busy port costs.  The vendor sees the delayed ACK every busy
+    connection already gives it.
+
+    ``TCP_QUICKACK`` set to 0 is the kernel's switch into that mode, for
+    the coming exchange (the delayed-ACK timer, when it fires, switches
+    back).  It exists on Linux only; elsewhere, and for a transport without
+    a socket, this does nothing.
+    """
+    handle = getattr(transport, "getHandle", None)
+    if _QUICKACK is None or handle is None:
+        return
+    skt = handle()
+    if isinstance(skt, socket.socket):
+        try:
+            skt.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 0)
+        except OSError:
+            # Closed or reset meanwhile: the next read or write reports it.
+            pass
+
+
 def close_write(transport: Any) -> None:
     """
     ``transport.loseWriteConnection()``, done at once when nothing is queued.

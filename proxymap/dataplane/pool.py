@@ -91,7 +91,8 @@ class UpstreamPool:
             self.evict()
         up.park(self)
         self._by_key.setdefault(up.key, []).append(up)
-        self._expires[up] = self._clock.seconds() + self.idle_timeout
+        up.parked_at = now = self._clock.seconds()
+        self._expires[up] = now + self.idle_timeout
         if self._sweep is None:
             self._sweep = self._clock.callLater(self.idle_timeout, self._expire)
         return True

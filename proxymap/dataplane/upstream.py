@@ -92,6 +92,7 @@ class UpstreamProtocol(flow.Throttled):
         "connected_at",
         "connector",
         "key",
+        "parked_at",
         "served",
         "server",
         "started",
@@ -135,6 +136,8 @@ class UpstreamProtocol(flow.Throttled):
         self._retry_head = b""
         #: The pool this connection is parked in (None: in use).
         self._pool: UpstreamPool | None = None
+        #: When the connection was last parked (0: never).
+        self.parked_at = 0.0
 
     @classmethod
     def connect(
@@ -248,8 +251,13 @@ class UpstreamProtocol(flow.Throttled):
     def adopt(self, server: ProxyServer) -> None:
         """
         Serve ``server``, a client leg of the same session, after being parked.
+
+        A connection parked for a while asks the kernel to treat the coming
+        exchange as interactive (see :func:`flow.interactive`).
         """
         self._pool = None
+        if server.seconds() - self.parked_at >= flow.INTERACTIVE_GAP:
+            flow.interactive(self.transport)
         self.server = server
         self.started = False
         server.upstream_connected(self)
