@@ -256,11 +256,11 @@ class UpstreamProtocol(flow.Throttled):
         exchange as interactive (see :func:`flow.interactive`).
         """
         self._pool = None
-        if server.seconds() - self.parked_at >= flow.INTERACTIVE_GAP:
-            flow.interactive(self.transport)
         self.server = server
         self.started = False
         server.upstream_connected(self)
+        if server.seconds() - self.parked_at >= flow.INTERACTIVE_GAP:
+            flow.interactive(self.transport)
 
     def send(self, data: bytes) -> None:
         if self._ready:

@@ -7,12 +7,16 @@ proxymap to a keep-alive vendor gateway that numbers its connections.
 from __future__ import annotations
 
 import base64
+import socket
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 
+from proxymap.dataplane import flow
 from proxymap.tap import ProxymapService
 
 from .conftest import curl
@@ -105,6 +109,38 @@ async def test_one_shot_clients_reuse_one_vendor_connection() -> None:
         # A request with a body does not take a kept connection.
         _, out = await through(port, "-d", "x=1", "http://e.com/form")
         assert out == b"2 %s POST" % user
+    finally:
+        await stop(service, vendor)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux only")
+@pytest_twisted.ensureDeferred
+async def test_a_connection_kept_a_while_goes_back_to_interactive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    Taken again after an idle spell, the kept connection's own socket is
+    switched back to delayed ACKs (read back from the kernel as the
+    switch is made, before any answer), and serves as before.
+    """
+    states: list[int] = []
+    real = flow.interactive
+
+    def interactive(transport: Any) -> None:
+        real(transport)
+        skt = transport.getHandle()
+        states.append(skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK))
+
+    monkeypatch.setattr("proxymap.dataplane.upstream.flow.interactive", interactive)
+    vendor = KeepAliveVendor()
+    service, port = proxymap_to(vendor.number)
+    try:
+        _, first = await through(port, "http://e.com/")
+        await deferLater(reactor, 0.1, lambda: None)  # well past flow.INTERACTIVE_GAP
+        _, second = await through(port, "http://e.com/")
+        assert first.split()[0] == second.split()[0] == b"1"
+        assert vendor.accepted == 1
+        assert states == [0]
     finally:
         await stop(service, vendor)
 
