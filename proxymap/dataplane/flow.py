@@ -217,9 +217,9 @@ def interactive(transport: Any) -> None:
     timer sends it with the other connections' due ACKs, dozens to an
     interrupt.  Over 1000 ports (bench/RESULTS.rst, "Delayed ACKs") that took
     proxymap's core from 3.0 to 2.0 network receive interrupts a request
-    and its software-interrupt time from 10.5 to 5.6 us a request, what
-    one busy port costs.  The vendor sees the delayed ACK every busy
-    connection already gives it.
+    and its software-interrupt time from 9.8 to 6.2 us a request, what one
+    busy port costs (2.0 and 6.0).  The vendor sees the delayed ACK every
+    busy connection already gives it.
 
     ``TCP_QUICKACK`` set to 0 is the kernel's switch into that mode, for
     the coming exchange (the delayed-ACK timer, when it fires, switches
