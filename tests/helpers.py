@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -153,3 +154,11 @@ def header(lines: list[bytes], name: bytes) -> list[bytes]:
     """
     prefix = name.lower() + b":"
     return [line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(prefix)]
+
+
+def delays_acks(skt: socket.socket) -> bool:
+    """
+    Whether the kernel counts ``skt`` as interactive, so that the ACK of
+    what it receives next waits (``TCP_QUICKACK`` reads 0 then; Linux).
+    """
+    return skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0

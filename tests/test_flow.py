@@ -28,6 +28,8 @@ from zope.interface import implementer
 
 from proxymap.dataplane import flow
 
+from .helpers import delays_acks
+
 
 class Producer:
     def __init__(self) -> None:
@@ -191,14 +193,6 @@ def tcp_pair() -> Iterator[tuple[tcp.Server, socket.socket, MemoryReactor]]:
     yield transport, peer, reactor
     ours.close()
     peer.close()
-
-
-def delays_acks(skt: socket.socket) -> bool:
-    """
-    Whether the kernel counts ``skt`` as interactive (``TCP_QUICKACK``
-    reads 0 then): the ACK of what comes in next waits.
-    """
-    return skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux only")

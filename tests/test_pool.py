@@ -21,7 +21,7 @@ from proxymap.dataplane.server import ProxyServer
 from proxymap.dataplane.upstream import UpstreamProtocol
 from proxymap.sessions import EndReason
 
-from .helpers import PORT, Harness, creds, head_of, header
+from .helpers import PORT, Harness, creds, delays_acks, head_of, header
 
 GET = b"GET http://example.com/page HTTP/1.1\r\nHost: example.com\r\n\r\n"
 ONE_SHOT = b"GET http://example.com/page HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"
@@ -348,7 +348,7 @@ def test_bytes_nobody_asked_for_close_a_parked_connection() -> None:
 
 
 @pytest.fixture
-def tcp_pair() -> Iterator[socket.socket]:
+def fresh_socket() -> Iterator[socket.socket]:
     """
     A connected TCP socket on 127.0.0.1 (its peer held open), fresh: the
     kernel does not yet count it as interactive.
@@ -357,22 +357,14 @@ def tcp_pair() -> Iterator[socket.socket]:
         near = socket.create_connection(listener.getsockname())
         far, _ = listener.accept()
     with near, far:
-        assert interactive(near) is False
+        assert not delays_acks(near)
         yield near
-
-
-def interactive(skt: socket.socket) -> bool:
-    """
-    Whether the kernel delays the ACK of what ``skt`` receives next
-    (``TCP_QUICKACK`` reads 0 in its interactive mode).
-    """
-    return skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux only")
 @pytest.mark.parametrize(("parked_for", "asked"), [(0.029, False), (0.03, True), (5.0, True)])
 def test_a_connection_kept_a_while_asks_for_delayed_acks(
-    tcp_pair: socket.socket, parked_for: float, asked: bool
+    fresh_socket: socket.socket, parked_for: float, asked: bool
 ) -> None:
     """
     A kept connection taken again after 30 ms or more asks the kernel to
@@ -382,12 +374,12 @@ def test_a_connection_kept_a_while_asks_for_delayed_acks(
     """
     h = Harness(pool=True)
     _, _, up, upstream = one_shot(h)
-    upstream.getHandle = lambda: tcp_pair  # type: ignore[attr-defined]
+    upstream.getHandle = lambda: fresh_socket  # type: ignore[attr-defined]
     h.reactor.advance(parked_for)
     proto, _client = h.client()
     proto.dataReceived(ONE_SHOT)
     assert proto._upstream is up
-    assert interactive(tcp_pair) is asked
+    assert delays_acks(fresh_socket) is asked
 
 
 def test_parked_connections_expire() -> None:
