@@ -140,13 +140,27 @@ async def test_vendor_down() -> None:
         await service.stopService()
 
 
+@pytest.mark.parametrize(
+    ("mode", "status", "limits"),
+    [
+        # Silent after the request: idle_timeout answers 504, long before curl gives up.
+        ("blackhole", b"504", {"idle_timeout": "1s", "head_timeout": "1s"}),
+        # Answers something that is not HTTP.
+        ("garbage", b"502", {}),
+    ],
+)
 @pytest_twisted.ensureDeferred
-async def test_vendor_black_hole() -> None:
-    vendor = Vendor("blackhole")
-    service, port = proxymap_to(vendor.number, idle_timeout="1s", head_timeout="1s")
+async def test_vendor_answers_wrongly(mode: str, status: bytes, limits: dict[str, str]) -> None:
+    """
+    A vendor that says nothing, or not HTTP: the client gets a gateway
+    error, proxymap closes its side of the vendor's connection, and the port
+    keeps serving.
+    """
+    vendor = Vendor(mode)
+    service, port = proxymap_to(vendor.number, **limits)
     try:
         _code, out, _ = await curl("-i", "-x", f"http://127.0.0.1:{port}", "http://e.com/")
-        assert out.startswith(b"HTTP/1.1 504")
+        assert out.startswith(b"HTTP/1.1 " + status)
         await eventually(lambda: not vendor.live, "the vendor side closed")
         await still_serves(service, port)
     finally:
@@ -185,20 +199,6 @@ async def test_vendor_that_never_accepts() -> None:
     finally:
         filler.close()
         full.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_vendor_garbage() -> None:
-    vendor = Vendor("garbage")
-    service, port = proxymap_to(vendor.number)
-    try:
-        _code, out, _ = await curl("-i", "-x", f"http://127.0.0.1:{port}", "http://e.com/")
-        assert out.startswith(b"HTTP/1.1 502")
-        await eventually(lambda: not vendor.live, "the vendor side closed")
-        await still_serves(service, port)
-    finally:
-        await service.stopService()
-        await vendor.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred

@@ -75,6 +75,15 @@ async def _wait_listening(port: int) -> None:
     pytest.fail(f"proxymap did not listen on {port}")
 
 
+async def _uploads_whole(proxy: str, upload: Path, url: str) -> None:
+    """
+    curl uploads ``upload`` through ``proxy`` and the origin counts every byte.
+    """
+    code, out, err = await curl("-x", proxy, "-H", "Expect:", "-T", str(upload), url, timeout=120)
+    assert code == 0, err
+    assert json.loads(out) == {"received": SIZE}
+
+
 class StallingReader(Protocol):
     """
     Downloads through the proxy but stops reading for a while after the
@@ -129,36 +138,14 @@ async def test_large_download_and_upload_in_bounded_memory(
     upload = tmp_path / "upload.bin"
     with upload.open("wb") as f:
         f.truncate(SIZE)  # sparse: costs no disk
-    code, out, err = await curl(
-        "-x",
-        proxy,
-        "-H",
-        "Expect:",
-        "-T",
-        str(upload),
-        f"http://127.0.0.1:{origin.port}/count",
-        timeout=120,
-    )
-    assert code == 0, err
-    assert json.loads(out) == {"received": SIZE}
+    await _uploads_whole(proxy, upload, f"http://127.0.0.1:{origin.port}/count")
 
     # The same with a stalled reader on each side: without backpressure the
     # proxy would have to hold what the fast side keeps sending.
     reader = StallingReader(b"http://127.0.0.1:%d/bytes/%d" % (origin.port, SIZE), 1.5)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), reader)
     assert await reader.done > SIZE
-    code, out, err = await curl(
-        "-x",
-        proxy,
-        "-H",
-        "Expect:",
-        "-T",
-        str(upload),
-        f"http://127.0.0.1:{origin.port}/count?pause=1.5",
-        timeout=120,
-    )
-    assert code == 0, err
-    assert json.loads(out) == {"received": SIZE}
+    await _uploads_whole(proxy, upload, f"http://127.0.0.1:{origin.port}/count?pause=1.5")
 
     peak = _status(proc.pid, "VmHWM")
     assert peak - baseline < ALLOWED_GROWTH, (baseline, peak)
