@@ -16,13 +16,18 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import tomllib
+import sys
 from collections.abc import Mapping
 from collections.abc import Mapping as MappingABC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # PyPy 3.9 (Debian 12's pypy3): the same parser, from PyPI
+    import tomli as tomllib
 
 from proxymap.credentials import KNOWN_FIELDS, Template, TemplateError
 
@@ -295,7 +300,7 @@ def parse_duration(value: object, key: str) -> float:
     """
     if isinstance(value, bool):
         raise ConfigError(key, 'expected a duration such as "10m" or "90s"')
-    if isinstance(value, int | float):
+    if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip().lower()
@@ -500,7 +505,7 @@ def _string_table(table: _Table, field: str, defaults: dict[str, str]) -> dict[s
         value = raw.pop(name)
         if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
             raise ConfigError(raw.name(name), "names are lowercase letters, digits and _")
-        if isinstance(value, bool) or not isinstance(value, str | int):
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise ConfigError(raw.name(name), "expected a string")
         values[name] = str(value)
     return values

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Mapping
+from typing import Union
 
 import attrs
 
@@ -62,7 +63,9 @@ class Field:
         return value
 
 
-Part = str | Field | tuple["str | Field", ...]
+# Union rather than ``|``: an alias is evaluated at import, and PyPy 3.9 has no ``|``
+# between classes.
+Part = Union[str, Field, tuple[Union[str, Field], ...]]
 
 
 @attrs.frozen

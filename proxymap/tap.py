@@ -489,7 +489,7 @@ class ProxymapService(MultiService):
             raise SystemExit(f"proxymap: cannot listen on {address}: {e.socketError}") from None
 
     def listeners(self) -> list[_Listener | _TCPListener]:
-        return [s for s in self if isinstance(s, _Listener | _TCPListener)]
+        return [s for s in self if isinstance(s, (_Listener, _TCPListener))]
 
 
 class _Banner(Service):

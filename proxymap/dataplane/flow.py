@@ -11,6 +11,7 @@ transport only when the set becomes empty or non-empty.
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 from twisted.internet import tcp
@@ -172,7 +173,7 @@ def send(transport: Any, data: bytes, last: bool = False) -> None:
     if _nothing_queued(transport):
         skt = transport.socket
         try:
-            sent = skt.send(data, socket.MSG_MORE if last else 0)
+            sent = skt.send(data, _MSG_MORE if last else 0)
         except OSError:
             # Would block, or an error: doWrite meets it again and reports it.
             sent = 0
@@ -197,6 +198,10 @@ def send(transport: Any, data: bytes, last: bool = False) -> None:
 INTERACTIVE_GAP = 0.03
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+#: PyPy's socket module lacks ``MSG_MORE``; Linux's value is fixed (0x8000),
+#: and on a system without the flag :func:`send` asks for nothing more.
+_MSG_MORE = getattr(socket, "MSG_MORE", 0x8000 if sys.platform == "linux" else 0)
 
 
 def interactive(transport: Any) -> None:

@@ -818,7 +818,16 @@ class ProxyServer(flow.Throttled):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 
-class ProxyFactory(ServerFactory[ProxyServer]):
+# Twisted's factories are generic from 26.4 on; PyPy 3.9 gets Twisted 25.5 at
+# most (26.4's TLS extra needs a cryptography with no PyPy 3.9 wheel), where
+# subscripting ServerFactory raises at import.
+if TYPE_CHECKING:
+    _Factory = ServerFactory[ProxyServer]
+else:
+    _Factory = ServerFactory
+
+
+class ProxyFactory(_Factory):
     """
     Base of the factories that own a listening port's proxy behaviour.
     """

@@ -91,7 +91,7 @@ class SandboxVendor:
             raise HTTPError(
                 407, "the username must be <user>-session-<id>[-key-value...]", _CHALLENGE
             )
-        params = dict(zip(tokens[::2], tokens[1::2], strict=True))
+        params = dict(zip(tokens[::2], tokens[1::2]))  # even: checked above
         session = params.pop("session", "")
         if not session or not all(c.isalnum() or c == "_" for c in session):
             raise HTTPError(407, "the username has no valid session-<id>", _CHALLENGE)

@@ -175,12 +175,8 @@ async def test_vendor_that_never_accepts() -> None:
     at connect_timeout the HTTP client gets a 504 and the SOCKS client a
     refusal, long before curl's own limit, and nothing is left connecting.
     """
-    full = socket.socket()
-    filler = socket.socket()
+    full, fillers = _full_listener()
     try:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        filler.connect(full.getsockname())  # the one place in its queue
         service, port = proxymap_to(full.getsockname()[1], {"connect_timeout": "1s"})
         try:
             code, out, err = await curl(
@@ -197,8 +193,30 @@ async def test_vendor_that_never_accepts() -> None:
         finally:
             await service.stopService()
     finally:
-        filler.close()
+        for filler in fillers:
+            filler.close()
         full.close()
+
+
+def _full_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """
+    A listening socket whose accept queue is full, and the connections that
+    fill it.  ``listen(0)`` leaves one place on CPython and two on PyPy (its
+    socket module asks for at least 1), so fill until a connect hangs.
+    """
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers: list[socket.socket] = []
+    for _ in range(8):
+        filler = socket.socket()
+        fillers.append(filler)
+        filler.settimeout(0.3)
+        try:
+            filler.connect(full.getsockname())
+        except OSError:  # timed out: the queue is full
+            return full, fillers
+    raise AssertionError("the accept queue never filled")
 
 
 @pytest_twisted.ensureDeferred
