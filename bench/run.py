@@ -6,10 +6,16 @@ and the parent itself, in one run.
     python bench/run.py                 # everything (about 15 minutes)
     python bench/run.py --quick         # a smoke run: every phase, tiny sizes
 
-It installs what it needs (apt: wrk, tinyproxy, squid, gcc, nodejs; pip:
-pproxy 2.7.9 in its own venv; npm: proxy-chain 2.7.1; both under bench/.cache;
-loadgen.c built with gcc), starts every server on 127.0.0.1 and stops every
-process it started.
+It installs what it needs (apt: wrk, tinyproxy, squid, gcc, nodejs, and
+pypy3 for the -pypy subjects; pip: pproxy 2.7.9 in its own venv, and this
+tree with its dependencies in a PyPy venv; npm: proxy-chain 2.7.1; all under
+bench/.cache; loadgen.c built with gcc), starts every server on 127.0.0.1 and
+stops every process it started.
+
+proxymap-pypy and reference-pypy are proxymap and the reference on Debian's
+pypy3.  A JIT serves from compiled code only after it has seen a path, so
+each of their rounds starts with a second of every load, unmeasured (see
+warm()); a long-running proxy spends its life past that point.
 
 Method:
 - the subject under test runs alone on core 0; the terminal fake parent
@@ -67,6 +73,7 @@ PEERS = ("pproxy", "tinyproxy", "squid", "proxy-chain")
 SQUID = "/usr/sbin/squid"
 TINYPROXY = "/usr/bin/tinyproxy"
 PPROXY = CACHE / "pproxy" / "bin" / "pproxy"
+PYPY = CACHE / "pypy" / "bin" / "python"
 LOADGEN = CACHE / "loadgen"
 NODE_MODULES = CACHE / "node" / "node_modules"
 
@@ -91,6 +98,9 @@ def install(subjects: list[str]) -> None:
         need.append("squid")
     if "proxy-chain" in subjects and shutil.which("node") is None:
         need.append("nodejs")
+    pypy = any(s.endswith("-pypy") for s in subjects)
+    if pypy and shutil.which("pypy3") is None:
+        need += ["pypy3", "pypy3-venv"]
     if need:
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -116,6 +126,13 @@ def install(subjects: list[str]) -> None:
         )
         if probe.returncode == 0:
             raise SystemExit("uvloop is in bench/.cache/pproxy: pproxy 2.7.9 crashes with it")
+    if pypy and not PYPY.exists():
+        venv = CACHE / "pypy"
+        subprocess.run(["pypy3", "-m", "venv", str(venv)], check=True)
+        # Editable: the venv measures this tree as it is now.  cryptography
+        # >= 44 has no PyPy 3.9 wheel (README, "Running on PyPy").
+        pip = [str(PYPY), "-m", "pip", "install", "--quiet", "--only-binary=cryptography"]
+        subprocess.run([*pip, "-e", str(HERE.parent)], check=True)
     if "proxy-chain" in subjects and not (NODE_MODULES / "proxy-chain").exists():
         if shutil.which("npm") is None:  # Debian's nodejs comes without it
             sudo = [] if os.geteuid() == 0 else ["sudo"]
@@ -232,10 +249,15 @@ class Rig:
             cwd=self.work,
         )
 
-    def _start_reference(self, first: int, nports: int) -> Running:
-        argv = [sys.executable, str(HERE / "reference.py"), str(first), str(nports)]
+    def _start_reference(
+        self, first: int, nports: int, name: str = "reference", python: str = sys.executable
+    ) -> Running:
+        argv = [python, str(HERE / "reference.py"), str(first), str(nports)]
         argv += [str(self.parent_port), USER, PASSWORD]
-        return Running("reference", first, self._popen(argv))
+        return Running(name, first, self._popen(argv))
+
+    def _start_reference_pypy(self, first: int, nports: int) -> Running:
+        return self._start_reference(first, nports, "reference-pypy", str(PYPY))
 
     def _start_proxymap(
         self,
@@ -244,6 +266,7 @@ class Rig:
         name: str = "proxymap",
         twist: tuple[str, ...] = (),
         limits: str = "",
+        python: str = sys.executable,
     ) -> Running:
         (admin,) = free_ports(1)
         config = self.work / f"proxymap-{first}.toml"
@@ -257,13 +280,16 @@ class Rig:
             f'upstream = "http://127.0.0.1:{self.parent_port}"\n'
             f'user = "{USER}"\npass = "{PASSWORD}"\nlifetime = "1h"\n'
         )
-        argv = [sys.executable, "-m", "twisted", *twist, "proxymap", "--config", str(config)]
+        argv = [python, "-m", "twisted", *twist, "proxymap", "--config", str(config)]
         return Running(name, first, self._popen(argv), admin=admin)
 
     def _start_proxymap_stock(self, first: int, nports: int) -> Running:
         # proxymap on Twisted's stock epoll reactor instead of its own: what
         # proxymap/dataplane/reactor.py is worth, measured in the same run.
         return self._start_proxymap(first, nports, "proxymap-stock", ("--reactor=epoll",))
+
+    def _start_proxymap_pypy(self, first: int, nports: int) -> Running:
+        return self._start_proxymap(first, nports, "proxymap-pypy", python=str(PYPY))
 
     def _start_proxymap_unkept(self, first: int, nports: int) -> Running:
         # proxymap keeping no upstream connection across client connections
@@ -438,6 +464,23 @@ class Results:
         return statistics.median(values) if values else None
 
 
+def warm(running: Running, work: Path, spread: int = 1) -> None:
+    """
+    For a subject on a JIT (its name ends in -pypy): a second of each load,
+    unmeasured, so that what is measured runs compiled; then, with
+    ``spread``, a second over that many ports.  Nothing for the others.
+    """
+    if not running.name.endswith("-pypy"):
+        return
+    wrk(running, work, 1, 32, False)
+    wrk(running, work, 1, 32, True)
+    loadgen(running, "http", 1, "-c", "32", "-x")
+    loadgen(running, "connect", 1, "-c", "32")
+    loadgen(running, "bulk", 1, "-c", "4")
+    if spread > 1:
+        loadgen(running, "http", 1, "-c", "32", "-n", str(spread))
+
+
 def measured(running: Running, run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], float]:
     """
     Run one load, and the share of a core the subject used meanwhile.
@@ -460,6 +503,7 @@ def throughput(rig: Rig, results: Results, subjects: list[str], args: argparse.N
         for name in subjects:
             running = rig.start(name)
             try:
+                warm(running, rig.work)
                 loads: list[tuple[str, Callable[[], dict[str, Any]]]] = [
                     ("keep-alive req/s c32", partial(wrk, running, rig.work, seconds, 32, False)),
                     (
@@ -546,6 +590,8 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
         twin: Running | None = None
         try:
             twin = rig.start(name)
+            warm(running, rig.work)
+            warm(twin, rig.work)
             before, twin_before = probe_p99(running, twin, args)
             assert running.pid is not None
             base = rss_bytes(running.pid)
@@ -595,6 +641,7 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
     # Subjects that can listen on a range: proxymap's variants too, so that
     # the spread is seen with and without kept upstream connections.
     ranged = ("reference", "proxymap", "proxymap-stock", "proxymap-unkept")
+    ranged += ("proxymap-pypy", "reference-pypy")
     for name in [s for s in subjects if s in ranged]:
         started: dict[int, tuple[float, int]] = {}
         for nports in (1, many + 1):
@@ -621,6 +668,7 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
                 per_port = (started[nports][1] - started[1][1]) / many
                 results.add(name, "bytes per listening port", per_port)
                 seconds = args.seconds
+                warm(running, rig.work, many)
                 rig.counts()  # start the stickiness count afresh
                 for _ in range(args.reps):
                     for spread in (1, many):
@@ -702,15 +750,17 @@ TARGETS = {
 
 def table(results: Results, subjects: list[str], args: argparse.Namespace) -> str:
     metrics = list(dict.fromkeys(metric for _, metric in results.samples))
-    others = [s for s in subjects if s != "proxymap"]
-    head = ["metric", *subjects, *(f"proxymap / {s}" for s in others), "target"]
+    pairs = [("proxymap", s) for s in subjects if s != "proxymap"]
+    if {"proxymap-pypy", "reference-pypy"} <= set(subjects):
+        # What proxymap's own code costs on PyPy, as the first pairs show on CPython.
+        pairs.append(("proxymap-pypy", "reference-pypy"))
+    head = ["metric", *subjects, *(f"{a} / {b}" for a, b in pairs), "target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for metric in metrics:
         values = {s: results.median(s, metric) for s in subjects}
         cells = [metric, *(_fmt(metric, values[s]) for s in subjects)]
-        ours = values.get("proxymap")
-        for s in others:
-            theirs = values[s]
+        for a, b in pairs:
+            ours, theirs = values[a], values[b]
             cells.append(f"{ours / theirs:.2f}" if ours and theirs else "")
         cells.append(TARGETS.get(metric, ""))
         lines.append("| " + " | ".join(cells) + " |")
@@ -796,6 +846,7 @@ def main() -> None:
     args = parser.parse_args()
     subjects = args.subjects.split(",")
     known = {"reference", "proxymap", "proxymap-stock", "proxymap-unkept", "direct", *PEERS}
+    known |= {"proxymap-pypy", "reference-pypy"}
     if not set(subjects) <= known or "proxymap" not in subjects:
         parser.error(f"--subjects: proxymap and any of {sorted(known)}")
     args.tunnels = (1000, 5000)
