@@ -81,7 +81,7 @@ NODE_MODULES = CACHE / "node" / "node_modules"
 # -- installing ----------------------------------------------------------------
 
 
-def install(subjects: list[str]) -> None:
+def install(subjects: list[str], parent: str = "cpython") -> None:
     """
     Everything the chosen subjects need, installed only when missing.
     """
@@ -98,7 +98,7 @@ def install(subjects: list[str]) -> None:
         need.append("squid")
     if "proxy-chain" in subjects and shutil.which("node") is None:
         need.append("nodejs")
-    pypy = any(s.endswith("-pypy") for s in subjects)
+    pypy = parent == "pypy" or any(s.endswith("-pypy") for s in subjects)
     if pypy and shutil.which("pypy3") is None:
         need += ["pypy3", "pypy3-venv"]
     if need:
@@ -187,6 +187,34 @@ class Running:
             action()
 
 
+class CpuCap:
+    """
+    A cgroup (v1's cpu controller) holding each subject to ``share`` of its
+    core, in 10 ms periods (``--subject-cpu``).  A spread ratio means
+    something only while the subject is the limit; a subject faster than
+    the load core can drive (proxymap-pypy on one request per connection)
+    is the limit again when capped, and its rate is then its CPU cost per
+    request, as an uncapped subject's is.
+    """
+
+    ROOT = Path("/sys/fs/cgroup/cpu")
+
+    def __init__(self, share: float) -> None:
+        if not (self.ROOT / "cpu.cfs_quota_us").exists():
+            raise SystemExit(f"--subject-cpu: no cgroup v1 cpu controller at {self.ROOT}")
+        self.share = share
+        self.path = self.ROOT / f"proxymap-bench-{os.getpid()}"
+        self.path.mkdir()
+        (self.path / "cpu.cfs_period_us").write_text("10000")
+        (self.path / "cpu.cfs_quota_us").write_text(str(round(share * 10000)))
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        self.path.rmdir()  # every subject has stopped, so it is empty
+
+
 def _token(username: str) -> str:
     return base64.b64encode(f"{username}:{PASSWORD}".encode()).decode()
 
@@ -196,13 +224,14 @@ class Rig:
     The parent, and how to start each subject on fresh ports.
     """
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, python: str = sys.executable, cap: CpuCap | None = None) -> None:
         self.work = work
+        self.cap = cap
         (self.parent_port,) = free_ports(1)
         self.parent = subprocess.Popen(
             pinned(
                 LOAD_CORE,
-                [sys.executable, str(HERE / "parent.py"), str(self.parent_port), USER, PASSWORD],
+                [python, str(HERE / "parent.py"), str(self.parent_port), USER, PASSWORD],
             ),
             stdout=subprocess.PIPE,
         )
@@ -210,6 +239,8 @@ class Rig:
 
     def close(self) -> None:
         stop_all([self.parent])
+        if self.cap is not None:
+            self.cap.close()
 
     def counts(self) -> dict[str, int]:
         """
@@ -241,13 +272,17 @@ class Rig:
             raise
         return running
 
-    def _popen(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
+    def _popen(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
             pinned(SUBJECT_CORE, argv),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=self.work,
+            env=env,
         )
+        if self.cap is not None:
+            self.cap.add(proc.pid)  # taskset execs the subject: the same pid
+        return proc
 
     def _start_reference(
         self, first: int, nports: int, name: str = "reference", python: str = sys.executable
@@ -307,12 +342,8 @@ class Rig:
     def _start_proxy_chain(self, first: int, nports: int) -> Running:
         assert nports == 1
         upstream = f"http://{USER}-session-proxychain:{PASSWORD}@127.0.0.1:{self.parent_port}"
-        proc = subprocess.Popen(
-            pinned(SUBJECT_CORE, ["node", str(HERE / "proxy_chain.js"), str(first), upstream]),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=dict(os.environ, NODE_PATH=str(NODE_MODULES)),
-        )
+        argv = ["node", str(HERE / "proxy_chain.js"), str(first), upstream]
+        proc = self._popen(argv, env=dict(os.environ, NODE_PATH=str(NODE_MODULES)))
         return Running("proxy-chain", first, proc)
 
     def _start_tinyproxy(self, first: int, nports: int) -> Running:
@@ -640,8 +671,8 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
     many = args.ports
     # Subjects that can listen on a range: proxymap's variants too, so that
     # the spread is seen with and without kept upstream connections.
-    ranged = ("reference", "proxymap", "proxymap-stock", "proxymap-unkept")
-    ranged += ("proxymap-pypy", "reference-pypy")
+    ranged = {"reference", "proxymap", "proxymap-stock", "proxymap-unkept"}
+    ranged |= {"proxymap-pypy", "reference-pypy"}
     for name in [s for s in subjects if s in ranged]:
         started: dict[int, tuple[float, int]] = {}
         for nports in (1, many + 1):
@@ -800,6 +831,10 @@ def table(results: Results, subjects: list[str], args: argparse.Namespace) -> st
         f"probe: one fresh process per subject, probe p99s the median of "
         f"{probe_rounds(args)} probes; subject on core 0, parent and load on core 1."
     )
+    if args.subject_cpu < 1:
+        lines.append(f"\nEvery subject held to {args.subject_cpu:.0%} of core 0 (--subject-cpu).")
+    if args.parent != "cpython":
+        lines.append(f"\nThe parent ran on {args.parent} (--parent).")
     return "\n".join(lines) + "\n"
 
 
@@ -842,6 +877,20 @@ def main() -> None:
         default="throughput,ports,memory",
         help="comma-separated phases to run",
     )
+    parser.add_argument(
+        # The parent shares core 1 with the load: on PyPy it leaves the load
+        # more of it, for a subject fast enough to need that (proxymap-pypy).
+        "--parent",
+        choices=("cpython", "pypy"),
+        default="cpython",
+        help="the interpreter the fake parent runs on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--subject-cpu",
+        type=float,
+        default=1.0,
+        help="hold each subject to this share of its core (cgroup; see CpuCap)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     subjects = args.subjects.split(",")
@@ -849,11 +898,13 @@ def main() -> None:
     known |= {"proxymap-pypy", "reference-pypy"}
     if not set(subjects) <= known or "proxymap" not in subjects:
         parser.error(f"--subjects: proxymap and any of {sorted(known)}")
+    if not 0 < args.subject_cpu <= 1:
+        parser.error("--subject-cpu: a share of one core, above 0 and at most 1")
     args.tunnels = (1000, 5000)
     args.ports = 1000
     if args.quick:
         args.seconds, args.reps, args.tunnels, args.ports = 1, 1, (50, 200), 50
-    install(subjects)
+    install(subjects, args.parent)
     # The harness itself (waiting for listeners, reading results) stays off
     # the subject's core too.
     os.sched_setaffinity(0, {int(LOAD_CORE)})
@@ -861,7 +912,13 @@ def main() -> None:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     results = Results(args.out / f"run-{stamp}.jsonl")
     work = Path(tempfile.mkdtemp(prefix="proxymap-bench-"))
-    rig = Rig(work)
+    cap = CpuCap(args.subject_cpu) if args.subject_cpu < 1 else None
+    try:
+        rig = Rig(work, str(PYPY) if args.parent == "pypy" else sys.executable, cap)
+    except BaseException:
+        if cap is not None:
+            cap.close()
+        raise
     try:
         phases = {"throughput": throughput, "memory": memory, "ports": ports}
         for phase in args.phases.split(","):
