@@ -74,6 +74,7 @@ SQUID = "/usr/sbin/squid"
 TINYPROXY = "/usr/bin/tinyproxy"
 PPROXY = CACHE / "pproxy" / "bin" / "pproxy"
 PYPY = CACHE / "pypy" / "bin" / "python"
+PYPY_SUBJECTS = ("proxymap-pypy", "reference-pypy")
 LOADGEN = CACHE / "loadgen"
 NODE_MODULES = CACHE / "node" / "node_modules"
 
@@ -202,7 +203,6 @@ class CpuCap:
     def __init__(self, share: float) -> None:
         if not (self.ROOT / "cpu.cfs_quota_us").exists():
             raise SystemExit(f"--subject-cpu: no cgroup v1 cpu controller at {self.ROOT}")
-        self.share = share
         self.path = self.ROOT / f"proxymap-bench-{os.getpid()}"
         self.path.mkdir()
         (self.path / "cpu.cfs_period_us").write_text("10000")
@@ -671,8 +671,7 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
     many = args.ports
     # Subjects that can listen on a range: proxymap's variants too, so that
     # the spread is seen with and without kept upstream connections.
-    ranged = {"reference", "proxymap", "proxymap-stock", "proxymap-unkept"}
-    ranged |= {"proxymap-pypy", "reference-pypy"}
+    ranged = {"reference", "proxymap", "proxymap-stock", "proxymap-unkept", *PYPY_SUBJECTS}
     for name in [s for s in subjects if s in ranged]:
         started: dict[int, tuple[float, int]] = {}
         for nports in (1, many + 1):
@@ -782,7 +781,7 @@ TARGETS = {
 def table(results: Results, subjects: list[str], args: argparse.Namespace) -> str:
     metrics = list(dict.fromkeys(metric for _, metric in results.samples))
     pairs = [("proxymap", s) for s in subjects if s != "proxymap"]
-    if {"proxymap-pypy", "reference-pypy"} <= set(subjects):
+    if set(PYPY_SUBJECTS) <= set(subjects):
         # What proxymap's own code costs on PyPy, as the first pairs show on CPython.
         pairs.append(("proxymap-pypy", "reference-pypy"))
     head = ["metric", *subjects, *(f"{a} / {b}" for a, b in pairs), "target"]
@@ -878,8 +877,8 @@ def main() -> None:
         help="comma-separated phases to run",
     )
     parser.add_argument(
-        # The parent shares core 1 with the load: on PyPy it leaves the load
-        # more of it, for a subject fast enough to need that (proxymap-pypy).
+        # The parent shares core 1 with the load: is its share what limits a
+        # fast subject?  (Run AI: no, loadgen's and the kernel's is.)
         "--parent",
         choices=("cpython", "pypy"),
         default="cpython",
@@ -895,7 +894,7 @@ def main() -> None:
     args = parser.parse_args()
     subjects = args.subjects.split(",")
     known = {"reference", "proxymap", "proxymap-stock", "proxymap-unkept", "direct", *PEERS}
-    known |= {"proxymap-pypy", "reference-pypy"}
+    known |= set(PYPY_SUBJECTS)
     if not set(subjects) <= known or "proxymap" not in subjects:
         parser.error(f"--subjects: proxymap and any of {sorted(known)}")
     if not 0 < args.subject_cpu <= 1:

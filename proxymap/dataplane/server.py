@@ -818,9 +818,9 @@ class ProxyServer(flow.Throttled):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 
-# Twisted's factories are generic from 26.4 on; PyPy 3.9 gets Twisted 25.5 at
-# most (26.4's TLS extra needs a cryptography with no PyPy 3.9 wheel), where
-# subscripting ServerFactory raises at import.
+# Twisted's factories are generic from 26.4 on; below that (setup.cfg admits
+# 23.10, and PyPy 3.9 gets 25.5 at most: 26.4's TLS extra needs a
+# cryptography with no PyPy 3.9 wheel) subscripting ServerFactory raises.
 if TYPE_CHECKING:
     _Factory = ServerFactory[ProxyServer]
 else:
