@@ -201,8 +201,8 @@ async def test_vendor_that_never_accepts() -> None:
 def _full_listener() -> tuple[socket.socket, list[socket.socket]]:
     """
     A listening socket whose accept queue is full, and the connections that
-    fill it.  ``listen(0)`` leaves one place on CPython and two on PyPy (its
-    socket module asks for at least 1), so fill until a connect hangs.
+    fill it.  ``listen(0)`` leaves one place on CPython and two on PyPy
+    (seen here, not looked into), so fill until a connect hangs.
     """
     full = socket.socket()
     full.bind(("127.0.0.1", 0))
@@ -216,6 +216,8 @@ def _full_listener() -> tuple[socket.socket, list[socket.socket]]:
             filler.connect(full.getsockname())
         except OSError:  # timed out: the queue is full
             return full, fillers
+    for skt in [full, *fillers]:
+        skt.close()
     raise AssertionError("the accept queue never filled")
 
 
