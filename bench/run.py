@@ -99,7 +99,7 @@ def install(subjects: list[str], parent: str = "cpython") -> None:
         need.append("squid")
     if "proxy-chain" in subjects and shutil.which("node") is None:
         need.append("nodejs")
-    pypy = parent == "pypy" or any(s.endswith("-pypy") for s in subjects)
+    pypy = parent == "pypy" or any(s in PYPY_SUBJECTS for s in subjects)
     if pypy and shutil.which("pypy3") is None:
         need += ["pypy3", "pypy3-venv"]
     if need:
@@ -497,11 +497,11 @@ class Results:
 
 def warm(running: Running, work: Path, spread: int = 1) -> None:
     """
-    For a subject on a JIT (its name ends in -pypy): a second of each load,
+    For a subject on a JIT (one of PYPY_SUBJECTS): a second of each load,
     unmeasured, so that what is measured runs compiled; then, with
     ``spread``, a second over that many ports.  Nothing for the others.
     """
-    if not running.name.endswith("-pypy"):
+    if running.name not in PYPY_SUBJECTS:
         return
     wrk(running, work, 1, 32, False)
     wrk(running, work, 1, 32, True)
