@@ -26,7 +26,9 @@ Method:
 - loadgen ramps its connections and spreads client source addresses over
   127.0.0.2-9 (squid gets one source: it slows down with many);
 - memory is the slope of RSS between 1,000 and 5,000 idle tunnels on a fresh
-  process; the probe latency (loadgen's c1 probe, see probe_p99()) is
+  process (on PyPy also of the live heap, which RSS does not follow there:
+  bench/collected.py); bytes per listening port is read from 1 to 1001
+  ports and from 1001 to 2001 (see ports()); the probe latency (loadgen's c1 probe, see probe_p99()) is
   measured again with as many idle tunnels as the fd limit allows:
   min(10,000, (limit - ports - 64) / 2), and a twin of the subject that
   holds no tunnel is probed in turn as a control (see memory()).
@@ -48,6 +50,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -164,6 +167,25 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def live_heap(running: Running, work: Path, timeout: float = 30) -> int:
+    """
+    What a subject on PyPy keeps: its collector's heap after a full
+    collection, asked of bench/collected.py, which runs every one of
+    PYPY_SUBJECTS (RSS does not tell it on PyPy; see there).
+    """
+    assert running.name in PYPY_SUBJECTS and running.pid is not None
+    path = work / f"{running.pid}.json"
+    path.unlink(missing_ok=True)
+    os.kill(running.pid, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{running.name} did not report its heap in {timeout} s")
+        time.sleep(0.05)
+    heap: int = json.loads(path.read_text())["heap"]
+    return heap
+
+
 @dataclass
 class Running:
     """
@@ -227,6 +249,8 @@ class Rig:
     def __init__(self, work: Path, python: str = sys.executable, cap: CpuCap | None = None) -> None:
         self.work = work
         self.cap = cap
+        # Where subjects run by bench/collected.py report their heap (live_heap).
+        os.environ["BENCH_HEAP_DIR"] = str(work)
         (self.parent_port,) = free_ports(1)
         self.parent = subprocess.Popen(
             pinned(
@@ -287,9 +311,18 @@ class Rig:
     def _start_reference(
         self, first: int, nports: int, name: str = "reference", python: str = sys.executable
     ) -> Running:
-        argv = [python, str(HERE / "reference.py"), str(first), str(nports)]
+        argv = [*self._python(name, python), str(HERE / "reference.py"), str(first), str(nports)]
         argv += [str(self.parent_port), USER, PASSWORD]
         return Running(name, first, self._popen(argv))
+
+    def _python(self, name: str, python: str) -> list[str]:
+        """
+        How to start ``python`` for subject ``name``: through
+        bench/collected.py on PyPy, so that live_heap() can ask it.
+        """
+        if name not in PYPY_SUBJECTS:
+            return [python]
+        return [python, str(HERE / "collected.py")]
 
     def _start_reference_pypy(self, first: int, nports: int) -> Running:
         return self._start_reference(first, nports, "reference-pypy", str(PYPY))
@@ -315,7 +348,8 @@ class Rig:
             f'upstream = "http://127.0.0.1:{self.parent_port}"\n'
             f'user = "{USER}"\npass = "{PASSWORD}"\nlifetime = "1h"\n'
         )
-        argv = [python, "-m", "twisted", *twist, "proxymap", "--config", str(config)]
+        argv = [*self._python(name, python), "-m", "twisted", *twist, "proxymap"]
+        argv += ["--config", str(config)]
         return Running(name, first, self._popen(argv), admin=admin)
 
     def _start_proxymap_stock(self, first: int, nports: int) -> Running:
@@ -610,6 +644,11 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
     0.81-1.10x, and dividing by it only adds the noise of two more p99s.  So
     the target is on the subject's own ratio; the ratio over the twin's is
     still reported.
+
+    On PyPy the RSS slope follows the collector, not the tunnels (see
+    bench/collected.py), so PyPy subjects also report the slope of their
+    live heap, each end read after a full collection, which also sets where
+    the collector's next full collection falls; RSS is read first.
     """
     low, high = args.tunnels
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -626,12 +665,15 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
             before, twin_before = probe_p99(running, twin, args)
             assert running.pid is not None
             base = rss_bytes(running.pid)
+            pypy = name in PYPY_SUBJECTS
             with held_tunnels(running, low, 120) as got_low:
                 time.sleep(1)
                 rss_low = rss_bytes(running.pid)
+                heap_low = live_heap(running, rig.work) if pypy else 0
                 with held_tunnels(running, high - low, 120) as got_high:
                     time.sleep(1)
                     rss_high = rss_bytes(running.pid)
+                    heap_high = live_heap(running, rig.work) if pypy else 0
                     with held_tunnels(running, most - high, 120) as got_most:
                         held = got_low + got_high + got_most
                         time.sleep(1)
@@ -639,6 +681,9 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
             if got_low == low and got_high == high - low:
                 slope = (rss_high - rss_low) / (high - low)
                 results.add(name, "bytes per idle tunnel", slope)
+                if pypy:
+                    heap_slope = (heap_high - heap_low) / (high - low)
+                    results.add(name, "bytes per idle tunnel, live heap", heap_slope)
             else:
                 print(f"warning: {name} held only {got_low + got_high} of {high}", flush=True)
             results.add(name, "idle RSS bytes", base)
@@ -667,6 +712,14 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
     """
     Bytes per listening port, start-up time of many ports, traffic spread
     over many ports against one port, and the stickiness check.
+
+    Bytes per listening port is read two ways.  From 1 port to many + 1,
+    as it always was, it counts what a process spends once to start many
+    ports as well: on PyPy that is the JIT compiling the start-up loop, a
+    few MiB that a 1-port process never spends.  From many + 1 to 2 many +
+    1 ports both processes have spent it, and only what a port keeps is
+    left.  PyPy subjects also report their live heap (live_heap) from 1 to
+    many + 1 ports.
     """
     many = args.ports
     # Subjects that can listen on a range: proxymap's variants too, so that
@@ -674,6 +727,7 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
     ranged = {"reference", "proxymap", "proxymap-stock", "proxymap-unkept", *PYPY_SUBJECTS}
     for name in [s for s in subjects if s in ranged]:
         started: dict[int, tuple[float, int]] = {}
+        heaps: dict[int, int] = {}
         for nports in (1, many + 1):
             # Start-up time is the median of three starts (one in --quick):
             # a single start moves by a third between tries here.
@@ -691,12 +745,17 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
                 time.sleep(0.5)
                 assert running.pid is not None
                 started[nports] = (up, rss_bytes(running.pid))
+                if name in PYPY_SUBJECTS:
+                    heaps[nports] = live_heap(running, rig.work)
                 if nports == 1:
                     results.add(name, "1 port up s (process start to listening)", up)
                     continue
                 results.add(name, f"{many} ports up s (process start to all listening)", up)
                 per_port = (started[nports][1] - started[1][1]) / many
                 results.add(name, "bytes per listening port", per_port)
+                if heaps:
+                    per_port = (heaps[nports] - heaps[1]) / many
+                    results.add(name, "bytes per listening port, live heap", per_port)
                 seconds = args.seconds
                 warm(running, rig.work, many)
                 rig.counts()  # start the stickiness count afresh
@@ -730,6 +789,14 @@ def ports(rig: Rig, results: Results, subjects: list[str], args: argparse.Namesp
                     check_stickiness(rig, running, many)
             finally:
                 running.stop()
+        running = rig.start(name, 2 * many + 1)
+        try:
+            time.sleep(0.5)
+            assert running.pid is not None
+            per_port = (rss_bytes(running.pid) - started[many + 1][1]) / many
+            results.add(name, f"bytes per listening port, {many + 1} to {2 * many + 1}", per_port)
+        finally:
+            running.stop()
 
 
 def check_stickiness(rig: Rig, running: Running, used: int) -> None:
@@ -771,7 +838,10 @@ TARGETS = {
     "tunnel bulk bytes/s": "≥ 0.85x reference",
     "c1 latency p50 us": "added ≤ 1.3x reference's",
     "bytes per idle tunnel": "≤ 4 KB",
+    "bytes per idle tunnel, live heap": "≤ 4 KB",
     "bytes per listening port": "≤ 2 KB",
+    "bytes per listening port, 1001 to 2001": "≤ 2 KB",
+    "bytes per listening port, live heap": "≤ 2 KB",
     "probe p99 with tunnels / without": "≤ 1.1",
     "traffic over 1000 ports / one port": "≥ 0.95",
     "1000 ports up s (process start to all listening)": "< 1 s",
@@ -780,8 +850,9 @@ TARGETS = {
 
 def table(results: Results, subjects: list[str], args: argparse.Namespace) -> str:
     metrics = list(dict.fromkeys(metric for _, metric in results.samples))
-    pairs = [("proxymap", s) for s in subjects if s != "proxymap"]
-    if set(PYPY_SUBJECTS) <= set(subjects):
+    ours = args.ours
+    pairs = [(ours, s) for s in subjects if s != ours]
+    if set(PYPY_SUBJECTS) <= set(subjects) and ours != "proxymap-pypy":
         # What proxymap's own code costs on PyPy, as the first pairs show on CPython.
         pairs.append(("proxymap-pypy", "reference-pypy"))
     head = ["metric", *subjects, *(f"{a} / {b}" for a, b in pairs), "target"]
@@ -802,11 +873,13 @@ def table(results: Results, subjects: list[str], args: argparse.Namespace) -> st
             for s in subjects
             if s != "direct"
         }
-        if added.get("reference", 0) > 0:
+        # Against the reference on the same interpreter.
+        reference = "reference-pypy" if ours in PYPY_SUBJECTS else "reference"
+        if added.get(reference, 0) > 0:
             lines.append(
-                f"\nAdded c1 latency (p50, minus direct-to-parent): proxymap "
-                f"{added.get('proxymap', 0):.0f} us, reference {added['reference']:.0f} us "
-                f"({added.get('proxymap', 0) / added['reference']:.2f}x)."
+                f"\nAdded c1 latency (p50, minus direct-to-parent): {ours} "
+                f"{added.get(ours, 0):.0f} us, {reference} {added[reference]:.0f} us "
+                f"({added.get(ours, 0) / added[reference]:.2f}x)."
             )
     cpu = [
         f"{s} {statistics.median(v):.0%}"
@@ -890,13 +963,19 @@ def main() -> None:
         default=1.0,
         help="hold each subject to this share of its core (cgroup; see CpuCap)",
     )
+    parser.add_argument(
+        "--ours",
+        choices=("proxymap", "proxymap-pypy"),
+        default="proxymap",
+        help="the subject the table's ratios are for (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     subjects = args.subjects.split(",")
     known = {"reference", "proxymap", "proxymap-stock", "proxymap-unkept", "direct", *PEERS}
     known |= set(PYPY_SUBJECTS)
-    if not set(subjects) <= known or "proxymap" not in subjects:
-        parser.error(f"--subjects: proxymap and any of {sorted(known)}")
+    if not set(subjects) <= known or args.ours not in subjects:
+        parser.error(f"--subjects: {args.ours} (--ours) and any of {sorted(known)}")
     if not 0 < args.subject_cpu <= 1:
         parser.error("--subject-cpu: a share of one core, above 0 and at most 1")
     args.tunnels = (1000, 5000)
