@@ -28,13 +28,15 @@ Method:
 - memory is the slope of RSS between 1,000 and 5,000 idle tunnels on a fresh
   process (on PyPy also of the live heap, which RSS does not follow there:
   bench/collected.py); bytes per listening port is read from 1 to 1001
-  ports and from 1001 to 2001 (see ports()); the probe latency (loadgen's c1 probe, see probe_p99()) is
-  measured again with as many idle tunnels as the fd limit allows:
-  min(10,000, (limit - ports - 64) / 2), and a twin of the subject that
-  holds no tunnel is probed in turn as a control (see memory()).
+  ports and from 1001 to 2001 (see ports()); the probe latency (loadgen's
+  c1 probe, see probe_p99()) is measured again with as many idle tunnels
+  as the fd limit allows: min(10,000, (limit - ports - 64) / 2), and a
+  twin of the subject that holds no tunnel is probed in turn as a control
+  (see memory()).
 
 Output: one JSON line per result in bench/results/run-STAMP.jsonl and a
-Markdown table of ratios (proxymap against each subject, same run) in
+Markdown table of ratios (proxymap, or --ours, against each subject, same
+run) in
 bench/results/run-STAMP.md.  Stickiness is checked against the parent's
 per-username counts: each sampled port only ever sent its own session's
 username, and traffic over N ports used exactly N session usernames.
@@ -861,8 +863,8 @@ def table(results: Results, subjects: list[str], args: argparse.Namespace) -> st
         values = {s: results.median(s, metric) for s in subjects}
         cells = [metric, *(_fmt(metric, values[s]) for s in subjects)]
         for a, b in pairs:
-            ours, theirs = values[a], values[b]
-            cells.append(f"{ours / theirs:.2f}" if ours and theirs else "")
+            mine, theirs = values[a], values[b]
+            cells.append(f"{mine / theirs:.2f}" if mine and theirs else "")
         cells.append(TARGETS.get(metric, ""))
         lines.append("| " + " | ".join(cells) + " |")
     # The added latency (subject minus the parent alone) is what the target is about.
