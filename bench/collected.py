@@ -8,8 +8,8 @@ take: on SIGUSR2 it runs a full collection and writes, as JSON, its RSS and
 
 Why: on PyPy, RSS does not follow what a process keeps.  Its collector
 lets the heap grow to ~1.8x what the last full collection kept before it
-collects again, memory freed in collections goes back to the allocator and
-not the system, and the JIT's compiling leaves its own high-water mark.
+collects again, memory freed in a collection is not all given back to the
+system, and the JIT's compiling leaves its own high-water mark.
 So an RSS slope between 1,000 and 5,000 tunnels reads 0 after warm-up (the
 heap already had room) and 4 KiB on a fresh process (garbage not yet
 collected).  What the tunnels keep alive is the heap after a full

@@ -36,8 +36,7 @@ Method:
 
 Output: one JSON line per result in bench/results/run-STAMP.jsonl and a
 Markdown table of ratios (proxymap, or --ours, against each subject, same
-run) in
-bench/results/run-STAMP.md.  Stickiness is checked against the parent's
+run) in bench/results/run-STAMP.md.  Stickiness is checked against the parent's
 per-username counts: each sampled port only ever sent its own session's
 username, and traffic over N ports used exactly N session usernames.
 The harness never asserts timings: it reports them.
@@ -310,13 +309,6 @@ class Rig:
             self.cap.add(proc.pid)  # taskset execs the subject: the same pid
         return proc
 
-    def _start_reference(
-        self, first: int, nports: int, name: str = "reference", python: str = sys.executable
-    ) -> Running:
-        argv = [*self._python(name, python), str(HERE / "reference.py"), str(first), str(nports)]
-        argv += [str(self.parent_port), USER, PASSWORD]
-        return Running(name, first, self._popen(argv))
-
     def _python(self, name: str, python: str) -> list[str]:
         """
         How to start ``python`` for subject ``name``: through
@@ -325,6 +317,13 @@ class Rig:
         if name not in PYPY_SUBJECTS:
             return [python]
         return [python, str(HERE / "collected.py")]
+
+    def _start_reference(
+        self, first: int, nports: int, name: str = "reference", python: str = sys.executable
+    ) -> Running:
+        argv = [*self._python(name, python), str(HERE / "reference.py"), str(first), str(nports)]
+        argv += [str(self.parent_port), USER, PASSWORD]
+        return Running(name, first, self._popen(argv))
 
     def _start_reference_pypy(self, first: int, nports: int) -> Running:
         return self._start_reference(first, nports, "reference-pypy", str(PYPY))
