@@ -4,15 +4,27 @@ Shared fixtures.
 Every test fails if it logged an unexpected failure (``log.failure`` or an
 error-level event with a traceback): errors that Twisted catches and logs
 would otherwise pass silently.
+
+The commands tests run (``twist``, ``twistd``, ``schemathesis``) are the
+ones installed beside the interpreter running the suite: the README runs it
+as ``.venv/bin/python -m pytest``, with no venv activated, so its ``bin``
+directory goes first on ``PATH`` here.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
+
+os.environ["PATH"] = os.pathsep.join(
+    [str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]
+)
 
 
 class LoggedFailures(list[dict[str, Any]]):
