@@ -11,7 +11,9 @@ so scripts written for it work unchanged.  Requests reach the API when:
 
 - the domain is set and a request's target host is the domain (any port,
   any case), or a CONNECT to the domain opened a local tunnel on the
-  connection and the request travels in it;
+  connection and the request travels in it, in plain HTTP or, when the
+  client starts TLS there, in HTTPS with a self-signed certificate for the
+  domain (localtls.py);
 - the domain is empty and the request is in origin form, sent straight to the
   port (``curl http://127.0.0.1:10201/session/``) whatever its Host says.
 
@@ -32,13 +34,12 @@ import attrs
 from twisted.logger import Logger
 
 from proxymap.config import SessionAPIConfig
-from proxymap.dataplane.http import REASONS, Request, simple_response
+from proxymap.dataplane.http import REASONS, TUNNEL_OPEN, Request, simple_response
+from proxymap.dataplane.localtls import LocalCertificates
 from proxymap.dataplane.server import LocalResponse, ProxyServer
 from proxymap.sessions import InvalidParameter, Session, SessionRegistry
 
 log = Logger()
-
-_TUNNEL_OPEN = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 # path -> (action, allowed methods)
 _ROUTES: dict[bytes, tuple[str, tuple[bytes, ...]]] = {
@@ -75,13 +76,16 @@ class SessionAPI:
     """
 
     registry: SessionRegistry
+    #: Certificates for API requests made over HTTPS in a local tunnel.
+    certificates: LocalCertificates = attrs.field(factory=LocalCertificates)
 
     def handle(self, request: Request, port: int) -> LocalResponse:
         """
         Answer an API request that arrived on ``port``.
         """
         if request.method == b"CONNECT":
-            return LocalResponse(_TUNNEL_OPEN, tunnel=True)
+            tls = self.certificates.offer(request.host)
+            return LocalResponse(TUNNEL_OPEN, tunnel=True, tls=tls)
         path, _, query = request.path.split(b"#", 1)[0].partition(b"?")
         if len(path) > 1:
             path = path.rstrip(b"/")

@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import AccumulatingProtocol, StringTransport
 
 from proxymap.sessionapi import http_date
 from proxymap.sessions import EndReason
@@ -205,6 +207,62 @@ def test_connect_to_domain_then_plain_http_inside() -> None:
     assert json.loads(body)["session_id"] == h.registry.peek(PORT).id
     assert h.reactor.tcpClients == []
     assert not client.disconnecting
+
+
+class TLSRecorder(StringTransport):
+    """
+    A transport that records ``startTLS`` and what its TLS layer is given.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        self.tls: list[Any] = []
+        self.protocol = AccumulatingProtocol()
+
+    def startTLS(self, options: Any) -> None:
+        self.tls.append(options)
+        self.protocol.data = b""
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["after-the-answer", "with-the-connect"])
+def test_connect_to_domain_then_tls_inside(early: bool) -> None:
+    """
+    A tunnel to the API's domain whose client starts TLS (a record of type
+    22 first), after the answer or sent along with its CONNECT, gets TLS with
+    options for the domain, and the handshake's bytes go to the TLS layer,
+    not to the HTTP parser.
+    """
+    h = Harness(session_api=ON)
+    proto = h.factories[PORT].buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    transport = TLSRecorder()
+    proto.makeConnection(transport)
+    hello = b"\x16\x03\x01\x00\x05hello"
+    connect = b"CONNECT PortMapper:443 HTTP/1.1\r\nHost: portmapper:443\r\n\r\n"
+    if early:
+        proto.dataReceived(connect + hello)
+    else:
+        proto.dataReceived(connect)
+        assert transport.tls == []
+        proto.dataReceived(hello)
+    assert transport.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    (options,) = transport.tls
+    assert options is h.factories[PORT].session_api.certificates.server_options("portmapper")
+    assert transport.protocol.data == hello
+    assert not transport.disconnecting
+    proto.dataReceived(b"GET /session/ HTTP/1.1\r\nHost: portmapper\r\n\r\n")
+    assert b"HTTP/1.1 200 OK" in transport.value()  # what TLS decrypted is served
+
+
+def test_tls_offered_but_plain_http_inside() -> None:
+    h = Harness(session_api=ON)
+    proto = h.factories[PORT].buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    transport = TLSRecorder()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"CONNECT portmapper:443 HTTP/1.1\r\nHost: portmapper:443\r\n\r\n")
+    proto.dataReceived(b"GET /session/ HTTP/1.1\r\nHost: portmapper\r\n\r\n")
+    proto.dataReceived(b"\x16 later bytes are never TLS: a bad request")
+    assert transport.tls == []
+    assert b"HTTP/1.1 200 OK" in transport.value()
 
 
 def test_head_has_headers_only() -> None:

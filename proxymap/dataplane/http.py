@@ -738,6 +738,10 @@ def build_head(first_line: bytes, lines: list[bytes], extra: list[bytes] | None 
     return first_line + b"\r\n\r\n"
 
 
+#: The answer to a CONNECT that opened its tunnel.
+TUNNEL_OPEN = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
 def simple_response(
     status: int,
     reason: str,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 from twisted.internet.error import ConnectionDone
@@ -118,12 +118,17 @@ class LocalResponse:
 
     With ``tunnel`` (an answer to CONNECT) the connection stays open as a
     *local tunnel*: the requests that follow in it are the factory's to
-    answer (see :attr:`ProxyServer.local_tunnel`).
+    answer (see :attr:`ProxyServer.local_tunnel`).  With ``tls`` as well, a
+    client that opens the tunnel with a TLS handshake (it was asked for an
+    ``https://`` URL) gets TLS: ``tls()`` gives the server's context factory
+    then, and the requests that follow are read from inside TLS (see
+    localtls.py).  Anything else is read as plain HTTP.
     """
 
     data: bytes
     close: bool = False
     tunnel: bool = False
+    tls: Callable[[], Any] | None = None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -140,6 +145,7 @@ class ProxyServer(flow.Throttled):
         "_closing",
         "_gone",
         "_head_started",
+        "_local_tls",
         "_processing",
         "_refused",
         "_request",
@@ -190,6 +196,9 @@ class ProxyServer(flow.Throttled):
         self._head_started: float | None = None
         #: The tick of this connection's deadline in factory.deadlines (0: none).
         self._tick = 0
+        #: A local tunnel's TLS, until its client's first bytes say whether
+        #: they start it (see LocalResponse).
+        self._local_tls: Callable[[], Any] | None = None
 
         self._buffer = b""
         self._request: Request | None = None
@@ -282,6 +291,8 @@ class ProxyServer(flow.Throttled):
             flow.send(tunnel.transport, data)
             return
         if self._closing:
+            return
+        if self._local_tls is not None and self._start_local_tls(data):
             return
         if not self.protocol:
             self._choose_protocol(data[:1])
@@ -587,6 +598,14 @@ class ProxyServer(flow.Throttled):
             self.write(local.data)
         if local.tunnel and not local.close:
             self.local_tunnel = True
+            self._local_tls = local.tls
+            if local.tls is not None and self._buffer[:1] == b"\x16":
+                # The handshake came with the CONNECT (the client did not wait).
+                data, self._buffer = self._buffer, b""
+                self._finish_request()
+                if not self._closing:
+                    self._start_local_tls(data)
+                return
             self._finish_request()
             return
         if local.close or not request.keep_alive or request.method == b"CONNECT":
@@ -600,6 +619,22 @@ class ProxyServer(flow.Throttled):
             self._body_sink = None
             return
         self._finish_request()
+
+    def _start_local_tls(self, data: bytes) -> bool:
+        """
+        The first bytes in a local tunnel that offers TLS: when they open a
+        TLS handshake (a record of type 22), start TLS and hand them to it,
+        and say so; otherwise the tunnel carries plain HTTP.
+        """
+        make_options, self._local_tls = self._local_tls, None
+        if data[:1] != b"\x16" or make_options is None:
+            return False
+        transport: Any = self.transport
+        transport.startTLS(make_options())
+        # The transport now hands what it reads to the TLS layer, which hands
+        # the plaintext to this protocol; these bytes were read before.
+        transport.protocol.dataReceived(data)
+        return True
 
     def _forward(self, request: Request, target: UpstreamTarget) -> None:
         up = self._upstream

@@ -23,6 +23,7 @@ from zope.interface import implementer
 from proxymap.dataplane import flow
 from proxymap.dataplane.http import (
     MAX_HEAD_SIZE,
+    TUNNEL_OPEN,
     ChunkedFramer,
     HTTPError,
     LengthFramer,
@@ -368,7 +369,7 @@ class UpstreamProtocol(flow.Throttled):
         target = self.target
         self._ready = True
         if tunnel is not None and target.socks is not None:
-            self._start_tunnel(b"HTTP/1.1 200 Connection established\r\n\r\n", b"")
+            self._start_tunnel(TUNNEL_OPEN, b"")
         elif tunnel is not None:
             if target.via_proxy:
                 extra = [b"Host: " + tunnel.target]
@@ -379,7 +380,7 @@ class UpstreamProtocol(flow.Throttled):
                     build_head(b"CONNECT " + tunnel.target + b" HTTP/1.1", [], extra),
                 )
             else:
-                self._start_tunnel(b"HTTP/1.1 200 Connection established\r\n\r\n", b"")
+                self._start_tunnel(TUNNEL_OPEN, b"")
         if self._pending:
             flow.send(self.transport, b"".join(self._pending))
             self._pending.clear()

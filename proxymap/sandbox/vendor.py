@@ -9,7 +9,11 @@ and no internet.
   benchmarking range, never routed).
 - ``http://ip.sandbox/`` (any path) is answered by the sandbox itself with
   JSON naming the exit address, the session id and the parameters it saw:
-  ``curl -x http://127.0.0.1:10201 http://ip.sandbox/json``.
+  ``curl -x http://127.0.0.1:10201 http://ip.sandbox/json``.  So is every
+  request in a tunnel to ``ip.sandbox`` (a CONNECT or a SOCKS CONNECT, on any
+  port), as the session that opened the tunnel; in HTTPS when the client
+  starts TLS there, with a self-signed certificate for ``ip.sandbox``
+  (``curl -k -x http://127.0.0.1:10201 https://ip.sandbox/json``).
 - Anything else is forwarded to the real target, plain HTTP and CONNECT.
 
 It runs on the same data plane as proxymap's ports, with a policy that
@@ -29,7 +33,8 @@ import attrs
 
 from proxymap.config import Limits
 from proxymap.credentials import basic_authorization, parse_basic_authorization
-from proxymap.dataplane.http import HTTPError, Request, simple_response
+from proxymap.dataplane.http import TUNNEL_OPEN, HTTPError, Request, simple_response
+from proxymap.dataplane.localtls import LocalCertificates
 from proxymap.dataplane.server import LocalResponse, ProxyFactory, ProxyServer, UpstreamTarget
 
 #: The virtual host the sandbox answers itself.
@@ -71,6 +76,8 @@ class SandboxVendor:
     api_password: str = attrs.field(default="api-secret", repr=False)
     #: Release API calls received: method, path, API user, body.
     release_calls: list[dict[str, Any]] = attrs.field(factory=list)
+    #: The certificate of ip.sandbox, for tunnels to it that start TLS.
+    certificates: LocalCertificates = attrs.field(factory=LocalCertificates, repr=False)
 
     def authenticate(self, header: bytes | None) -> Identity:
         """
@@ -124,6 +131,20 @@ class SandboxVendor:
             (identity.username, request.method.decode("latin-1"), request.target.decode("latin-1"))
         )
 
+    def answer(self, identity: Identity) -> bytes:
+        """
+        What ``ip.sandbox`` answers a request of ``identity``.
+        """
+        body = {
+            "ip": self.exit_for(identity.session),
+            "session": identity.session,
+            "username": identity.username,
+            "params": identity.params,
+            "requests": self.usernames[identity.username],
+        }
+        data = json.dumps(body).encode() + b"\n"
+        return simple_response(200, "OK", data, b"application/json", close=False)
+
     def factory(self, reactor: Any, connect_timeout: float = 10.0) -> SandboxFactory:
         return SandboxFactory(reactor, self, connect_timeout)
 
@@ -132,11 +153,27 @@ class SandboxVendor:
 SANDBOX_LIMITS = Limits(max_connections_per_port=1_000_000, max_connections=1_000_000)
 
 
+class SandboxConnection(ProxyServer):
+    """
+    A client connection of the sandbox: who opened its tunnel to
+    ``ip.sandbox``, if it did.
+    """
+
+    __slots__ = ("identity",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The identity of the CONNECT to ip.sandbox; the requests that
+        #: follow in its tunnel carry no credentials of their own.
+        self.identity: Identity | None = None
+
+
 class SandboxFactory(ProxyFactory):
     """
     The sandbox's listening port.
     """
 
+    protocol = SandboxConnection
     #: SOCKS5 clients must give <user>-session-<id>:<pass>, like HTTP ones.
     socks_auth_required = True
 
@@ -152,19 +189,19 @@ class SandboxFactory(ProxyFactory):
         return True
 
     def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
-        if request.host is None or request.host.lower() != SANDBOX_HOST:
-            return None
-        identity = self.vendor.authenticate(request.proxy_authorization)
+        assert isinstance(conn, SandboxConnection)
+        identity = conn.identity
+        if identity is None:  # not in a tunnel to ip.sandbox
+            if request.host is None or request.host.lower() != SANDBOX_HOST:
+                return None
+            identity = self.vendor.authenticate(request.proxy_authorization)
         self.vendor.record(identity, request)
-        body = {
-            "ip": self.vendor.exit_for(identity.session),
-            "session": identity.session,
-            "username": identity.username,
-            "params": identity.params,
-            "requests": self.vendor.usernames[identity.username],
-        }
-        data = json.dumps(body).encode() + b"\n"
-        return LocalResponse(simple_response(200, "OK", data, b"application/json", close=False))
+        if request.method == b"CONNECT" and conn.identity is None:
+            conn.identity = identity
+            return LocalResponse(
+                TUNNEL_OPEN, tunnel=True, tls=self.vendor.certificates.offer(SANDBOX_HOST)
+            )
+        return LocalResponse(self.vendor.answer(identity))
 
     def target(self, request: Request, conn: ProxyServer) -> UpstreamTarget:
         identity = self.vendor.authenticate(request.proxy_authorization)

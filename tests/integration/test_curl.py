@@ -6,6 +6,7 @@ and a local origin.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -73,6 +74,39 @@ async def test_https_through_connect_to_tls_origin(stack: Stack, origin: Origin)
         "CONNECT",
         f"localhost:{origin.tls_port}",
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnels_to_the_sandbox_exit_page(stack: Stack, tmp_path: Path) -> None:
+    """
+    ip.sandbox answers in a tunnel too, as the session that opened it:
+    through a CONNECT or a SOCKS5 CONNECT, in plain HTTP or in HTTPS that
+    curl verifies against the sandbox's own certificate.  A client that
+    verifies against the system's authorities fails at once, never hangs.
+    """
+    port = stack.ports[0]
+    cafile = tmp_path / "sandbox.pem"
+    cafile.write_bytes(stack.vendor.certificates.pem("ip.sandbox"))
+    http, socks = ["-x", f"http://127.0.0.1:{port}"], ["--socks5-hostname", f"127.0.0.1:{port}"]
+    ways = [
+        [*http, "http://ip.sandbox/json"],
+        ["-p", *http, "http://ip.sandbox/json"],
+        [*http, "--cacert", str(cafile), "https://ip.sandbox/json"],
+        [*socks, "http://ip.sandbox/json"],
+        [*socks, "--cacert", str(cafile), "https://IP.sandbox/json"],
+    ]
+    seen = []
+    for way in ways:
+        code, out, err = await curl(*way)
+        assert code == 0, (way, err)
+        seen.append(json.loads(out))
+    username = f"alice-session-{stack.registry.peek(port).id}"
+    assert {s["username"] for s in seen} == {username}
+    assert len({s["ip"] for s in seen}) == 1
+    assert [s["requests"] for s in seen] == [1, 3, 5, 7, 9]  # a tunnel's CONNECT counts too
+    assert [method for _, method, _ in stack.vendor.seen].count("CONNECT") == 4
+    code, _, err = await curl(*http, "https://ip.sandbox/json", timeout=10)
+    assert code == 60, err  # the certificate is not one the system trusts
 
 
 @pytest_twisted.ensureDeferred

@@ -7,10 +7,16 @@ after /session/reset plus a request, and not otherwise.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 
 from .conftest import curl, start_stack
 
@@ -90,6 +96,65 @@ async def test_through_a_connect_tunnel() -> None:
         body = await call("-p", "-x", f"http://127.0.0.1:{port}", "http://portmapper/session/new")
         assert body["session_id"] == stack.registry.peek(port).id
         assert not stack.vendor.seen
+    finally:
+        await stack.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_through_a_connect_tunnel(tmp_path: Path) -> None:
+    """
+    curl -x ... https://portmapper/session/: the tunnel to the domain speaks
+    TLS with a certificate for the domain, which curl verifies when given it
+    (and -k skips); over SOCKS5 as well.  None of it reaches the vendor.
+    """
+    stack = start_stack(1, session_api={"enabled": True, "domain": "portmapper"})
+    try:
+        port = stack.ports[0]
+        cafile = tmp_path / "portmapper.pem"
+        cafile.write_bytes(stack.service.session_api.certificates.pem("portmapper"))
+        proxy = ["-x", f"http://127.0.0.1:{port}", "--cacert", str(cafile)]
+        await check_rotation(port, [*proxy, "https://portmapper"])
+        socks = ["--socks5-hostname", f"127.0.0.1:{port}", "-k"]
+        body = await call(*socks, "https://portmapper/session/new")
+        assert body["session_id"] == stack.registry.peek(port).id
+        assert {method for _, method, _ in stack.vendor.seen} == {"GET"}  # check_rotation's
+    finally:
+        await stack.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_handshake_in_a_tunnel_closes_it(tmp_path: Path) -> None:
+    """
+    Bytes that open a TLS record but are no handshake end that connection
+    at once; the port goes on serving.
+    """
+    stack = start_stack(1, session_api={"enabled": True, "domain": "portmapper"})
+    try:
+        port = stack.ports[0]
+        done: Deferred[bytes] = Deferred()
+
+        class Client(Protocol):
+            received = b""
+
+            def connectionMade(self) -> None:
+                self.transport.write(  # type: ignore[union-attr]
+                    b"CONNECT portmapper:443 HTTP/1.1\r\nHost: portmapper:443\r\n\r\n"
+                    + b"\x16\x03\x01\x00\x10"
+                    + b"not a handshake!"
+                )
+
+            def dataReceived(self, data: bytes) -> None:
+                self.received += data
+
+            def connectionLost(self, reason: Failure = connectionDone) -> None:
+                done.callback(self.received)
+
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        await connectProtocol(endpoint, Client())
+        received = await done.addTimeout(10, reactor)
+        assert received.startswith(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        body = await call("-x", f"http://127.0.0.1:{port}", "http://portmapper/session/")
+        assert body["session_id"] == stack.registry.peek(port).id
     finally:
         await stack.service.stopService()
 
