@@ -159,6 +159,8 @@ class Session:
     params: dict[str, str] = attrs.field(factory=dict)
     requests: int = 0
     connections_total: int = 0
+    #: Bytes sent upstream (request heads as sent, bodies, tunnel bytes) and
+    #: received from it (response heads, bodies, tunnel bytes).
     bytes_up: int = 0
     bytes_down: int = 0
     ended: EndReason | None = None

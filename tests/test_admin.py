@@ -62,7 +62,7 @@ def admin() -> Admin:
 @pytest_twisted.ensureDeferred
 async def test_sessions_list_and_get(admin: Admin) -> None:
     assert (await admin.call("GET", "/sessions"))[:2] == (200, [])
-    admin.proxied()
+    _, _, upstream = admin.proxied()
     session = admin.h.registry.peek(PORT)
     code, body, _ = await admin.call("GET", "/sessions")
     assert code == 200
@@ -82,7 +82,7 @@ async def test_sessions_list_and_get(admin: Admin) -> None:
         "statistics": {
             "requests": 1,
             "connections_total": 1,
-            "bytes_to_upstream": 0,
+            "bytes_to_upstream": len(upstream.value()),
             "bytes_from_upstream": len(OK),
         },
     }
@@ -160,7 +160,7 @@ async def test_routing_errors_are_json(admin: Admin) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_connections_of_a_session(admin: Admin) -> None:
-    proto, _, _ = admin.proxied()
+    proto, _, upstream = admin.proxied()
     session = admin.h.registry.peek(PORT)
     code, body, _ = await admin.call("GET", f"/sessions/{session.id}/connections")
     assert code == 200
@@ -176,7 +176,7 @@ async def test_connections_of_a_session(admin: Admin) -> None:
             "statistics": {
                 "reads": 1,
                 "writes": 1,  # head and body in one write
-                "bytes_in": 0,
+                "bytes_in": len(upstream.value()),
                 "bytes_out": len(OK),
                 "requests": 1,
             },

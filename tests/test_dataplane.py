@@ -183,7 +183,8 @@ def test_content_length_body_split_across_reads() -> None:
     _up, upstream = h.upstream()
     proto.dataReceived(b"56789")
     assert upstream.value().endswith(b"\r\n\r\n0123456789")
-    assert proto.session is not None and proto.session.bytes_up == 10
+    # Every byte sent upstream counts, the head as the body.
+    assert proto.session is not None and proto.session.bytes_up == len(upstream.value())
 
 
 def test_chunked_response_relayed_raw_to_http11() -> None:
@@ -570,7 +571,7 @@ def test_connection_records() -> None:
     proto, _client = h.client()
     assert h.factory.connections == {proto.id: proto}
     proto.dataReceived(GET)
-    up, _ = h.upstream()
+    up, upstream = h.upstream()
     up.dataReceived(OK)
     session = h.registry.current(PORT)
     assert session.connections == {proto}
@@ -580,7 +581,7 @@ def test_connection_records() -> None:
     assert up.address == "gw.example.com:10000"
     assert proto.bytes_down == len(OK)
     assert session.bytes_down == len(OK)
-    assert proto.bytes_up == 0  # the head is not body: bytes_up counts payload sent
+    assert proto.bytes_up == session.bytes_up == len(upstream.value())  # the head, as sent
     proto.connectionLost(Failure(ConnectionLost()))
     assert h.factory.connections == {}
     assert session.connections == set()

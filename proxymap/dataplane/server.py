@@ -662,6 +662,12 @@ class ProxyServer(flow.Throttled):
             head = b"".join((line, request.verbatim, *(b"\r\n" + e for e in extra), b"\r\n\r\n"))
         else:
             head = build_head(line, request.lines, extra)
+        # Heads count as sent bytes, as the response heads coming back do.
+        n = len(head)
+        self.bytes_up += n
+        session = self.session
+        if session is not None:
+            session.bytes_up += n
         up.send_request(request, head)
         if request.has_body:
             self._body = (

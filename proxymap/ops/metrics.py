@@ -75,7 +75,7 @@ class Metrics:
             family(GaugeMetricFamily, "sessions_active", "Ports with a live session"),
             family(GaugeMetricFamily, "connections_open", "Open client connections"),
             family(CounterMetricFamily, "requests", "Requests and tunnels proxied"),
-            family(CounterMetricFamily, "bytes_to_upstream", "Payload bytes sent upstream"),
+            family(CounterMetricFamily, "bytes_to_upstream", "Bytes sent upstream"),
             family(CounterMetricFamily, "bytes_from_upstream", "Bytes from upstream"),
             family(CounterMetricFamily, "upstream_errors", "Upstream failures", ["kind"]),
             CounterMetricFamily(
