@@ -231,6 +231,19 @@ def test_protocols_can_be_switched_off() -> None:
     assert client.value() == b"" and client.disconnecting
 
 
+def test_a_tls_handshake_is_closed_at_once() -> None:
+    """
+    A client that takes the port for an HTTPS proxy (curl -x https://...)
+    opens with a TLS handshake; it is closed at once, not left to the head
+    timeout, and nothing goes upstream.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    assert client.value() == b"" and client.disconnecting
+    assert h.reactor.tcpClients == []
+
+
 request_prefixes = st.sampled_from([b"\x05", b"\x04", b"\x05\x01\x00", b"\x05\x01\x02"])
 
 

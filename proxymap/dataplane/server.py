@@ -431,6 +431,12 @@ class ProxyServer(flow.Throttled):
         elif first == b"\x04" and "socks4" in allowed:
             self.protocol = "socks4"
             self._socks = socks.Socks4Handshake()
+        elif first == b"\x16":
+            # A TLS handshake: the client takes this plain proxy for an HTTPS
+            # one (curl -x https://...).  Nothing it could read would help;
+            # close at once rather than wait out the head timeout.
+            log.debug("closing {client}: it sent a TLS handshake", client=self.client)
+            self._fail_quietly()
         elif "http" in allowed:
             self.protocol = "http"
         else:

@@ -110,6 +110,20 @@ async def test_tunnels_to_the_sandbox_exit_page(stack: Stack, tmp_path: Path) ->
 
 
 @pytest_twisted.ensureDeferred
+async def test_tls_to_the_port_fails_at_once(stack: Stack) -> None:
+    """
+    curl -x https://...: the port speaks plain HTTP and SOCKS, so curl's TLS
+    handshake is refused at once (not after the 30 s head timeout) and the
+    port goes on serving.
+    """
+    port = stack.ports[0]
+    proxy = f"https://127.0.0.1:{port}"
+    code, _, err = await curl("-x", proxy, "http://ip.sandbox/json", timeout=10)
+    assert code == 35, err  # curl's "SSL connect error", not 28, its own timeout
+    assert (await exit_of(port))["username"].startswith("alice-session-")
+
+
+@pytest_twisted.ensureDeferred
 async def test_stickiness_per_port_until_lifetime_ends(stack: Stack) -> None:
     """
     The same port keeps its exit; another port has another; when the
