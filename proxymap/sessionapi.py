@@ -117,16 +117,25 @@ class SessionAPI:
                     query.decode("utf-8", "replace"), keep_blank_values=True
                 ).items()
             }
+            old = self.registry.peek(port)
             try:
                 session = self.registry.renew(port, params)
             except InvalidParameter as e:
                 return self._error(400, "bad parameter", str(e), request)
+            # A tunnel cannot change session (see SessionRegistry.close_tunnels).
+            closed = self.registry.close_tunnels(old) if old is not None else 0
             log.info(
-                "session API renewed port {port}: {session_id}", port=port, session_id=session.id
+                "session API renewed port {port}: {session_id} ({closed} tunnels closed)",
+                port=port,
+                session_id=session.id,
+                closed=closed,
             )
             return self._session(session, request)
         ended = self.registry.reset(port)
-        log.info("session API reset port {port}", port=port)
+        closed = self.registry.close_tunnels(ended) if ended is not None else 0
+        log.info(
+            "session API reset port {port} ({closed} tunnels closed)", port=port, closed=closed
+        )
         return self._json(
             200, {"success": True, "ended_session_id": ended.id if ended else None}, request
         )

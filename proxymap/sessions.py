@@ -52,6 +52,12 @@ class SessionConnection(Protocol):
     id: int
     last_activity: float
 
+    @property
+    def state(self) -> str:
+        """
+        ``idle``, ``request``, ``connecting`` (a CONNECT), ``tunnel`` or ``closed``.
+        """
+
     def abort(self) -> None:
         """
         Close the client connection and its upstream connection now.
@@ -295,6 +301,19 @@ class SessionRegistry(Service):
             for connection in list(session.connections):
                 connection.abort()
         return session
+
+    def close_tunnels(self, session: Session) -> int:
+        """
+        Abort the client connections tunnelling through ``session``, or
+        opening a tunnel through it; returns how many.  A tunnel cannot
+        change session: after a worker replaced its session, one left open
+        would go on exiting where the worker asked to leave.  Other
+        connections stay: their next request takes the port's new session.
+        """
+        tunnels = [c for c in session.connections if c.state in ("tunnel", "connecting")]
+        for connection in tunnels:
+            connection.abort()
+        return len(tunnels)
 
     def reset(self, port: int) -> Session | None:
         """

@@ -265,6 +265,41 @@ def test_tls_offered_but_plain_http_inside() -> None:
     assert b"HTTP/1.1 200 OK" in transport.value()
 
 
+@pytest.mark.parametrize("path", ["/session/new", "/session/reset"])
+def test_replacing_a_session_closes_its_tunnels(path: str) -> None:
+    """
+    A worker's tunnels cannot change session, so replacing or dropping the
+    session closes them (and a CONNECT still opening); a plain keep-alive
+    connection of the old session stays open, as its next request takes the
+    new session; other ports' tunnels are untouched.
+    """
+    h = Harness(session_api=ON)
+    tunnel, tunnel_client = h.client()
+    tunnel.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    up, upstream = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    opening, opening_client = h.client()
+    opening.dataReceived(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n")
+    _, opening_upstream = h.upstream()
+    plain, plain_client = h.client()
+    plain.dataReceived(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    plain_up, _ = h.upstream()
+    plain_up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    other, other_client = h.client(10202)
+    other.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    other_up, _ = h.upstream()
+    other_up.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    old = h.registry.peek(PORT)
+    assert {c.state for c in old.connections} == {"tunnel", "connecting", "idle"}
+
+    first, _, _ = api(h, get(path))
+    assert first == b"HTTP/1.1 200 OK"
+    assert tunnel_client.disconnecting and upstream.disconnecting
+    assert opening_client.disconnecting and opening_upstream.disconnecting
+    assert not plain_client.disconnecting
+    assert not other_client.disconnecting and other.state == "tunnel"
+
+
 def test_head_has_headers_only() -> None:
     h = Harness(session_api=ON)
     proto, client = h.client()

@@ -6,7 +6,9 @@ after /session/reset plus a request, and not otherwise.
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from .conftest import curl, start_stack
@@ -119,6 +122,48 @@ async def test_https_through_a_connect_tunnel(tmp_path: Path) -> None:
         assert body["session_id"] == stack.registry.peek(port).id
         assert {method for _, method, _ in stack.vendor.seen} == {"GET"}  # check_rotation's
     finally:
+        await stack.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keep_alive_https_client_follows_a_renewal() -> None:
+    """
+    A worker that keeps its HTTPS connection open (as requests.Session and
+    browsers do) exits through the new session after /session/new: the old
+    session's tunnel is closed, and the client's reconnect (which urllib3
+    makes for a dropped keep-alive connection) gets the new session.
+    """
+    stack = start_stack(1, session_api={"enabled": True, "domain": "portmapper"})
+    port = stack.ports[0]
+    unverified = ssl.create_default_context()
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=unverified)
+    conn.set_tunnel("ip.sandbox", 443)
+
+    def fetch() -> tuple[int, Any]:
+        """
+        GET https://ip.sandbox/json on the kept connection; how many times
+        it had to connect, and the answer.
+        """
+        for attempt in range(2):  # the kept connection, then one reconnect
+            try:
+                conn.request("GET", "/json")
+                return attempt, json.loads(conn.getresponse().read())
+            except (OSError, http.client.HTTPException):
+                conn.close()
+        raise AssertionError("no answer after a reconnect")
+
+    try:
+        _, first = await deferToThread(fetch)
+        attempts, again = await deferToThread(fetch)
+        assert attempts == 0 and again["session"] == first["session"]  # kept alive
+        renewed = await call("-x", f"http://127.0.0.1:{port}", "http://portmapper/session/new")
+        attempts, after = await deferToThread(fetch)
+        assert attempts == 1  # the old tunnel was closed
+        assert after["session"] == renewed["session_id"] != first["session"]
+    finally:
+        conn.close()
         await stack.service.stopService()
 
 
