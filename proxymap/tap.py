@@ -9,6 +9,7 @@ whole service on a ``MemoryReactorClock``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,6 @@ from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from proxymap.config import (
-    DEFAULT_ADMIN_LISTEN,
     Config,
     ConfigError,
     MappingConfig,
@@ -62,12 +62,17 @@ DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-secret"  # noqa: S105 - the sandbox's public demo password
 DEMO_API_USER = "api"
 DEMO_API_PASSWORD = "api-secret"  # noqa: S105 - the sandbox release API's demo password
+#: Where the demo's admin API listens (the admin API's usual port).
+DEMO_ADMIN_PORT = 8700
 
 
-def demo_config(ports: str, sandbox_port: int, release_port: int) -> Config:
+def demo_config(
+    ports: str, sandbox_port: int, release_port: int, admin_port: int = DEMO_ADMIN_PORT
+) -> Config:
     """
     The configuration ``--demo`` runs: one mapping onto the sandbox vendor,
-    releasing ended sessions through the sandbox's release API.
+    releasing ended sessions through the sandbox's release API, and the
+    admin API on ``admin_port`` of 127.0.0.1.
     """
     return parse_config(
         {
@@ -90,6 +95,7 @@ def demo_config(ports: str, sandbox_port: int, release_port: int) -> Config:
                 }
             ],
             "session_api": {"enabled": True, "domain": "portmapper"},
+            "admin": {"listen": f"tcp:{admin_port}:interface=127.0.0.1"},
         },
         env={},
     )
@@ -111,6 +117,7 @@ class Options(usage.Options):
         ["demo-ports", None, "10201-10210", "Ports of the demo mapping."],
         ["demo-sandbox-port", None, 10200, "Port of the demo's sandbox vendor.", int],
         ["demo-release-port", None, 10199, "Port of the sandbox's release API.", int],
+        ["demo-admin-port", None, DEMO_ADMIN_PORT, "Port of the demo's admin API.", int],
     ]
     optFlags = [["demo", None, "Run the demo on the built-in sandbox vendor."]]
 
@@ -123,7 +130,10 @@ class Options(usage.Options):
         try:
             if self["demo"]:
                 self.config = demo_config(
-                    self["demo-ports"], self["demo-sandbox-port"], self["demo-release-port"]
+                    self["demo-ports"],
+                    self["demo-sandbox-port"],
+                    self["demo-release-port"],
+                    self["demo-admin-port"],
                 )
             else:
                 self.config = load_config(self["config"])
@@ -610,6 +620,7 @@ def build_service(
 
     if sandbox is not None:
         first = config.mappings[0]
+        admin = re.fullmatch(r"tcp:(\d+):interface=127\.0\.0\.1", config.admin.listen)
         p1, p2 = first.ports[0], first.ports[min(1, len(first.ports) - 1)]
         _Banner(
             [
@@ -620,12 +631,17 @@ def build_service(
                 "# the same exit every time",
                 f"  curl -x http://127.0.0.1:{p2} http://{SANDBOX_HOST}/json   "
                 "# another port, another exit",
+                f"  curl -k -x http://127.0.0.1:{p1} https://{SANDBOX_HOST}/json   "
+                "# HTTPS through a CONNECT tunnel: the same exit",
                 f"  curl -x http://127.0.0.1:{p1} http://{first.session_api.domain}/session/new   "
                 "# a new session (and exit) for this port, now",
             ]
             + (
-                [f"  admin API on {config.admin.listen}: curl http://127.0.0.1:8700/sessions"]
-                if config.admin.listen == DEFAULT_ADMIN_LISTEN
+                [
+                    f"  admin API on {config.admin.listen}: "
+                    f"curl http://127.0.0.1:{admin.group(1)}/sessions"
+                ]
+                if admin
                 else []
             )
         ).setServiceParent(root)

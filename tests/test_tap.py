@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
@@ -102,6 +103,26 @@ def test_demo_service() -> None:
     assert set(ports) == {30000, 30001, 30002, 8700, 10199}
     assert isinstance(ports[30000], SandboxFactory)
     assert ports[30001].mapping.upstream.port == 30000
+    service.stopService()
+
+
+def test_demo_admin_port() -> None:
+    """
+    ``--demo-admin-port`` moves the demo's admin API (two demos, or a demo
+    beside a proxymap on 8700, can run at once), and the banner says where.
+    """
+    reactor = MemoryReactorClock()
+    opts = options("--demo", "--demo-ports", "30001", "--demo-admin-port", "30003")
+    service = tap.makeService(opts, reactor=reactor)
+    service.privilegedStartService()
+    with capturedLogs() as events:
+        service.startService()
+    ports = {port: interface for port, _, _, interface in reactor.tcpServers}
+    assert ports[30003] == "127.0.0.1" and 8700 not in ports
+    said = [e["line"] for e in events if "line" in e]
+    assert (
+        "  admin API on tcp:30003:interface=127.0.0.1: curl http://127.0.0.1:30003/sessions" in said
+    )
     service.stopService()
 
 

@@ -38,7 +38,7 @@ def _status(pid: int, field: str) -> int:
 
 @pytest.fixture
 def demo_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    sandbox, port = free_ports(2)
+    sandbox, port, admin, release = free_ports(4)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -50,6 +50,10 @@ def demo_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]
             str(port),
             "--demo-sandbox-port",
             str(sandbox),
+            "--demo-admin-port",
+            str(admin),
+            "--demo-release-port",
+            str(release),
         ],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
