@@ -10,6 +10,7 @@ whole service on a ``MemoryReactorClock``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,12 +159,14 @@ def _install_reactor() -> None:
 
 class _Listener(StreamServerEndpointService):
     """
-    A listening port that fails start-up synchronously when it cannot bind.
+    A listening port that fails start-up synchronously when it cannot bind,
+    and logs where it listens as ``what``.
     """
 
-    def __init__(self, endpoint: Any, factory: IProtocolFactory) -> None:
+    def __init__(self, endpoint: Any, factory: IProtocolFactory, what: str) -> None:
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
+        self.what = what
         #: The listening port once bound (None before, and after stopping).
         self.listening: Any = None
 
@@ -174,6 +177,9 @@ class _Listener(StreamServerEndpointService):
 
     def _bound(self, port: Any) -> Any:
         self.listening = port
+        host = port.getHost()
+        where = f"{host.host}:{host.port}" if hasattr(host, "port") else str(host.name)
+        log.info("{what} listening on {where}", what=self.what, where=where)
         return port
 
     def stopService(self) -> Any:
@@ -254,6 +260,8 @@ class ProxymapService(MultiService):
         self.admin: AdminAPI | None = None
         #: Vendor release callers, one per mapping that configures one.
         self.releases: list[VendorRelease] = []
+        #: Lines logged once everything listens (the demo's what-to-try).
+        self.banner: list[str] = []
         registry.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -270,11 +278,30 @@ class ProxymapService(MultiService):
             release.stop()
         if self.tally.pool is not None:
             self.tally.pool.close_all()
-        return super().stopService()
+        count = len(self.factories)
+        d = maybeDeferred(super().stopService)
+        d.addCallback(lambda _: log.info("closed {count} mapped ports", count=count))
+        return d
 
     def startService(self) -> None:
         self._loudly(super().startService)
         # Every port and the admin API listen by now (binding is synchronous).
+        # One line a mapping, where the stock ports logged one each.
+        for mapping in self.config.mappings if self.config is not None else ():
+            count = len(mapping.ports)
+            log.info(
+                "mapping {name}: {count} {ports} on {bind}:{spans}, upstream {upstream}, "
+                "sessions last {lifetime:g}s",
+                name=mapping.name,
+                count=count,
+                ports="port" if count == 1 else "ports",
+                bind=f"[{mapping.bind}]" if ":" in mapping.bind else mapping.bind,
+                spans=port_spans(mapping.ports),
+                upstream=f"{mapping.upstream.scheme}://{mapping.upstream.address}",
+                lifetime=mapping.lifetime,
+            )
+        for line in self.banner:
+            log.info("{line}", line=line)
         self.notifier.notify("READY=1")
         if self.handle_sigterm:
             self.reactor.callWhenRunning(self._take_sigterm)
@@ -502,18 +529,17 @@ class ProxymapService(MultiService):
         return [s for s in self if isinstance(s, (_Listener, _TCPListener))]
 
 
-class _Banner(Service):
+def port_spans(ports: Iterable[int]) -> str:
     """
-    Logs what to try once the demo is listening.
+    Ports as runs: ``10201-10300,10400``.
     """
-
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
-
-    def startService(self) -> None:
-        super().startService()
-        for line in self.lines:
-            log.info("{line}", line=line)
+    runs: list[list[int]] = []
+    for port in sorted(ports):
+        if runs and port == runs[-1][1] + 1:
+            runs[-1][1] = port
+        else:
+            runs.append([port, port])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
 
 
 def makeService(options: Options, reactor: Any = None) -> ProxymapService:
@@ -567,9 +593,11 @@ def build_service(
             root
         )
         if sandbox_release_port is not None:
-            _TCPListener(
-                reactor, sandbox_release_port, "127.0.0.1", Site(ReleaseAPI(vendor))
-            ).setServiceParent(root)
+            release_site = Site(ReleaseAPI(vendor))
+            release_site.noisy = False
+            _TCPListener(reactor, sandbox_release_port, "127.0.0.1", release_site).setServiceParent(
+                root
+            )
 
     root.config = config
     pool = root.tally.pool = UpstreamPool(reactor, config.limits)
@@ -610,7 +638,9 @@ def build_service(
         site.displayTracebacks = False
         site.noisy = False
         root.admin = api
-        _Listener(serverFromString(reactor, config.admin.listen), site).setServiceParent(root)
+        _Listener(
+            serverFromString(reactor, config.admin.listen), site, "admin API"
+        ).setServiceParent(root)
         if not config.admin.users:
             log.warn(
                 "the admin API on {listen} has no users: anyone on this host can use it "
@@ -622,27 +652,24 @@ def build_service(
         first = config.mappings[0]
         admin = re.fullmatch(r"tcp:(\d+):interface=127\.0\.0\.1", config.admin.listen)
         p1, p2 = first.ports[0], first.ports[min(1, len(first.ports) - 1)]
-        _Banner(
+        root.banner = [
+            f"proxymap demo: sandbox vendor on 127.0.0.1:{sandbox[1]}, "
+            f"sticky ports 127.0.0.1:{first.ports[0]}-{first.ports[-1]}, "
+            f"sessions last {first.lifetime:g}s",
+            f"  curl -x http://127.0.0.1:{p1} http://{SANDBOX_HOST}/json   "
+            "# the same exit every time",
+            f"  curl -x http://127.0.0.1:{p2} http://{SANDBOX_HOST}/json   "
+            "# another port, another exit",
+            f"  curl -k -x http://127.0.0.1:{p1} https://{SANDBOX_HOST}/json   "
+            "# HTTPS through a CONNECT tunnel: the same exit",
+            f"  curl -x http://127.0.0.1:{p1} http://{first.session_api.domain}/session/new   "
+            "# a new session (and exit) for this port, now",
+        ] + (
             [
-                f"proxymap demo: sandbox vendor on 127.0.0.1:{sandbox[1]}, "
-                f"sticky ports 127.0.0.1:{first.ports[0]}-{first.ports[-1]}, "
-                f"sessions last {first.lifetime:g}s",
-                f"  curl -x http://127.0.0.1:{p1} http://{SANDBOX_HOST}/json   "
-                "# the same exit every time",
-                f"  curl -x http://127.0.0.1:{p2} http://{SANDBOX_HOST}/json   "
-                "# another port, another exit",
-                f"  curl -k -x http://127.0.0.1:{p1} https://{SANDBOX_HOST}/json   "
-                "# HTTPS through a CONNECT tunnel: the same exit",
-                f"  curl -x http://127.0.0.1:{p1} http://{first.session_api.domain}/session/new   "
-                "# a new session (and exit) for this port, now",
+                f"  admin API on {config.admin.listen}: "
+                f"curl http://127.0.0.1:{admin.group(1)}/sessions"
             ]
-            + (
-                [
-                    f"  admin API on {config.admin.listen}: "
-                    f"curl http://127.0.0.1:{admin.group(1)}/sessions"
-                ]
-                if admin
-                else []
-            )
-        ).setServiceParent(root)
+            if admin
+            else []
+        )
     return root

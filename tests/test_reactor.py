@@ -9,6 +9,7 @@ run: they turn it by hand with ``doPoll``.  No global reactor is touched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -25,6 +26,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -746,6 +748,60 @@ def test_an_ipv6_client_gets_an_ipv6_address(lean: LeanEPollReactor) -> None:
     finally:
         client.close()
         port.stopListening()
+
+
+def test_a_port_logs_no_line_of_its_own(lean: LeanEPollReactor) -> None:
+    """
+    Listening and closing log nothing per port (proxymap logs a line per
+    mapping), where the stock port logs a line each time: the control,
+    which shows the capture sees the legacy log.  The port still listens,
+    and closes.
+    """
+    factory = Accepting()
+    factory.noisy = False  # its "Starting factory" is not the port's line
+    with capturedLogs() as ours:
+        port = lean.listenTCP(0, factory, interface="127.0.0.1")
+        number = port.getHost().port
+        with socket.create_connection(("127.0.0.1", number), timeout=5):
+            pass
+        port.stopListening()
+        lean.runUntilCurrent()  # the close is a call for the next turn
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", number), timeout=5)
+    with capturedLogs() as stock:
+        control = tcp.Port(0, factory, interface="127.0.0.1", reactor=lean)
+        control.startListening()
+        control.stopListening()
+        lean.runUntilCurrent()
+    assert [formatEvent(e) for e in ours] == []
+    lines = [formatEvent(e) for e in stock]
+    assert any("starting on" in line for line in lines), lines
+    assert any("Closed" in line for line in lines), lines
+
+
+def test_a_taken_port_cannot_be_listened_on(
+    lean: LeanEPollReactor, listener: socket.socket
+) -> None:
+    """
+    Binding a port in use raises Twisted's CannotListenError, which
+    proxymap turns into its one-line start-up error; nothing is left open.
+    """
+    taken = listener.getsockname()[1]
+
+    def sockets() -> set[str]:
+        found = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor
+                if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                    found.add(fd)
+        return found
+
+    before = sockets()
+    with pytest.raises(error.CannotListenError) as raised:
+        lean.listenTCP(taken, Accepting(), interface="127.0.0.1")
+    assert raised.value.socketError.errno == errno.EADDRINUSE
+    assert (raised.value.interface, raised.value.port) == ("127.0.0.1", taken)
+    assert sockets() == before
 
 
 def test_a_full_batch_leaves_the_rest_for_the_next_call(

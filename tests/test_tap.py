@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
@@ -91,6 +91,47 @@ def test_make_service_listens_on_every_port(tmp_path: Path) -> None:
     assert sorted(service.registry.ports()) == [20001, 20002, 20003, 20010]
     service.stopService()
     assert reactor.getDelayedCalls() == []
+
+
+def test_one_line_per_mapping_not_per_port(tmp_path: Path) -> None:
+    """
+    Start-up says, once per mapping, which ports listen and where they go
+    (the ports themselves log nothing: see test_reactor), where the admin
+    API listens, and at the stop how many ports closed.  No secret in any.
+    """
+    path = tmp_path / "proxymap.toml"
+    path.write_text(GOOD)
+    reactor = MemoryReactorClock()
+    service = tap.makeService(options("--config", str(path)), reactor=reactor)
+    assert service.config is not None
+    lifetimes = [f"{m.lifetime:g}" for m in service.config.mappings]
+    with capturedLogs() as events:
+        service.privilegedStartService()
+        service.startService()
+        service.stopService()
+    lines = [formatEvent(e) for e in events]
+    assert [line for line in lines if line.startswith("mapping ")] == [
+        "mapping a: 3 ports on 127.0.0.1:20001-20003, upstream http://127.0.0.1:9, "
+        f"sessions last {lifetimes[0]}s",
+        f"mapping b: 1 port on [::1]:20010, upstream http://127.0.0.1:9, "
+        f"sessions last {lifetimes[1]}s",
+    ]
+    assert sum(line.startswith("admin API listening on ") for line in lines) == 1
+    assert "closed 4 mapped ports" in lines
+    assert not [line for line in lines if "s3cret" in line]
+
+
+@pytest.mark.parametrize(
+    ("ports", "spans"),
+    [
+        ([10201], "10201"),
+        ([10203, 10201, 10202], "10201-10203"),
+        ([1, 2, 4, 6, 7, 8, 10], "1-2,4,6-8,10"),
+        ([], ""),
+    ],
+)
+def test_port_spans(ports: list[int], spans: str) -> None:
+    assert tap.port_spans(ports) == spans
 
 
 def test_demo_service() -> None:

@@ -88,6 +88,11 @@ listen = ""
     assert "Main loop terminated" in output
     assert "from-a-file" not in output
     assert "session" in output and "started on port" in output
+    # One line for the mapping, none per port ("PortFactory starting on
+    # N", "(TCP Port N Closed)"), which a range of 1,000 ports made 2,000.
+    assert output.count("sessions last") == 1
+    assert "starting on" not in output and "Closed)" not in output
+    assert "closed {count} mapped ports" in output or "closed 2 mapped ports" in output
 
 
 @pytest_twisted.ensureDeferred
