@@ -41,7 +41,7 @@ EXPECTED = {
     "twin: probe p99 with tunnels / without",
     "probe p99 with tunnels / without, over the twin's",
     "bytes per listening port",
-    "bytes per listening port, 51 to 101",
+    "bytes per listening port, 51 to 251",
     "1 port up s (process start to listening)",
     "traffic over 50 ports / one port",
     "time added per request over 50 ports us",
