@@ -9,6 +9,7 @@ whole service on a ``MemoryReactorClock``.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -178,7 +179,10 @@ class _Listener(StreamServerEndpointService):
     def _bound(self, port: Any) -> Any:
         self.listening = port
         host = port.getHost()
-        where = f"{host.host}:{host.port}" if hasattr(host, "port") else str(host.name)
+        if hasattr(host, "port"):
+            where = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+        else:  # a UNIX socket, its path in bytes
+            where = os.fsdecode(host.name)
         log.info("{what} listening on {where}", what=self.what, where=where)
         return port
 

@@ -116,9 +116,34 @@ def test_one_line_per_mapping_not_per_port(tmp_path: Path) -> None:
         f"mapping b: 1 port on [::1]:20010, upstream http://127.0.0.1:9, "
         f"sessions last {lifetimes[1]}s",
     ]
-    assert sum(line.startswith("admin API listening on ") for line in lines) == 1
+    (admin,) = [line for line in lines if line.startswith("admin API")]
+    assert admin.startswith("admin API listening on ") and admin.endswith(":28700")
     assert "closed 4 mapped ports" in lines
     assert not [line for line in lines if "s3cret" in line]
+
+
+@pytest.mark.parametrize(
+    ("listen", "where"),
+    [
+        # TOML doubles the backslashes that escape the colons.
+        ("tcp:28701:interface=\\\\:\\\\:1", "[::1]:28701"),
+        ("unix:{tmp}/admin.sock", "{tmp}/admin.sock"),
+    ],
+)
+def test_the_admin_line_names_any_address(tmp_path: Path, listen: str, where: str) -> None:
+    path = tmp_path / "proxymap.toml"
+    path.write_text(
+        GOOD.replace("tcp:28700:interface=127.0.0.1", listen.format(tmp=tmp_path))
+        + '\n[admin.users]\nops = "pw"\n'
+    )
+    reactor = MemoryReactorClock()
+    service = tap.makeService(options("--config", str(path)), reactor=reactor)
+    with capturedLogs() as events:
+        service.privilegedStartService()
+        service.startService()
+    service.stopService()
+    lines = [formatEvent(e) for e in events]
+    assert f"admin API listening on {where.format(tmp=tmp_path)}" in lines
 
 
 @pytest.mark.parametrize(

@@ -315,7 +315,8 @@ class _Port(tcp.Port):
         ("PortFactory starting on 10201"), as :meth:`_logConnectionLostMsg`
         drops the "(TCP Port 10201 Closed)" line: a range of 1,000 ports
         logged 2,000 lines a run.  proxymap logs one line per mapping
-        instead (``ProxymapService.startService``).
+        instead (``ProxymapService.startService``).  No socket to adopt:
+        :meth:`LeanEPollReactor.listenTCP` never hands this class one.
         """
         tcp._reservedFD.reserve()  # for the EMFILE recovery, as Twisted does
         skt = None
