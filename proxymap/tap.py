@@ -441,11 +441,11 @@ class ProxymapService(MultiService):
             if session is not None and fingerprint(old_ports[port]) != fingerprint(mapping):
                 self.registry.end(session.id, EndReason.RENEWED)
                 renewed += 1
-        added = 0
+        added = []
         for port in sorted(set(new_ports) - set(old_ports)):
             try:
                 self.add_port(port, new_ports[port])
-                added += 1
+                added.append(port)
             except CannotListenError as e:
                 log.error(
                     "reload: cannot listen on port {port}: {error}",
@@ -453,10 +453,15 @@ class ProxymapService(MultiService):
                     error=str(e.socketError),
                 )
         self.set_releases(new)
+        removed = set(old_ports) - set(new_ports)
+        # Which ports, since they log no line of their own.
         log.info(
-            "reloaded: {added} ports added, {removed} removed, {renewed} sessions renewed",
-            added=added,
-            removed=len(set(old_ports) - set(new_ports)),
+            "reloaded: {added} ports added{added_spans}, {removed} removed{removed_spans}, "
+            "{renewed} sessions renewed",
+            added=len(added),
+            added_spans=f" ({port_spans(added)})" if added else "",
+            removed=len(removed),
+            removed_spans=f" ({port_spans(removed)})" if removed else "",
             renewed=renewed,
         )
 

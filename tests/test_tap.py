@@ -122,6 +122,21 @@ def test_one_line_per_mapping_not_per_port(tmp_path: Path) -> None:
     assert not [line for line in lines if "s3cret" in line]
 
 
+def test_a_reload_names_the_ports_it_added_and_removed(tmp_path: Path) -> None:
+    path = tmp_path / "proxymap.toml"
+    path.write_text(GOOD)
+    reactor = MemoryReactorClock()
+    service = tap.makeService(options("--config", str(path)), reactor=reactor)
+    service.privilegedStartService()
+    service.startService()
+    path.write_text(GOOD.replace('ports = "20001-20003"', 'ports = "20002-20005"'))
+    with capturedLogs() as events:
+        service.reload()
+    service.stopService()
+    said = [formatEvent(e) for e in events if formatEvent(e).startswith("reloaded:")]
+    assert said == ["reloaded: 2 ports added (20004-20005), 1 removed (20001), 0 sessions renewed"]
+
+
 @pytest.mark.parametrize(
     ("listen", "where"),
     [
