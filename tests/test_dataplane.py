@@ -737,6 +737,67 @@ def test_tunnel_half_close_both_directions() -> None:
     assert client.disconnecting
 
 
+POST_CUT = (
+    b"POST http://example.com/form HTTP/1.1\r\nHost: example.com\r\nContent-Length: 100\r\n\r\n"
+    + b"a" * 10
+)
+
+
+def test_a_discarded_body_that_ends_early_closes_the_connection() -> None:
+    """
+    A body proxymap reads only to discard it (its answer was local) and
+    whose client then stops sending (FIN) before its length can never end:
+    the connection closes after the answer, instead of waiting out the idle
+    timeout in CLOSE-WAIT (and holding a graceful stop for its whole grace).
+    """
+    h = Harness(session_api={"enabled": True, "domain": "portmapper"})
+    proto, client = h.client()
+    proto.dataReceived(
+        b"POST http://portmapper/session/ HTTP/1.1\r\nHost: portmapper\r\n"
+        b"Content-Length: 100\r\n\r\n" + b"a" * 10
+    )
+    answered(client, b"405 Method Not Allowed", b"")
+    assert not client.disconnecting  # the rest of the body may come
+    proto.readConnectionLost()
+    assert client.disconnecting
+
+
+def test_a_forwarded_body_that_ends_early_is_a_400() -> None:
+    """
+    When the client's FIN cuts a body being forwarded before the vendor
+    answered, the vendor would wait for the rest: the client gets a 400,
+    and the upstream connection is closed, not kept.
+    """
+    h = Harness(pool=True)
+    proto, client = h.client()
+    proto.dataReceived(POST_CUT)
+    _, upstream = h.upstream()
+    assert upstream.value().endswith(b"\r\n\r\n" + b"a" * 10)
+    proto.readConnectionLost()
+    answered(client, b"400 Bad Request", b"the request body ended before its declared length")
+    assert client.disconnecting
+    assert upstream.disconnecting
+    assert h.tally.pool is not None and len(h.tally.pool) == 0
+
+
+def test_a_body_that_ends_early_lets_a_started_response_finish() -> None:
+    """
+    If the vendor is already answering (an early response), the client's
+    FIN lets the response finish, then the connection closes.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(POST_CUT)
+    up, _ = h.upstream()
+    up.dataReceived(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 5\r\n\r\nto")
+    proto.readConnectionLost()
+    assert not client.disconnecting
+    up.dataReceived(b"o b")
+    first, _, body = head_of(client.value())
+    assert (first, body) == (b"HTTP/1.1 413 Content Too Large", b"too b")
+    assert client.disconnecting
+
+
 def test_tunnel_abort_closes_both_sides() -> None:
     """
     Over iosim: when the vendor's side of a tunnel is aborted, the client's

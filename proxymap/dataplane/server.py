@@ -319,6 +319,19 @@ class ProxyServer(flow.Throttled):
         elif self._request is None:
             flow.close(self.transport)
             return
+        elif self._body is not None:
+            # The request body ended before its length or last chunk: it can
+            # never be whole now (RFC 9112, 8: an incomplete message).
+            sink = self._body_sink
+            if sink is None:
+                # Read only to be discarded: the local answer is written.
+                self._fail_quietly()
+                return
+            if not sink.started:
+                # The upstream waits for the rest: tell the client instead.
+                self._fail(400, "the request body ended before its declared length")
+                return
+            self._close_after = True  # let the response in flight finish
         else:
             self._close_after = True
         if self._write_closed:

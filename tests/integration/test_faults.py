@@ -17,8 +17,10 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from zope.interface import implementer
 
 from proxymap.config import parse_config
 from proxymap.dataplane.server import ProxyFactory
@@ -292,6 +294,65 @@ async def test_client_aborts(when: str) -> None:
         client = TunnelClient(on_open=on_open)
         await open_tunnel(port, client)
         await client.closed
+        await eventually(lambda: not vendor.live, "the vendor side closed")
+        await still_serves(service, port)
+    finally:
+        await service.stopService()
+        await vendor.port.stopListening()
+
+
+@implementer(IHalfCloseableProtocol)
+class CutShortClient(Protocol):
+    """
+    Sends a request whose body stops before its Content-Length, then a FIN
+    (as a client that gave up on an upload does), and reads what comes.
+    """
+
+    def __init__(self, target: bytes) -> None:
+        self.target = target
+        self.data = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" % self.target
+            + b"a" * 1000
+        )
+        self.transport.loseWriteConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: object) -> None:
+        self.closed.callback(None)
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [(b"http://portmapper/session/", b"405"), (b"http://example.com/upload", b"400")],
+    ids=["answered-locally", "forwarded"],
+)
+@pytest_twisted.ensureDeferred
+async def test_client_stops_mid_body(target: bytes, status: bytes) -> None:
+    """
+    A body cut short by the client's FIN ends its connection at once: after
+    the Session API's answer, or with a 400 when the vendor was still
+    waiting for the rest (whose connection is closed too).  Before, the
+    connection stayed in CLOSE-WAIT until the idle timeout (5 minutes).
+    """
+    vendor = Vendor("blackhole")
+    service, port = proxymap_to(vendor.number, {"session_api": {"enabled": True}})
+    try:
+        client = CutShortClient(target)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        await client.closed.addTimeout(5, reactor)
+        assert client.data.startswith(b"HTTP/1.1 " + status), client.data
         await eventually(lambda: not vendor.live, "the vendor side closed")
         await still_serves(service, port)
     finally:
