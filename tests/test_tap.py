@@ -45,6 +45,17 @@ def options(*argv: str) -> tap.Options:
     return opts
 
 
+def from_config(tmp_path: Path, text: str = GOOD) -> tuple[tap.ProxymapService, MemoryReactorClock]:
+    """
+    The service ``makeService`` builds from a file holding ``text``, on a
+    memory reactor; not started.
+    """
+    path = tmp_path / "proxymap.toml"
+    path.write_text(text)
+    reactor = MemoryReactorClock()
+    return tap.makeService(options("--config", str(path)), reactor=reactor), reactor
+
+
 def test_plugin_is_found() -> None:
     """
     An import error in the plugin would make proxymap vanish silently from
@@ -70,10 +81,7 @@ def test_demo_listens_on_its_default_ports() -> None:
 
 
 def test_make_service_listens_on_every_port(tmp_path: Path) -> None:
-    path = tmp_path / "proxymap.toml"
-    path.write_text(GOOD)
-    reactor = MemoryReactorClock()
-    service = tap.makeService(options("--config", str(path)), reactor=reactor)
+    service, reactor = from_config(tmp_path)
     service.privilegedStartService()
     service.startService()
     listening = [(port, interface) for port, _, _, interface in reactor.tcpServers]
@@ -99,10 +107,7 @@ def test_one_line_per_mapping_not_per_port(tmp_path: Path) -> None:
     (the ports themselves log nothing: see test_reactor), where the admin
     API listens, and at the stop how many ports closed.  No secret in any.
     """
-    path = tmp_path / "proxymap.toml"
-    path.write_text(GOOD)
-    reactor = MemoryReactorClock()
-    service = tap.makeService(options("--config", str(path)), reactor=reactor)
+    service, _ = from_config(tmp_path)
     assert service.config is not None
     lifetimes = [f"{m.lifetime:g}" for m in service.config.mappings]
     with capturedLogs() as events:
@@ -123,13 +128,12 @@ def test_one_line_per_mapping_not_per_port(tmp_path: Path) -> None:
 
 
 def test_a_reload_names_the_ports_it_added_and_removed(tmp_path: Path) -> None:
-    path = tmp_path / "proxymap.toml"
-    path.write_text(GOOD)
-    reactor = MemoryReactorClock()
-    service = tap.makeService(options("--config", str(path)), reactor=reactor)
+    service, _ = from_config(tmp_path)
     service.privilegedStartService()
     service.startService()
-    path.write_text(GOOD.replace('ports = "20001-20003"', 'ports = "20002-20005"'))
+    (tmp_path / "proxymap.toml").write_text(
+        GOOD.replace('ports = "20001-20003"', 'ports = "20002-20005"')
+    )
     with capturedLogs() as events:
         service.reload()
     service.stopService()
@@ -146,13 +150,11 @@ def test_a_reload_names_the_ports_it_added_and_removed(tmp_path: Path) -> None:
     ],
 )
 def test_the_admin_line_names_any_address(tmp_path: Path, listen: str, where: str) -> None:
-    path = tmp_path / "proxymap.toml"
-    path.write_text(
+    service, _ = from_config(
+        tmp_path,
         GOOD.replace("tcp:28700:interface=127.0.0.1", listen.format(tmp=tmp_path))
-        + '\n[admin.users]\nops = "pw"\n'
+        + '\n[admin.users]\nops = "pw"\n',
     )
-    reactor = MemoryReactorClock()
-    service = tap.makeService(options("--config", str(path)), reactor=reactor)
     with capturedLogs() as events:
         service.privilegedStartService()
         service.startService()
