@@ -798,6 +798,30 @@ def test_a_body_that_ends_early_lets_a_started_response_finish() -> None:
     assert client.disconnecting
 
 
+def test_pipelined_requests_before_a_fin_are_all_answered() -> None:
+    """
+    A client that pipelines requests and then sends its FIN (``printf ... |
+    nc -N``) gets every whole request answered, forwarded and local alike,
+    in order; then the connection closes, a cut head left unanswered.
+    """
+    h = Harness(pool=True, session_api={"enabled": True, "domain": "portmapper"})
+    proto, client = h.client()
+    api = b"GET http://portmapper/session/ HTTP/1.1\r\nHost: portmapper\r\n\r\n"
+    proto.dataReceived(GET + api + GET + b"GET http://exa")
+    up, upstream = h.upstream()
+    proto.readConnectionLost()
+    assert not client.disconnecting
+    up.dataReceived(OK)
+    assert not client.disconnecting  # the second GET went up
+    assert upstream.value().count(b"GET http://example.com/page?q=1") == 2
+    up.dataReceived(OK)
+    assert client.value().count(b"HTTP/1.1 200 OK") == 3
+    assert client.value().count(b"hello") == 2
+    assert client.disconnecting
+    assert not upstream.disconnecting  # idle again: kept for the session
+    assert h.tally.pool is not None and len(h.tally.pool) == 1
+
+
 def test_tunnel_abort_closes_both_sides() -> None:
     """
     Over iosim: when the vendor's side of a tunnel is aborted, the client's

@@ -331,9 +331,10 @@ class ProxyServer(flow.Throttled):
                 # The upstream waits for the rest: tell the client instead.
                 self._fail(400, "the request body ended before its declared length")
                 return
-            self._close_after = True  # let the response in flight finish
-        else:
-            self._close_after = True
+            # The response in flight finishes, then the connection ends
+            # (response_done: no request can follow a cut body).
+        # Otherwise the request in flight and any whole ones pipelined
+        # after it are answered, then the connection ends (_finish_request).
         if self._write_closed:
             self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -729,6 +730,16 @@ class ProxyServer(flow.Throttled):
         self.resume_reading(flow.PIPELINE)
         if self._buffer:
             self._process()
+        if (
+            self._read_closed
+            and self._request is None
+            and not self._processing  # the outer _process goes on with the buffer
+            and not self._closing
+            and self._tunnel is None
+        ):
+            # The client sent its FIN and every whole request before it is
+            # answered; what is left of the buffer can never be one.
+            self._fail_quietly()
 
     # ------------------------------------------------------------ tunnels
 

@@ -360,6 +360,58 @@ async def test_client_stops_mid_body(target: bytes, status: bytes) -> None:
         await vendor.port.stopListening()
 
 
+@implementer(IHalfCloseableProtocol)
+class PipeliningClient(Protocol):
+    """
+    Sends its requests in one write, then its FIN (``printf ... | nc -N``).
+    """
+
+    def __init__(self, requests: bytes) -> None:
+        self.requests = requests
+        self.data = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.requests)
+        self.transport.loseWriteConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: object) -> None:
+        self.closed.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_then_a_fin() -> None:
+    """
+    Every whole request sent before the client's FIN is answered, through
+    the vendor and by the Session API, then the connection closes.  Only
+    the first used to be.
+    """
+    vendor = SandboxVendor(user="alice", password="s3cret")
+    listening = reactor.listenTCP(0, vendor.factory(reactor), interface="127.0.0.1")
+    service, port = proxymap_to(listening.getHost().port, {"session_api": {"enabled": True}})
+    try:
+        get = b"GET http://ip.sandbox/json HTTP/1.1\r\nHost: ip.sandbox\r\n\r\n"
+        api = b"GET http://portmapper/session/ HTTP/1.1\r\nHost: portmapper\r\n\r\n"
+        client = PipeliningClient(get + get + api + get + b"GET http://ip.sa")
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        await client.closed.addTimeout(5, reactor)
+        assert client.data.count(b"HTTP/1.1 200 OK") == 4
+        assert client.data.count(b'"ip": ') == 3
+        await still_serves(service, port)
+    finally:
+        await service.stopService()
+        await listening.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_thousands_of_connections_opened_and_dropped(origin: Origin) -> None:
     sandbox = SandboxVendor(user="alice", password="s3cret")
