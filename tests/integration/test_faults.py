@@ -302,22 +302,19 @@ async def test_client_aborts(when: str) -> None:
 
 
 @implementer(IHalfCloseableProtocol)
-class CutShortClient(Protocol):
+class HalfClosingClient(Protocol):
     """
-    Sends a request whose body stops before its Content-Length, then a FIN
-    (as a client that gave up on an upload does), and reads what comes.
+    Sends ``payload`` in one write, then its FIN (``printf ... | nc -N``),
+    and reads what comes until the server closes.
     """
 
-    def __init__(self, target: bytes) -> None:
-        self.target = target
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
         self.data = b""
         self.closed: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
-        self.transport.write(
-            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" % self.target
-            + b"a" * 1000
-        )
+        self.transport.write(self.payload)
         self.transport.loseWriteConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -349,7 +346,10 @@ async def test_client_stops_mid_body(target: bytes, status: bytes) -> None:
     vendor = Vendor("blackhole")
     service, port = proxymap_to(vendor.number, {"session_api": {"enabled": True}})
     try:
-        client = CutShortClient(target)
+        # A body that stops before its Content-Length (an upload given up on).
+        client = HalfClosingClient(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" % target + b"a" * 1000
+        )
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
         await client.closed.addTimeout(5, reactor)
         assert client.data.startswith(b"HTTP/1.1 " + status), client.data
@@ -358,34 +358,6 @@ async def test_client_stops_mid_body(target: bytes, status: bytes) -> None:
     finally:
         await service.stopService()
         await vendor.port.stopListening()
-
-
-@implementer(IHalfCloseableProtocol)
-class PipeliningClient(Protocol):
-    """
-    Sends its requests in one write, then its FIN (``printf ... | nc -N``).
-    """
-
-    def __init__(self, requests: bytes) -> None:
-        self.requests = requests
-        self.data = b""
-        self.closed: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.requests)
-        self.transport.loseWriteConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def readConnectionLost(self) -> None:
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: object) -> None:
-        self.closed.callback(None)
 
 
 @pytest_twisted.ensureDeferred
@@ -401,7 +373,7 @@ async def test_pipelined_requests_then_a_fin() -> None:
     try:
         get = b"GET http://ip.sandbox/json HTTP/1.1\r\nHost: ip.sandbox\r\n\r\n"
         api = b"GET http://portmapper/session/ HTTP/1.1\r\nHost: portmapper\r\n\r\n"
-        client = PipeliningClient(get + get + api + get + b"GET http://ip.sa")
+        client = HalfClosingClient(get + get + api + get + b"GET http://ip.sa")
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
         await client.closed.addTimeout(5, reactor)
         assert client.data.count(b"HTTP/1.1 200 OK") == 4
