@@ -822,6 +822,70 @@ def test_pipelined_requests_before_a_fin_are_all_answered() -> None:
     assert h.tally.pool is not None and len(h.tally.pool) == 1
 
 
+CHUNKED_BAD = (
+    b"POST http://example.com/form HTTP/1.1\r\nHost: example.com\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def test_a_malformed_chunked_body_is_a_400_before_the_answer() -> None:
+    """
+    A request body whose chunk framing is broken, found before the vendor
+    began to answer: the client gets a 400 saying so (not a reset), and
+    the upstream connection, which got part of the body, is closed.
+    """
+    h = Harness(pool=True)
+    proto, client = h.client()
+    proto.dataReceived(CHUNKED_BAD + b"5\r\nhello\r\n")
+    _, upstream = h.upstream()
+    proto.dataReceived(b"zz\r\nabc\r\n0\r\n\r\n")
+    answered(client, b"400 Bad Request", b"invalid chunk size")
+    assert client.disconnecting and not client.disconnected  # closed, not reset
+    assert upstream.disconnecting
+    assert h.tally.pool is not None and len(h.tally.pool) == 0
+
+
+def test_a_malformed_chunked_body_after_the_answer_began_resets() -> None:
+    """
+    Once the vendor's answer is under way, no 400 can be told: the
+    connection is reset, so the client sees the answer incomplete.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(CHUNKED_BAD + b"5\r\nhello\r\n")
+    up, upstream = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhal")
+    proto.dataReceived(b"zz\r\n")
+    assert client.disconnected and upstream.disconnected
+
+
+def test_a_malformed_discarded_body_closes_after_the_local_answer() -> None:
+    """
+    A body read only to be discarded (the Session API answered) that turns
+    out malformed: the connection closes; no second answer is written.
+    """
+    h = Harness(session_api={"enabled": True, "domain": "portmapper"})
+    proto, client = h.client()
+    proto.dataReceived(
+        b"POST http://portmapper/session/ HTTP/1.1\r\nHost: portmapper\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+    )
+    assert client.value().count(b"HTTP/1.1 ") == 1
+    answered(client, b"405 Method Not Allowed", b"")
+    assert client.disconnecting and not client.disconnected
+
+
+def test_a_nul_in_the_vendors_response_head_is_a_502() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n")
+    first, _, _ = head_of(client.value())
+    assert first == b"HTTP/1.1 502 Bad Gateway"
+    assert b"\x00" not in client.value()
+
+
 def test_tunnel_abort_closes_both_sides() -> None:
     """
     Over iosim: when the vendor's side of a tunnel is aborted, the client's

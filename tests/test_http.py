@@ -56,6 +56,56 @@ def test_request_errors(head: bytes, status: int) -> None:
     assert e.value.status == status
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET http://x/ HTTP/1.1\r\nHost: x\r\nX-A: a\x00b",
+        b"GET http://x/\x00 HTTP/1.1\r\nHost: x",
+        b"POST http://x/ HTTP/1.1\r\nContent-Length: 1\x00",
+    ],
+)
+def test_a_nul_in_a_request_head_is_refused(head: bytes) -> None:
+    """
+    RFC 9110, 5.5: a NUL in a field must be refused or replaced; forwarded
+    verbatim it could end the field early at the next hop.  The fast path
+    leaves such heads to the general one, which refuses them.
+    """
+    assert http._parse_request_fast(head, 128) is None
+    with pytest.raises(HTTPError) as e:
+        parse_request_head(head)
+    assert (e.value.status, e.value.message) == (400, "NUL in the message head")
+
+
+@pytest.mark.parametrize(
+    "head", [b"HTTP/1.1 200 OK\r\nX-A: a\x00b", b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0"]
+)
+def test_a_nul_in_a_response_head_is_refused(head: bytes) -> None:
+    assert http._parse_response_fast(head, b"GET") is None
+    with pytest.raises(HTTPError) as e:
+        parse_response_head(head, b"GET")
+    assert e.value.status == 502
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-A: a\rb",
+        b"HTTP/1.1 200 OK\r\nX-A: a\nb",
+        b"HTTP/1.1 200 OK" + b"\r\nA: b" * 200,
+    ],
+    ids=["bare-cr", "bare-lf", "too-many-fields"],
+)
+def test_a_bad_response_head_is_the_vendors_fault(head: bytes) -> None:
+    """
+    Whatever is wrong with a response head, the client is told 502 (the
+    vendor's fault), never the 400 or 431 a request head would get.
+    """
+    with pytest.raises(HTTPError) as e:
+        parse_response_head(head, b"GET")
+    assert e.value.status == 502
+    assert e.value.message.startswith("the upstream sent a malformed response head")
+
+
 def test_response_framing() -> None:
     r = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 3", b"GET")
     assert r.content_length == 3 and r.keep_alive

@@ -50,17 +50,20 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _ABSOLUTE = re.compile(rb"([^:/?#]*)://([^/?#]*)(.*)", re.S)
 _AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[^:\[\]@/?#\s]+)(?::([0-9]{1,5}))?")
 # A header block (after the first line) made only of well-formed fields: a
-# token name, a colon, and a value free of CR and LF.  Heads that are not
+# token name, a colon, and a value free of CR, LF and NUL.  Heads that are not
 # this take the general path, which says what is wrong with them.
-_PLAIN_FIELDS = rb"((?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*)*)"
-# A whole plain request head: a common method, a target free of spaces, CR
-# and LF, HTTP/1.x, and plain fields.
+_PLAIN_FIELDS = rb"((?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*)*)"
+# A whole plain request head: a common method, a target free of spaces, CR,
+# LF and NUL, HTTP/1.x, and plain fields.
 _PLAIN_REQUEST = re.compile(
-    rb"(GET|POST|PUT|HEAD|DELETE|OPTIONS|PATCH|CONNECT) ([^ \r\n]+) (HTTP/1\.[01])" + _PLAIN_FIELDS
+    rb"(GET|POST|PUT|HEAD|DELETE|OPTIONS|PATCH|CONNECT) ([^ \r\n\x00]+) (HTTP/1\.[01])"
+    + _PLAIN_FIELDS
 )
 # A whole plain response head: HTTP/1.x, a status code not starting with 0,
-# an optional reason free of CR and LF, and plain fields.
-_PLAIN_RESPONSE = re.compile(rb"(HTTP/1\.[01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?" + _PLAIN_FIELDS)
+# an optional reason free of CR, LF and NUL, and plain fields.
+_PLAIN_RESPONSE = re.compile(
+    rb"(HTTP/1\.[01]) ([1-9][0-9][0-9])(?: ([^\r\n\x00]*))?" + _PLAIN_FIELDS
+)
 # The fields of a (lowercased) plain block that mean anything to the proxy.
 # Anything else is forwarded untouched and needs no look.
 _NOTABLE_REQUEST = re.compile(
@@ -188,6 +191,10 @@ def _split_head(head: bytes, max_headers: int = MAX_HEADERS) -> list[bytes]:
     # A bare CR or LF inside a line is a classic request-smuggling device.
     if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
         raise HTTPError(400, "bare CR or LF in the message head")
+    # So is a NUL, which a recipient must reject or replace (RFC 9110, 5.5);
+    # forwarded as it came, the next hop might read it as the end.
+    if b"\x00" in head:
+        raise HTTPError(400, "NUL in the message head")
     if len(lines) - 1 > max_headers:
         raise HTTPError(431, f"more than {max_headers} header fields")
     return lines
@@ -542,7 +549,11 @@ def _parse_response_general(head: bytes, request_method: bytes) -> Response:
     """
     Parse any response head, and say exactly what is wrong with a bad one.
     """
-    lines = _split_head(head)
+    try:
+        lines = _split_head(head)
+    except HTTPError as e:
+        # The vendor's fault, not the client's: a 502, as for any bad response.
+        raise HTTPError(502, f"the upstream sent a malformed response head ({e.message})") from None
     version, _, rest = lines[0].partition(b" ")
     code, _, reason = rest.partition(b" ")
     if (

@@ -704,7 +704,14 @@ class ProxyServer(flow.Throttled):
             log.debug(
                 "bad request body from {client}: {error}", client=self.client, error=e.message
             )
-            self.abort()
+            sink = self._body_sink
+            if sink is None:
+                self._fail_quietly()  # a discarded body: the local answer is out
+            elif not sink.started:
+                # The upstream has not begun to answer: the client can be told why.
+                self._fail(e.status, e.message)
+            else:
+                self.abort()
             return b""
         if n:
             chunk = data if n == len(data) else data[:n]

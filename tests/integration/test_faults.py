@@ -360,6 +360,40 @@ async def test_client_stops_mid_body(target: bytes, status: bytes) -> None:
         await vendor.port.stopListening()
 
 
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (
+            b"POST http://example.com/ HTTP/1.1\r\nHost: example.com\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+            b"invalid chunk size",
+        ),
+        (b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nX: a\x00b\r\n\r\n", b"NUL"),
+    ],
+    ids=["bad-chunk", "nul-in-a-field"],
+)
+@pytest_twisted.ensureDeferred
+async def test_malformed_requests_get_a_400(request_: bytes, message: bytes) -> None:
+    """
+    A broken chunked body (before the vendor answers) and a NUL in a field
+    get a 400 that says why, not a reset or a forwarded NUL; nothing is
+    left at the vendor, and the port keeps serving.
+    """
+    vendor = Vendor("blackhole")
+    service, port = proxymap_to(vendor.number)
+    try:
+        client = HalfClosingClient(request_)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        await client.closed.addTimeout(5, reactor)
+        assert client.data.startswith(b"HTTP/1.1 400 "), client.data
+        assert message in client.data
+        await eventually(lambda: not vendor.live, "the vendor side closed")
+        await still_serves(service, port)
+    finally:
+        await service.stopService()
+        await vendor.port.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_pipelined_requests_then_a_fin() -> None:
     """
