@@ -320,19 +320,11 @@ class ProxyServer(flow.Throttled):
             flow.close(self.transport)
             return
         elif self._body is not None:
-            # The request body ended before its length or last chunk: it can
-            # never be whole now (RFC 9112, 8: an incomplete message).
-            sink = self._body_sink
-            if sink is None:
-                # Read only to be discarded: the local answer is written.
-                self._fail_quietly()
+            # The body ended before its length or last chunk (RFC 9112, 8:
+            # an incomplete message).  An answer under way finishes, then
+            # the connection ends (response_done: nothing can follow a cut body).
+            if self._body_broken(400, "the request body ended before its declared length"):
                 return
-            if not sink.started:
-                # The upstream waits for the rest: tell the client instead.
-                self._fail(400, "the request body ended before its declared length")
-                return
-            # The response in flight finishes, then the connection ends
-            # (response_done: no request can follow a cut body).
         # Otherwise the request in flight and any whole ones pipelined
         # after it are answered, then the connection ends (_finish_request).
         if self._write_closed:
@@ -704,14 +696,8 @@ class ProxyServer(flow.Throttled):
             log.debug(
                 "bad request body from {client}: {error}", client=self.client, error=e.message
             )
-            sink = self._body_sink
-            if sink is None:
-                self._fail_quietly()  # a discarded body: the local answer is out
-            elif not sink.started:
-                # The upstream has not begun to answer: the client can be told why.
-                self._fail(e.status, e.message)
-            else:
-                self.abort()
+            if not self._body_broken(e.status, e.message):
+                self.abort()  # an answer is under way: the client sees it cut
             return b""
         if n:
             chunk = data if n == len(data) else data[:n]
@@ -728,6 +714,22 @@ class ProxyServer(flow.Throttled):
                 self._finish_request()
             self._body_sink = None
         return data[n:] if n < len(data) else b""
+
+    def _body_broken(self, status: int, message: str) -> bool:
+        """
+        The request body can never be whole.  Unless the upstream has begun
+        to answer (``False``: the caller decides), end the connection: after
+        the local answer already written when the body was only being
+        discarded, else with ``status`` and ``message`` for the client.
+        """
+        sink = self._body_sink
+        if sink is None:
+            self._fail_quietly()
+        elif not sink.started:  # the upstream still waits for the rest
+            self._fail(status, message)
+        else:
+            return False
+        return True
 
     def _finish_request(self) -> None:
         self._request = None
