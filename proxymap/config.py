@@ -70,6 +70,13 @@ class Secret:
     __str__ = __repr__
 
 
+def bracketed(host: str) -> str:
+    """
+    ``host`` as written before ``:port``: an IPv6 address in brackets.
+    """
+    return f"[{host}]" if ":" in host else host
+
+
 @attrs.frozen
 class Upstream:
     """
@@ -82,8 +89,7 @@ class Upstream:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return f"{bracketed(self.host)}:{self.port}"
 
 
 @attrs.frozen

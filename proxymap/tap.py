@@ -33,6 +33,7 @@ from proxymap.config import (
     Config,
     ConfigError,
     MappingConfig,
+    bracketed,
     load_config,
     parse_config,
 )
@@ -180,7 +181,7 @@ class _Listener(StreamServerEndpointService):
         self.listening = port
         host = port.getHost()
         if hasattr(host, "port"):
-            where = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+            where = f"{bracketed(host.host)}:{host.port}"
         else:  # a UNIX socket, its path in bytes
             where = os.fsdecode(host.name)
         log.info("{what} listening on {where}", what=self.what, where=where)
@@ -299,7 +300,7 @@ class ProxymapService(MultiService):
                 name=mapping.name,
                 count=count,
                 ports="port" if count == 1 else "ports",
-                bind=f"[{mapping.bind}]" if ":" in mapping.bind else mapping.bind,
+                bind=bracketed(mapping.bind),
                 spans=port_spans(mapping.ports),
                 upstream=f"{mapping.upstream.scheme}://{mapping.upstream.address}",
                 lifetime=mapping.lifetime,
