@@ -663,9 +663,8 @@ def build_service(
         admin = re.fullmatch(r"tcp:(\d+):interface=127\.0\.0\.1", config.admin.listen)
         p1, p2 = first.ports[0], first.ports[min(1, len(first.ports) - 1)]
         root.banner = [
-            f"proxymap demo: sandbox vendor on 127.0.0.1:{sandbox[1]}, "
-            f"sticky ports 127.0.0.1:{first.ports[0]}-{first.ports[-1]}, "
-            f"sessions last {first.lifetime:g}s",
+            # The mapping's own line, just before, gives its ports and lifetime.
+            "proxymap demo: the upstream is the built-in sandbox vendor; try:",
             f"  curl -x http://127.0.0.1:{p1} http://{SANDBOX_HOST}/json   "
             "# the same exit every time",
             f"  curl -x http://127.0.0.1:{p2} http://{SANDBOX_HOST}/json   "
