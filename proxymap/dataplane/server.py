@@ -90,6 +90,15 @@ class UpstreamTarget:
     #: over a SOCKS CONNECT to the target.
     socks: SocksRoute | None = None
 
+    @property
+    def peer(self) -> str:
+        """
+        What the peer at ``host:port`` is called in errors: ``upstream``
+        (a proxy) or ``target`` (the origin itself, as the sandbox vendor
+        connects to it).
+        """
+        return "upstream" if self.via_proxy or self.socks is not None else "target"
+
 
 @attrs.define
 class Tally:

@@ -321,12 +321,13 @@ class UpstreamProtocol(flow.Throttled):
         if self._lost:  # we stopped connecting ourselves
             return
         self._lost = True
+        peer = self.target.peer
         if reason.check(error.TimeoutError):
-            status, message = 504, f"timed out connecting to the upstream {self.address}"
+            status, message = 504, f"timed out connecting to the {peer} {self.address}"
         elif reason.check(error.DNSLookupError):
-            status, message = 502, f"cannot look up the upstream host {self.target.host}"
+            status, message = 502, f"cannot look up the {peer} host {self.target.host}"
         else:
-            status, message = 502, f"cannot connect to the upstream {self.address}"
+            status, message = 502, f"cannot connect to the {peer} {self.address}"
         log.info(
             "{message}: {error}",
             message=message,

@@ -1,0 +1,67 @@
+"""
+The sandbox vendor's own data plane, in memory: it connects to targets
+directly, as a vendor's exit does, and says so when one fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TimeoutError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from proxymap.credentials import basic_authorization
+from proxymap.dataplane.names import HostCache
+from proxymap.sandbox.vendor import SandboxVendor
+
+AUTH = basic_authorization("demo-session-abc123", "demo")
+
+
+def _lookup(host: str) -> Deferred[str]:
+    if host.endswith(".invalid"):
+        return fail(DNSLookupError(host))
+    return Deferred()  # never answers
+
+
+@pytest.mark.parametrize(
+    "host, failure, status, text",
+    [
+        ("nowhere.invalid", None, b"502", b"cannot look up the target host nowhere.invalid"),
+        (
+            "192.0.2.7",
+            ConnectionRefusedError(),
+            b"502",
+            b"cannot connect to the target 192.0.2.7:80",
+        ),
+        ("192.0.2.7", TimeoutError(), b"504", b"timed out connecting to the target 192.0.2.7:80"),
+    ],
+)
+def test_a_target_the_sandbox_cannot_reach_is_named_as_the_target(
+    host: str, failure: Exception | None, status: bytes, text: bytes
+) -> None:
+    """
+    The sandbox's peer is the origin, not an upstream proxy: its errors
+    (and its log lines) must not send a newcomer looking for an upstream.
+    """
+    reactor = MemoryReactorClock()
+    vendor = SandboxVendor(user="demo", password="demo")
+    factory = vendor.factory(reactor)
+    factory.tally.names = factory.names = HostCache(reactor, resolve=_lookup)
+    conn = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    client = StringTransport()
+    conn.makeConnection(client)
+    conn.dataReceived(
+        b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\nProxy-Authorization: %s\r\n\r\n"
+        % (host.encode(), host.encode(), AUTH)
+    )
+    reactor.advance(0)
+    if failure is not None:
+        [(_, port, connector_factory, _, _)] = reactor.tcpClients
+        assert port == 80
+        connector_factory.clientConnectionFailed(None, Failure(failure))
+    answer = client.value()
+    assert answer.startswith(b"HTTP/1.1 " + status)
+    assert answer.rstrip().endswith(text)
+    assert b"upstream" not in answer
