@@ -674,10 +674,7 @@ def build_service(
             f"  curl -x http://127.0.0.1:{p1} http://{first.session_api.domain}/session/new   "
             "# a new session (and exit) for this port, now",
         ] + (
-            [
-                f"  admin API on {config.admin.listen}: "
-                f"curl http://127.0.0.1:{admin.group(1)}/sessions"
-            ]
+            [f"  curl http://127.0.0.1:{admin.group(1)}/sessions   # every session (admin API)"]
             if admin
             else []
         )
