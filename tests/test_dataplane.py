@@ -72,6 +72,27 @@ def test_forwards_absolute_form_with_session_credentials() -> None:
     assert not client.disconnecting
 
 
+def test_the_vendor_sees_the_targets_host_not_the_clients() -> None:
+    """
+    A Host naming another host than the request's target is replaced on the
+    way to the vendor; a request without one (HTTP/1.0) gets the target's,
+    whatever its length.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"GET http://example.com/a HTTP/1.1\r\nHost: other.example\r\n\r\n")
+    up, upstream = h.upstream()
+    _, lines, _ = head_of(upstream.value())
+    assert header(lines, b"host") == [b"example.com"]
+    up.dataReceived(OK)
+    long_name = b"a" * 64 + b".example"
+    proto.dataReceived(b"GET http://" + long_name + b"/ HTTP/1.0\r\n\r\n")
+    _, lines, _ = head_of(upstream.value().rpartition(b"\r\n\r\nGET ")[2])
+    assert header(lines, b"host") == [long_name]
+    up.dataReceived(OK)
+    assert client.value().count(b"200 OK") == 2
+
+
 def test_keep_alive_reuses_upstream_connection() -> None:
     """
     Requests of one session on one client connection share one upstream connection.

@@ -27,6 +27,58 @@ def test_absolute_form() -> None:
     assert r.keep_alive and not r.has_body
 
 
+@pytest.mark.parametrize(
+    ("head", "host"),
+    [
+        (b"GET http://example.com/ HTTP/1.1\r\nHost: other.example", b"example.com"),
+        (
+            b"GET http://u:p@example.com:8080/ HTTP/1.1\r\nHost: example.com\r\nConnection: close",
+            b"example.com:8080",
+        ),
+        # A field only the general parser takes (TE) beside it.
+        (b"GET http://example.com/ HTTP/1.1\r\nTE: trailers\r\nhost: other", b"example.com"),
+        (b"GET http://example.com/ HTTP/1.1\r\nHost:", b"example.com"),
+    ],
+)
+def test_a_host_field_naming_another_host_is_replaced(head: bytes, host: bytes) -> None:
+    """
+    A proxy ignores the Host of an absolute-form request and sends the
+    target's instead (RFC 9112 3.2.2): the vendor, and through a SOCKS5
+    upstream the origin itself, must not see a host the target does not name.
+    """
+    r = parse_request_head(head)
+    assert not r.has_host_header and r.verbatim is None
+    assert [line for line in r.lines if line.lower().startswith(b"host:")] == []
+    assert r.host_header == host
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET http://example.com/ HTTP/1.1\r\nHost: EXAMPLE.com",
+        b"GET http://example.com:8080/ HTTP/1.1\r\nTE: trailers\r\nHost: example.com:8080",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: other.example",  # its target is all
+    ],
+)
+def test_a_host_field_naming_the_target_is_kept(head: bytes) -> None:
+    r = parse_request_head(head)
+    assert r.has_host_header
+    assert [line for line in r.lines if line.lower().startswith(b"host:")] != []
+
+
+def test_the_host_made_for_a_request_without_one_is_the_target_as_written() -> None:
+    """
+    An HTTP/1.0 request without Host gets the target's authority, bytes as
+    the client wrote them: no IDNA round trip, which refused a label over
+    63 characters and took the connection down with it.
+    """
+    label = b"a" * 64
+    r = parse_request_head(b"GET http://" + label + b".example/x HTTP/1.0")
+    assert not r.has_host_header and r.host_header == label + b".example"
+    r = parse_request_head(b"GET http://[::1]:81/ HTTP/1.0")
+    assert r.host_header == b"[::1]:81"
+
+
 def test_ipv6_and_userinfo() -> None:
     r = parse_request_head(b"GET http://user:pw@[::1]:81 HTTP/1.1")
     assert (r.host, r.port, r.path) == ("::1", 81, b"/")
@@ -48,6 +100,8 @@ def test_ipv6_and_userinfo() -> None:
         (b"GET http://x/ HTTP/1.1\r\n folded", 400),
         (b"GET http://x/ HTTP/1.1\r\nContent-Length: -1", 400),
         (b"GET http://x/ HTTP/1.1" + b"\r\nA: b" * 200, 431),
+        (b"GET http://ex\xe4mple.com/ HTTP/1.1", 400),  # a URI's host is ASCII
+        (b"CONNECT ex\xe4mple.com:443 HTTP/1.1", 400),
     ],
 )
 def test_request_errors(head: bytes, status: int) -> None:
@@ -233,7 +287,17 @@ _field_names = st.sampled_from(
     ]
 )
 _field_values = st.sampled_from(
-    [b"a", b"keep-alive", b"close", b"X-Trace", b"Basic YTpi", b"text/html; q=1", b""]
+    [
+        b"a",
+        b"keep-alive",
+        b"close",
+        b"X-Trace",
+        b"Basic YTpi",
+        b"text/html; q=1",
+        b"",
+        b"example.com",
+        b"Example.COM",
+    ]
 )
 _fields = st.lists(
     st.tuples(_field_names, _field_values).map(lambda f: f[0] + b": " + f[1]), max_size=8
@@ -262,6 +326,9 @@ def test_verbatim_request_fields_equal_the_rebuild(fields: list[bytes], version:
             b"te",
             b"upgrade",
         )
+        for f in fields
+    ) or any(  # a Host naming another host than the target is replaced
+        f.split(b":")[0].lower() == b"host" and f.split(b":")[1].strip().lower() != b"example.com"
         for f in fields
     )
     assert (request.verbatim is None) == dropped
@@ -343,6 +410,8 @@ _plain_values = st.sampled_from(
         b"chunked",
         b"Basic dXNlcjpwYXNz",
         b"example.com:8080",
+        b"Example.COM:8080",
+        b"example.com",
         b"\x00\x7f\xff",
     ]
 )
@@ -373,6 +442,7 @@ _request_lines = st.tuples(
             b"*",
             b"http://exa\nmple.com/",
             b"http://example.com:99999/",
+            b"http://ex\xe4mple.com/",
             b"",
         ]
     ),

@@ -167,6 +167,21 @@ def test_socks5_connect_through_the_session() -> None:
     assert h.registry.current(PORT).connections == {proto}
 
 
+def test_socks5_long_host_name_goes_upstream_as_given() -> None:
+    """
+    A name with a label over 63 characters is the vendor's to refuse: it
+    used to fail an IDNA encoding here and drop the client without a reply.
+    """
+    name = "a" * 64 + ".example"
+    h = Harness()
+    _, client = socks5_client(h, name, 80)
+    up, upstream = h.upstream()
+    first, _, _ = head_of(upstream.value())
+    assert first == b"CONNECT " + name.encode() + b":80 HTTP/1.1"
+    up.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    assert client.value() == b"\x05\x00" + socks.socks5_reply(0)
+
+
 def test_socks4a_connect() -> None:
     h = Harness()
     proto, client = h.client()
@@ -339,6 +354,22 @@ def test_socks5_upstream_failures(answer: bytes, status: bytes) -> None:
         up.dataReceived(b"\x01\x01" if part == b"auth-fail" else part)
     assert head_of(client.value())[0].split(b" ")[1] == status
     assert b"s3cret" not in client.value()
+
+
+def test_a_long_host_name_over_a_socks5_upstream() -> None:
+    """
+    The SOCKS5 request to the vendor names the target as the client did,
+    whatever its labels' length; the origin gets the target's Host.
+    """
+    h = Harness(upstream="socks5://gw.example.com:1080")
+    proto, _ = h.client()
+    name = b"a" * 64 + b".example"
+    proto.dataReceived(b"GET http://" + name + b"/ HTTP/1.1\r\nHost: other.example\r\n\r\n")
+    up, upstream, _, request = socks_upstream_handshake(h)
+    assert request == b"\x05\x01\x00\x03" + bytes((len(name),)) + name + b"\x00\x50"
+    up.dataReceived(OK_REPLY)
+    _, lines, _ = head_of(upstream.value())
+    assert header(lines, b"host") == [name]
 
 
 def test_socks5_upstream_config() -> None:

@@ -48,7 +48,8 @@ _COMMON_METHODS = frozenset(
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # scheme :// authority, then the rest (path, query, fragment) from the first / ? or #.
 _ABSOLUTE = re.compile(rb"([^:/?#]*)://([^/?#]*)(.*)", re.S)
-_AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[^:\[\]@/?#\s]+)(?::([0-9]{1,5}))?")
+# A URI's host is ASCII (RFC 3986 3.2.2; an IDN travels as punycode).
+_AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[^:\[\]@/?#\s\x80-\xff]+)(?::([0-9]{1,5}))?")
 # A header block (after the first line) made only of well-formed fields: a
 # token name, a colon, and a value free of CR, LF and NUL.  Heads that are not
 # this take the general path, which says what is wrong with them.
@@ -159,12 +160,14 @@ class Request:
     @property
     def host_header(self) -> bytes:
         """
-        The Host field for a client that sent none (HTTP/1.0), from the target.
+        The Host field of a request that goes upstream without the client's
+        (it sent none, as HTTP/1.0 clients may, or one naming another host
+        than its target): the target's authority as the client wrote it,
+        less any userinfo (RFC 9112 3.2.2).
         """
-        authority = self.authority
-        if self.port == 80:
-            authority = authority.rsplit(":", 1)[0]
-        return authority.encode("idna")
+        if self.method == b"CONNECT":
+            return self.target
+        return _target_authority(self.target)
 
 
 @attrs.define(slots=True)
@@ -312,6 +315,7 @@ def _parse_request_fast(head: bytes, max_headers: int) -> Request | None:
     content_length: int | None = None
     proxy_authorization: bytes | None = None
     header_host: bytes | None = None
+    host_match: re.Match[bytes] | None = None
     close = keep = False
     dropped: list[tuple[int, int]] = []
     for match in _NOTABLE_REQUEST.finditer(block.lower()):
@@ -320,6 +324,7 @@ def _parse_request_fast(head: bytes, max_headers: int) -> Request | None:
             if header_host is not None:
                 return None
             header_host = block[match.start(2) : match.end(2)].strip()
+            host_match = match
         elif name == b"content-length":
             text = match.group(2).strip()
             if content_length is not None or not text.isdigit() or len(text) > 18:
@@ -337,12 +342,16 @@ def _parse_request_fast(head: bytes, max_headers: int) -> Request | None:
             dropped.append(match.span())
         else:
             return None
+    host, port, path, authority = _request_target(method, target)
+    if header_host != authority and _names_another_host(method, header_host, authority):
+        assert host_match is not None  # header_host was set with it
+        dropped = sorted([*dropped, host_match.span()])
+        header_host = None
     kept = _without(block, dropped) if dropped else block
     if version == b"HTTP/1.1":
         keep_alive = not close
     else:
         keep_alive = keep and not close
-    host, port, path = _request_target(method, target)
     return Request(
         method,
         target,
@@ -361,15 +370,16 @@ def _parse_request_fast(head: bytes, max_headers: int) -> Request | None:
     )
 
 
-def _request_target(method: bytes, target: bytes) -> tuple[str | None, int, bytes]:
+def _request_target(method: bytes, target: bytes) -> tuple[str | None, int, bytes, bytes | None]:
     """
-    The host, port and origin-form path a request target names.
+    The host, port and origin-form path a request target names, and its
+    authority as written (less any userinfo; ``None`` in origin form).
     """
     if method == b"CONNECT":
         host, port = parse_authority(target, None)
-        return host, port, target
+        return host, port, target, target
     if target[:1] == b"/":
-        return None, 0, target
+        return None, 0, target, None
     match = _ABSOLUTE.match(target)
     if match is None:
         raise HTTPError(400, "request target is neither absolute nor origin form")
@@ -383,7 +393,32 @@ def _request_target(method: bytes, target: bytes) -> tuple[str | None, int, byte
     host, port = parse_authority(authority, 80)
     if path[:1] != b"/":
         path = b"/" + path
-    return host, port, path
+    return host, port, path, authority
+
+
+def _target_authority(target: bytes) -> bytes:
+    """
+    The authority of an absolute-form target, less any userinfo.
+    """
+    match = _ABSOLUTE.match(target)
+    assert match is not None  # the target was parsed
+    return match.group(2).rpartition(b"@")[2]
+
+
+def _names_another_host(method: bytes, header_host: bytes | None, authority: bytes | None) -> bool:
+    """
+    Whether a request's Host field must be replaced on its way upstream: an
+    absolute-form request whose Host names another host than its target
+    (RFC 9112 3.2.2: a proxy ignores the received Host and sends the
+    target's).  CONNECT keeps what it has: its target is all that counts.
+    """
+    return (
+        header_host is not None
+        and authority is not None
+        and header_host != authority
+        and method != b"CONNECT"
+        and header_host.lower() != authority.lower()
+    )
 
 
 def _parse_request_general(head: bytes, max_headers: int) -> Request:
@@ -454,7 +489,11 @@ def _parse_request_general(head: bytes, max_headers: int) -> Request:
     else:
         keep_alive = b"keep-alive" in options and b"close" not in options
 
-    host, port, path = _request_target(method, target)
+    host, port, path, authority = _request_target(method, target)
+    if header_host != authority and _names_another_host(method, header_host, authority):
+        kept = [line for line in kept if line.partition(b":")[0].lower() != b"host"]
+        dropped = True
+        header_host = None
     return Request(
         method=method,
         target=target,

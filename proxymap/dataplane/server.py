@@ -492,7 +492,7 @@ class ProxyServer(flow.Throttled):
             return
         self._socks_pending = connect.version
         host = f"[{connect.host}]" if ":" in connect.host else connect.host
-        target = f"{host}:{connect.port}".encode("idna")
+        target = f"{host}:{connect.port}".encode("ascii")  # an ASCII name or address
         authorization = None
         if connect.username is not None:
             authorization = basic_authorization(connect.username, connect.password or "")

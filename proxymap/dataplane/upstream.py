@@ -625,7 +625,7 @@ class UpstreamProtocol(flow.Throttled):
             atyp = 1 if address.version == 4 else 4
             dest = bytes((atyp,)) + address.packed
         else:
-            name = host.encode("idna")
+            name = host.encode("ascii")  # checked ASCII where it came in
             dest = bytes((3, len(name))) + name
         self._socks_state = "reply"
         self.transport.write(  # type: ignore[union-attr]

@@ -52,6 +52,24 @@ async def test_plain_http_to_origin(stack: Stack, origin: Origin) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_origin_gets_the_targets_host(stack: Stack, origin: Origin) -> None:
+    """
+    curl sent a Host of its own (``-H``) beside an absolute URL: the origin
+    gets the URL's host, as a proxy must send it (RFC 9112 3.2.2).
+    """
+    code, out, err = await curl(
+        "-x",
+        f"http://127.0.0.1:{stack.ports[0]}",
+        "-H",
+        "Host: other.example",
+        f"http://127.0.0.1:{origin.port}/hello",
+    )
+    assert code == 0, err
+    hosts = [h for h in json.loads(out)["headers"] if h.lower().startswith("host:")]
+    assert hosts == [f"Host: 127.0.0.1:{origin.port}"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_https_through_connect_to_tls_origin(stack: Stack, origin: Origin) -> None:
     """
     HTTPS via CONNECT: the tunnel carries a real TLS handshake, verified by
