@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.error import DNSLookupError, TimeoutError
 from twisted.internet.task import Clock
@@ -135,6 +136,45 @@ def test_a_name_that_never_resolved_fails_its_waiters_then_fails_fast() -> None:
     resolver.answer("192.0.2.10")
     clock.advance(0)
     assert later == ["192.0.2.10"]
+
+
+@pytest.mark.parametrize(
+    "host", ["a" * 64 + ".example", "a..example", ".example", "a." * 127 + "example"]
+)
+def test_a_name_dns_cannot_hold_fails_without_a_lookup(host: str) -> None:
+    """
+    A label over 63 characters, an empty label or a name over 253
+    characters fails as a lookup does, without asking the resolver.
+    """
+    names, clock, resolver = cache()
+    waiting = outcome(names.lookup(host))
+    clock.advance(0)
+    [failure] = waiting
+    assert failure.check(DNSLookupError)
+    assert "not a valid host name" in failure.getErrorMessage()
+    assert resolver.asked == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_reactors_resolver_is_spared_a_name_it_cannot_encode() -> None:
+    """
+    Given such a name, Python's resolver functions raise UnicodeError and
+    Twisted's resolver never answers; with the reactor's own resolver the
+    lookup fails at once instead.
+    """
+    from twisted.internet import reactor
+
+    names = HostCache(reactor)
+    lookup = names.lookup("a" * 64 + ".example").addTimeout(5, reactor)
+    with pytest.raises(DNSLookupError):
+        await lookup
+
+
+def test_a_name_at_dns_limits_is_looked_up() -> None:
+    names, _, resolver = cache()
+    host = ("a" * 63 + ".") * 3 + "b" * 61 + "."  # 253 characters and the root's dot
+    names.lookup(host)
+    assert [asked for asked, _ in resolver.asked] == [host]
 
 
 @pytest.mark.parametrize("error", [TimeoutError(), OSError("resolver broke")])

@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import DNSLookupError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -129,7 +129,10 @@ class HostCache:
             return
         name.looking = True
         self.lookups += 1
-        d = self._resolve(host)
+        if _can_be_looked_up(host):
+            d = self._resolve(host)
+        else:
+            d = fail(DNSLookupError(f"{host}: not a valid host name"))
         d.addCallbacks(
             self._found,
             self._failed,
@@ -175,6 +178,18 @@ class HostCache:
         waiting, name.waiting = name.waiting, []
         if waiting:
             self._clock.callLater(0, _answer, waiting, failure)
+
+
+def _can_be_looked_up(host: str) -> bool:
+    """
+    Whether ``host`` is a name DNS could hold: at most 253 characters, in
+    labels of 1 to 63 (RFC 1035 2.3.4).  Python's resolver functions raise
+    ``UnicodeError`` for any other, which Twisted's resolver does not catch:
+    its lookup never answered, and the connection waited out its connect
+    timeout.
+    """
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
 
 
 def _answer(waiting: list[Deferred[str]], result: str | Failure) -> None:
