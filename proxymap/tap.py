@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
@@ -26,7 +25,6 @@ from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from proxymap.config import (
@@ -47,7 +45,7 @@ from proxymap.sandbox.release_api import ReleaseAPI
 from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
 from proxymap.sessionapi import SessionAPI
 from proxymap.sessions import EndReason, PortPolicy, SessionRegistry
-from proxymap.vendors.release import VendorRelease
+from proxymap.vendors.release import VendorRelease, release_client
 
 if TYPE_CHECKING:
     # Imported where the admin listener is built: Klein imports Twisted's
@@ -378,7 +376,7 @@ class ProxymapService(MultiService):
             if mapping.release is not None:
                 release = VendorRelease(
                     clock=self.reactor,
-                    client=HTTPClient(Agent(self.reactor)),
+                    client=release_client(self.reactor),
                     mapping=mapping.name,
                     config=mapping.release,
                     upstream=(mapping.upstream.host, mapping.upstream.port),

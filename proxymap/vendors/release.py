@@ -26,11 +26,13 @@ from typing import Any
 from urllib.parse import quote
 
 import attrs
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from proxymap.config import ConfigError, Secret, parse_duration, resolve_secret
 from proxymap.sessions import EndReason, Session
@@ -184,6 +186,27 @@ def parse_release(
         backoff=backoff,
         batch=batch,
     )
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    Twisted's HTTP client factory, without its "Starting factory
+    _HTTP11ClientFactory(<function ... at 0x7f...>, ...)" and "Stopping
+    factory" lines: two a release call, saying nothing the call's own line
+    does not (twisted/twisted#9330).
+    """
+
+    noisy = False
+
+
+def release_client(reactor: Any) -> HTTPClient:
+    """
+    The treq client release calls go out with: one connection a call, as
+    calls are rare, and no log lines but proxymap's own.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietClientFactory  # the class the pool builds connections with
+    return HTTPClient(Agent(reactor, pool=pool))
 
 
 @attrs.define(eq=False)

@@ -13,6 +13,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.web.server import Site
 
 from proxymap.sandbox.release_api import ReleaseAPI
@@ -45,18 +46,25 @@ async def test_release_reaches_the_sandbox_vendor() -> None:
         assert code == 0, err
         before = json.loads(out)
 
-        response = await treq.put(
-            f"http://127.0.0.1:{admin_port}/sessions/release",
-            data=json.dumps({"data": [{"port": port}]}).encode(),
-        )
-        assert (await response.json())["released"] == [
-            {"port": port, "sessionId": before["session"]}
-        ]
-        releaser = stack.service.releases[0]
-        for _ in range(100):  # bounded wait for the batched call and its answer
-            if releaser.succeeded:
-                break
-            await deferLater(reactor, 0.02)
+        with capturedLogs() as events:
+            response = await treq.put(
+                f"http://127.0.0.1:{admin_port}/sessions/release",
+                data=json.dumps({"data": [{"port": port}]}).encode(),
+            )
+            assert (await response.json())["released"] == [
+                {"port": port, "sessionId": before["session"]}
+            ]
+            releaser = stack.service.releases[0]
+            for _ in range(100):  # bounded wait for the batched call and its answer
+                if releaser.succeeded:
+                    break
+                await deferLater(reactor, 0.02)
+        # One line for the call, none from the release client's factory
+        # (the test's own treq client, to the admin API, may log its own).
+        said = [formatEvent(e) for e in events if e.get("log_level") != LogLevel.debug]
+        to_vendor = f"127.0.0.1:{api_port}>"
+        assert [line for line in said if "factory" in line and to_vendor in line] == [], said
+        assert any(line.startswith("released sessions") for line in said), said
         assert stack.vendor.release_calls == [
             {
                 "method": "PUT",
