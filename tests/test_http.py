@@ -83,7 +83,7 @@ def test_ipv6_and_userinfo() -> None:
     r = parse_request_head(b"GET http://user:pw@[::1]:81 HTTP/1.1")
     assert (r.host, r.port, r.path) == ("::1", 81, b"/")
     r = parse_request_head(b"CONNECT [2001:db8::1]:443 HTTP/1.1")
-    assert (r.host, r.port, r.authority) == ("2001:db8::1", 443, "[2001:db8::1]:443")
+    assert (r.host, r.port, r.host_header) == ("2001:db8::1", 443, b"[2001:db8::1]:443")
 
 
 @pytest.mark.parametrize(

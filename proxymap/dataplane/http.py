@@ -153,11 +153,6 @@ class Request:
         return self.method in IDEMPOTENT and not self.chunked and not self.content_length
 
     @property
-    def authority(self) -> str:
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @property
     def host_header(self) -> bytes:
         """
         The Host field of a request that goes upstream without the client's
