@@ -146,6 +146,9 @@ class MappingConfig:
     socks_resolve: str = "remote"
     #: Clients who may use the ports (Basic / SOCKS5 username/password); none: open.
     client_users: tuple[tuple[str, Secret], ...] = ()
+    #: https:// upstreams: the certificates (PEM) the gateway's must chain
+    #: to; none: the system's authorities.
+    upstream_ca: tuple[bytes, ...] = ()
 
     def template_values(
         self, session_id: str, port: int, params: Mapping[str, str]
@@ -371,9 +374,43 @@ def _check_port(port: int, key: str) -> int:
     return port
 
 
+#: Upstream schemes and their default ports.
+_UPSTREAM_PORTS = {"http": 80, "https": 443, "socks5": 1080}
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def parse_upstream_ca(value: object, key: str, upstream: Upstream) -> tuple[bytes, ...]:
+    """
+    Read the certificates (PEM) an ``https://`` upstream's own must chain
+    to, instead of the system's authorities.
+    """
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "expected the path of a PEM file of certificates")
+    if upstream.scheme != "https":
+        raise ConfigError(key, "only an https:// upstream is reached over TLS")
+    path = Path(value)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror or e}") from None
+    blocks = tuple(_PEM_CERTIFICATE.findall(data))
+    if not blocks:
+        raise ConfigError(key, f"{path} holds no PEM certificate")
+    from cryptography import x509
+
+    for block in blocks:
+        try:
+            x509.load_pem_x509_certificate(block)
+        except ValueError:
+            raise ConfigError(key, f"{path} holds a certificate that does not parse") from None
+    return blocks
+
+
 def parse_upstream(value: object, key: str) -> Upstream:
     """
-    Parse ``http://host:port``.
+    Parse ``http://host:port``, ``https://host:port`` (an HTTP proxy reached
+    over TLS) or ``socks5://host:port``.
     """
     if not isinstance(value, str):
         raise ConfigError(key, 'expected a URL such as "http://gw.example.com:10000"')
@@ -385,12 +422,12 @@ def parse_upstream(value: object, key: str) -> Upstream:
     if match is None:
         raise ConfigError(key, f'{value!r} is not a URL such as "http://gw.example.com:10000"')
     scheme = match.group("scheme").lower()
-    if scheme not in ("http", "socks5"):
-        raise ConfigError(key, f"unsupported scheme {scheme!r} (supported: http, socks5)")
+    if scheme not in _UPSTREAM_PORTS:
+        raise ConfigError(key, f"unsupported scheme {scheme!r} (supported: http, https, socks5)")
     if match.group("userinfo"):
         raise ConfigError(key, "put upstream credentials in 'user' and 'pass', not in the URL")
     host = match.group("host").strip("[]")
-    port = int(match.group("port")) if match.group("port") else {"http": 80, "socks5": 1080}[scheme]
+    port = int(match.group("port")) if match.group("port") else _UPSTREAM_PORTS[scheme]
     _check_port(port, key)
     return Upstream(scheme, host, port)
 
@@ -678,6 +715,11 @@ def _mapping(
     socks_resolve = table.pop_typed("socks_resolve", str, "remote")
     if socks_resolve not in ("remote", "local"):
         raise ConfigError(table.name("socks_resolve"), 'expected "remote" or "local"')
+    upstream_ca: tuple[bytes, ...] = ()
+    if "upstream_ca" in table.keys():
+        upstream_ca = parse_upstream_ca(
+            table.pop("upstream_ca"), table.name("upstream_ca"), upstream
+        )
     release = None
     if "release" in table.keys():
         from proxymap.vendors.release import parse_release
@@ -712,6 +754,7 @@ def _mapping(
         protocols=frozenset(protocols),
         socks_resolve=socks_resolve,
         client_users=tuple(client_users),
+        upstream_ca=upstream_ca,
     )
 
 

@@ -18,6 +18,7 @@ from proxymap.config import (
     parse_duration,
     parse_ports,
 )
+from proxymap.dataplane.localtls import LocalCertificates
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "proxymap.toml"
 
@@ -110,7 +111,10 @@ def test_alphabet_ranges() -> None:
         (base(ports="abc"), "mapping[0].ports: 'abc' is not a port or a range"),
         (base(ports=[70000]), "mapping[0].ports: port 70000 is outside 1-65535"),
         (base(ports=[1, 1]), "mapping[0].ports: port 1 is listed twice"),
-        (base(upstream="socks4://h:1"), "mapping[0].upstream: unsupported scheme 'socks4'"),
+        (
+            base(upstream="socks4://h:1"),
+            "mapping[0].upstream: unsupported scheme 'socks4' (supported: http, https, socks5)",
+        ),
         (base(upstream="http://u:p@h:1"), "mapping[0].upstream: put upstream credentials"),
         (base(upstream="nonsense"), "mapping[0].upstream: 'nonsense' is not a URL"),
         (base(lifetime="soon"), "mapping[0].lifetime: 'soon' is not a duration"),
@@ -133,6 +137,38 @@ def test_alphabet_ranges() -> None:
 )
 def test_errors_name_the_key(data: dict[str, Any], message: str) -> None:
     assert error(data).startswith(message)
+
+
+def test_an_https_upstream_and_its_ca(tmp_path: Path) -> None:
+    m = parse_config(base(upstream="https://gw.example.com"), env={}).mappings[0]
+    assert (m.upstream.scheme, m.upstream.port, m.upstream_ca) == ("https", 443, ())
+    pem = LocalCertificates().pem("gw.example.com")
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"# the vendor's authority\n" + pem + pem)
+    m = parse_config(
+        base(upstream="https://gw.example.com:7777", upstream_ca=str(ca)), env={}
+    ).mappings[0]
+    assert m.upstream.port == 7777 and m.upstream_ca == (pem.strip(), pem.strip())
+
+
+def test_upstream_ca_errors_name_the_key(tmp_path: Path) -> None:
+    https = "https://gw.example.com"
+    empty = tmp_path / "empty.pem"
+    empty.write_text("no certificates here\n")
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    key = "mapping[0].upstream_ca: "
+    for data, message in [
+        (base(upstream_ca=str(empty)), "only an https:// upstream is reached over TLS"),
+        (base(upstream=https, upstream_ca=str(tmp_path / "none.pem")), "cannot read "),
+        (base(upstream=https, upstream_ca=str(empty)), f"{empty} holds no PEM certificate"),
+        (
+            base(upstream=https, upstream_ca=str(broken)),
+            f"{broken} holds a certificate that does not parse",
+        ),
+        (base(upstream=https, upstream_ca=5), "expected the path of a PEM file"),
+    ]:
+        assert error(data).startswith(key + message)
 
 
 def test_overlapping_ports_between_mappings() -> None:

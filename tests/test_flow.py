@@ -342,6 +342,23 @@ def test_half_close_with_nothing_queued_is_done_at_once(
     assert transport.disconnected
 
 
+def test_no_half_close_under_tls(
+    tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    Under TLS (an https:// upstream) a half-close would shut the socket
+    below the TLS layer: the connection stays open both ways instead.
+    """
+    transport, peer, _ = tcp_pair
+    protocol = HalfCloseable()
+    transport.protocol = protocol
+    transport.TLS = True
+    flow.close_write(transport)
+    assert not at_eof(peer)
+    assert protocol.events == []
+    assert not transport._writeDisconnecting
+
+
 def test_half_close_waits_for_queued_bytes(
     tcp_pair: tuple[tcp.Server, socket.socket, MemoryReactor],
 ) -> None:

@@ -254,7 +254,15 @@ def close_write(transport: Any) -> None:
     steps, done now by Twisted's own ``_closeWriteConnection``, without the
     two ``epoll_ctl`` and the turn; every tunnel ends with one on each leg.
     The protocol's ``writeConnectionLost`` therefore runs inside this call.
+
+    A TLS transport (an ``https://`` upstream's) is left open both ways:
+    Twisted's TLS has no half-close, and its ``loseWriteConnection`` would
+    shut the socket under the TLS layer, without a ``close_notify`` and
+    ahead of what TLS still holds.  Such a tunnel ends when the gateway
+    closes, or the client closes it whole.
     """
+    if getattr(transport, "TLS", False):
+        return
     if _nothing_queued(transport):
         transport._writeDisconnecting = True
         transport._writeDisconnected = True

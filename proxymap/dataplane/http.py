@@ -99,6 +99,8 @@ def error_kind(status: int, message: str) -> str:
         return "timeout"
     if "cannot connect" in message:
         return "unreachable"
+    if message.startswith("TLS with"):
+        return "tls"
     if "rejected" in message:
         return "credentials"
     if "refused the tunnel" in message:

@@ -14,6 +14,7 @@ from typing import Any
 
 from proxymap.config import Limits, MappingConfig
 from proxymap.credentials import parse_basic_authorization
+from proxymap.dataplane.gatewaytls import client_options
 from proxymap.dataplane.http import HTTPError, Request
 from proxymap.dataplane.server import (
     LocalResponse,
@@ -119,6 +120,9 @@ class PortFactory(ProxyFactory):
         cached = self._target
         if cached is not None and cached.session is session:
             return cached
+        tls = None
+        if upstream.scheme == "https":
+            tls = client_options(upstream.host, self.mapping.upstream_ca)
         self._target = UpstreamTarget(
             host=upstream.host,
             port=upstream.port,
@@ -126,6 +130,7 @@ class PortFactory(ProxyFactory):
             authorization=session.authorization,
             via_proxy=True,
             session=session,
+            tls=tls,
         )
         return self._target
 

@@ -89,6 +89,9 @@ class UpstreamTarget:
     #: Set when the peer is a SOCKS5 proxy: requests then go in origin form
     #: over a SOCKS CONNECT to the target.
     socks: SocksRoute | None = None
+    #: Set when the peer is reached over TLS (an https:// upstream): the
+    #: client TLS options (see gatewaytls.py).
+    tls: Any = None
 
     @property
     def peer(self) -> str:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from proxymap.dataplane import flow
+from proxymap.dataplane import flow, gatewaytls
 from proxymap.dataplane.http import (
     MAX_HEAD_SIZE,
     TUNNEL_OPEN,
@@ -355,6 +355,9 @@ class UpstreamProtocol(flow.Throttled):
         if server._gone:
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
+        if self.target.tls is not None:
+            # What is written from here on waits for the handshake.
+            self.transport.startTLS(self.target.tls)  # type: ignore[union-attr]
         server.upstream_connected(self)
         if self.target.socks is not None:
             self._socks_begin()
@@ -686,5 +689,23 @@ class UpstreamProtocol(flow.Throttled):
                 # likely closed this kept connection as the request went.
                 server.upstream_retry(self, self._request, self._retry_head)
             else:
-                server.upstream_failed(self, 502, "the upstream closed the connection")
+                server.upstream_failed(self, 502, self._lost_message(reason))
         server.upstream_gone(self, clean)
+
+    def _lost_message(self, reason: Failure) -> str:
+        """
+        Why the connection went before its answer, for the client: a TLS
+        handshake the gateway's certificate failed (an https:// upstream),
+        or a close.
+        """
+        if self.target.tls is None:
+            return "the upstream closed the connection"
+        detail = gatewaytls.failure_detail(reason, self.target.host)
+        if detail is None:
+            return "the upstream closed the connection"
+        log.warn(
+            "TLS with the upstream {upstream} failed: {detail}",
+            upstream=self.address,
+            detail=detail,
+        )
+        return f"TLS with the upstream {self.address} failed: {detail}"
