@@ -451,6 +451,8 @@ def test_a_gateway_name_that_does_not_resolve_is_502_and_the_port_serves_on() ->
     # The second client failed fast: no second lookup of a name that just failed.
     assert h.looked_up.count("nowhere.invalid") == 1
     assert h.reactor.tcpClients == []
+    # The metrics' kind: the gateway cannot be reached, not a bad response.
+    assert h.factory.upstream_errors == {"unreachable": 2}
 
 
 def test_the_connect_deadline_covers_a_lookup_that_hangs() -> None:

@@ -97,7 +97,7 @@ def error_kind(status: int, message: str) -> str:
     """
     if "timed out" in message or status == 504:
         return "timeout"
-    if "cannot connect" in message:
+    if "cannot connect" in message or "cannot look up" in message:
         return "unreachable"
     if message.startswith("TLS with"):
         return "tls"
