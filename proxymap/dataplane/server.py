@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from proxymap.config import Limits
+from proxymap.config import Limits, bracketed
 from proxymap.credentials import basic_authorization
 from proxymap.dataplane import flow, socks
 from proxymap.dataplane.deadlines import Deadlines, tick_of, tick_time
@@ -243,7 +243,7 @@ class ProxyServer(flow.Throttled):
         if self._target is None:
             return ""
         host, port = self._target
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"{bracketed(host)}:{port}"
 
     @property
     def upstream(self) -> UpstreamProtocol | None:
@@ -494,8 +494,8 @@ class ProxyServer(flow.Throttled):
             self._fail_quietly()
             return
         self._socks_pending = connect.version
-        host = f"[{connect.host}]" if ":" in connect.host else connect.host
-        target = f"{host}:{connect.port}".encode("ascii")  # an ASCII name or address
+        # An ASCII name or address (socks.py decodes names as ASCII).
+        target = f"{bracketed(connect.host)}:{connect.port}".encode("ascii")
         authorization = None
         if connect.username is not None:
             authorization = basic_authorization(connect.username, connect.password or "")

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from proxymap.config import bracketed
 from proxymap.dataplane import flow, gatewaytls
 from proxymap.dataplane.http import (
     MAX_HEAD_SIZE,
@@ -179,8 +180,7 @@ class UpstreamProtocol(flow.Throttled):
 
     @property
     def address(self) -> str:
-        host = self.target.host
-        return f"[{host}]:{self.target.port}" if ":" in host else f"{host}:{self.target.port}"
+        return f"{bracketed(self.target.host)}:{self.target.port}"
 
     # ------------------------------------------------------------ used by the client leg
 
