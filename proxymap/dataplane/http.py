@@ -408,11 +408,12 @@ def _names_another_host(method: bytes, header_host: bytes | None, authority: byt
     absolute-form request whose Host names another host than its target
     (RFC 9112 3.2.2: a proxy ignores the received Host and sends the
     target's).  CONNECT keeps what it has: its target is all that counts.
+    Callers ask only when the two differ byte for byte (the usual request
+    never calls); here a difference of case alone is no other host.
     """
     return (
         header_host is not None
         and authority is not None
-        and header_host != authority
         and method != b"CONNECT"
         and header_host.lower() != authority.lower()
     )

@@ -698,9 +698,8 @@ class UpstreamProtocol(flow.Throttled):
         handshake the gateway's certificate failed (an https:// upstream),
         or a close.
         """
-        if self.target.tls is None:
-            return "the upstream closed the connection"
-        detail = gatewaytls.failure_detail(reason, self.target.host)
+        tls = self.target.tls is not None
+        detail = gatewaytls.failure_detail(reason, self.target.host) if tls else None
         if detail is None:
             return "the upstream closed the connection"
         log.warn(
