@@ -563,6 +563,27 @@ def test_oversized_head_is_431() -> None:
     assert head_of(client.value())[0] == b"HTTP/1.1 431 Request Header Fields Too Large"
 
 
+def test_request_line_over_the_head_limit_is_414() -> None:
+    """
+    A request line that alone outgrows the head limit is a URI too long, whether its
+    end has come or not; a line that ends within the limit leaves the fault to the
+    header fields.
+    """
+    h = Harness()
+    for line in (
+        b"GET http://example.com/?" + b"a" * MAX_HEAD_SIZE,
+        b"GET http://example.com/?" + b"a" * MAX_HEAD_SIZE + b" HTTP/1.1\r\n\r\n",
+    ):
+        proto, client = h.client()
+        proto.dataReceived(line)
+        assert head_of(client.value())[0] == b"HTTP/1.1 414 URI Too Long"
+        assert client.disconnecting
+    proto, client = h.client()
+    long_line = b"GET http://example.com/?" + b"a" * (MAX_HEAD_SIZE - 40) + b" HTTP/1.1\r\n"
+    proto.dataReceived(long_line + b"X: " + b"a" * 100)
+    assert head_of(client.value())[0] == b"HTTP/1.1 431 Request Header Fields Too Large"
+
+
 def test_origin_form_is_400_with_hint() -> None:
     h = Harness()
     proto, client = h.client()

@@ -545,7 +545,10 @@ class ProxyServer(flow.Throttled):
                 max_head = self.factory.limits.max_head_size
                 if end == -1 or end > max_head:
                     if end > max_head or len(buf) > max_head:
-                        self._fail(431, "request head too large")
+                        if buf.find(b"\r\n", 0, max_head + 2) == -1:
+                            self._fail(414, "request line too long")  # RFC 9112 3
+                        else:
+                            self._fail(431, "request head too large")
                     elif b"\n\n" in buf or b"\n\r\n" in buf:
                         self._fail(400, "request head lines must end in CRLF")
                     return
