@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,13 @@ from proxymap.dataplane.port import PortFactory
 from proxymap.dataplane.server import ProxyFactory, Tally
 from proxymap.ops.metrics import Metrics
 from proxymap.ops.notify import Notifier
+from proxymap.ops.openfiles import (
+    PER_CONNECTION,
+    PER_CONNECTION_DEMO,
+    TooFewOpenFiles,
+    fitted,
+    raise_limit,
+)
 from proxymap.ops.state import StateFile, fingerprint
 from proxymap.sandbox.release_api import ReleaseAPI
 from proxymap.sandbox.vendor import SANDBOX_HOST, SandboxVendor
@@ -265,6 +272,9 @@ class ProxymapService(MultiService):
         self.releases: list[VendorRelease] = []
         #: Lines logged once everything listens (the demo's what-to-try).
         self.banner: list[str] = []
+        #: The open-file limit and the descriptors a connection takes, when
+        #: the limits are fitted to them (see proxymap.ops.openfiles).
+        self.open_files: tuple[int, int] | None = None
         registry.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -396,15 +406,20 @@ class ProxymapService(MultiService):
             log.info("SIGHUP: nothing to reload (no --config)")
             return
         self.notifier.notify("RELOADING=1")
+        warning = None
         try:
             new = load_config(self.config_path)
-        except ConfigError as e:
+            if self.open_files is not None:
+                new, warning = fitted(new, *self.open_files)
+        except (ConfigError, TooFewOpenFiles) as e:
             log.error(
                 "reload rejected, the running configuration stays: {path}: {problem}",
                 path=self.config_path,
                 problem=str(e),
             )
         else:
+            if warning is not None:
+                log.warn("{warning}", warning=warning)
             self.apply(new)
         self.notifier.notify("READY=1")
 
@@ -550,9 +565,14 @@ def port_spans(ports: Iterable[int]) -> str:
     return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
 
 
-def makeService(options: Options, reactor: Any = None) -> ProxymapService:
+def makeService(
+    options: Options, reactor: Any = None, open_files: Callable[[], int] = raise_limit
+) -> ProxymapService:
     """
     Assemble proxymap from parsed options.
+
+    ``open_files`` raises the process's open-file limit and returns it; the
+    limits are fitted to it (:mod:`proxymap.ops.openfiles`).
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -567,15 +587,37 @@ def makeService(options: Options, reactor: Any = None) -> ProxymapService:
             api_password=DEMO_API_PASSWORD,
         )
         sandbox = (vendor, options["demo-sandbox-port"])
+    config = options.config
+    service_open_files = None
+    if not _selects(reactor):
+        per_connection = PER_CONNECTION_DEMO if options["demo"] else PER_CONNECTION
+        service_open_files = (open_files(), per_connection)
+        try:
+            config, warning = fitted(config, *service_open_files)
+        except TooFewOpenFiles as e:
+            raise SystemExit(f"proxymap: {options['config'] or '--demo'}: {e}") from None
+        if warning is not None and not options["demo"]:  # the demo's limits are not the user's
+            log.warn("{warning}", warning=warning)
     service = build_service(
-        options.config,
+        config,
         reactor,
         sandbox=sandbox,
         sandbox_release_port=options["demo-release-port"] if options["demo"] else None,
     )
     service.handle_sigterm = True
     service.config_path = options["config"]
+    service.open_files = service_open_files
     return service
+
+
+def _selects(reactor: Any) -> bool:
+    """
+    Whether ``reactor`` waits with ``select()``, which cannot watch a
+    descriptor numbered past 1023 (so its limit is best left alone).
+    """
+    from twisted.internet.selectreactor import SelectReactor
+
+    return isinstance(reactor, SelectReactor)
 
 
 def build_service(

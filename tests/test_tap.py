@@ -45,15 +45,20 @@ def options(*argv: str) -> tap.Options:
     return opts
 
 
-def from_config(tmp_path: Path, text: str = GOOD) -> tuple[tap.ProxymapService, MemoryReactorClock]:
+def from_config(
+    tmp_path: Path, text: str = GOOD, open_files: int = 100_000
+) -> tuple[tap.ProxymapService, MemoryReactorClock]:
     """
     The service ``makeService`` builds from a file holding ``text``, on a
-    memory reactor; not started.
+    memory reactor, as if the open-file limit were ``open_files``; not started.
     """
     path = tmp_path / "proxymap.toml"
     path.write_text(text)
     reactor = MemoryReactorClock()
-    return tap.makeService(options("--config", str(path)), reactor=reactor), reactor
+    service = tap.makeService(
+        options("--config", str(path)), reactor=reactor, open_files=lambda: open_files
+    )
+    return service, reactor
 
 
 def test_plugin_is_found() -> None:
@@ -139,6 +144,80 @@ def test_a_reload_names_the_ports_it_added_and_removed(tmp_path: Path) -> None:
     service.stopService()
     said = [formatEvent(e) for e in events if formatEvent(e).startswith("reloaded:")]
     assert said == ["reloaded: 2 ports added (20004-20005), 1 removed (20001), 0 sessions renewed"]
+
+
+def test_max_connections_is_fitted_to_the_open_file_limit(tmp_path: Path) -> None:
+    """
+    GOOD maps 4 ports: a limit of 4 + 64 + 2 * 10 descriptors holds 10
+    connections, and every port is held to 10 (test_limits: the 11th gets
+    503); one warning says so.
+    """
+    with capturedLogs() as events:
+        service, _ = from_config(tmp_path, open_files=4 + 64 + 20)
+    assert {f.limits.max_connections for f in service.factories.values()} == {10}
+    said = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+    assert said[0].startswith(
+        "the open-file limit (88) holds 4 ports and 10 connections, not max_connections = 9000"
+    )
+    assert service.config is not None and service.config.limits.max_connections == 10
+
+
+def test_a_limit_that_holds_everything_changes_nothing(tmp_path: Path) -> None:
+    with capturedLogs() as events:
+        service, _ = from_config(tmp_path, open_files=4 + 64 + 2 * 9000)
+    assert {f.limits.max_connections for f in service.factories.values()} == {9000}
+    assert not [e for e in events if "open-file" in formatEvent(e)]
+
+
+def test_ports_beyond_the_open_file_limit_end_start_up(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as e:
+        from_config(tmp_path, open_files=60)
+    assert str(e.value).startswith(
+        f"proxymap: {tmp_path / 'proxymap.toml'}: the open-file limit (60) cannot hold 4 ports"
+    )
+
+
+def test_a_reload_is_fitted_to_the_open_file_limit(tmp_path: Path) -> None:
+    """
+    A reload's ports and limits are fitted as start-up's were; ports the
+    limit cannot hold reject the reload, and the running ports stay.
+    """
+    service, _ = from_config(tmp_path, open_files=4 + 64 + 20)
+    service.privilegedStartService()
+    service.startService()
+    path = tmp_path / "proxymap.toml"
+    path.write_text(GOOD.replace('ports = "20001-20003"', 'ports = "20001-20005"'))
+    with capturedLogs() as events:
+        service.reload()
+    assert sorted(service.factories) == [20001, 20002, 20003, 20004, 20005, 20010]
+    assert {f.limits.max_connections for f in service.factories.values()} == {9}
+    assert any("holds 6 ports and 9 connections" in formatEvent(e) for e in events)
+    path.write_text(GOOD.replace('ports = "20001-20003"', 'ports = "20011-20040"'))
+    with capturedLogs() as events:
+        service.reload()
+    assert len(service.factories) == 6
+    (said,) = [formatEvent(e) for e in events if e["log_level"].name == "error"]
+    assert said == (
+        f"reload rejected, the running configuration stays: {path}: the open-file limit (88) "
+        "cannot hold 31 ports (each takes one, and 64 are kept aside): raise it (ulimit -n, "
+        "or LimitNOFILE= in the systemd unit) or map fewer ports"
+    )
+    service.stopService()
+
+
+def test_a_select_reactor_keeps_its_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    ``select()`` cannot watch descriptors past 1023: under the select
+    reactor the limit is neither raised nor fitted.
+    """
+    from twisted.internet.selectreactor import SelectReactor
+
+    assert tap._selects(SelectReactor.__new__(SelectReactor))  # not started, not installed
+    assert not tap._selects(MemoryReactorClock())
+    monkeypatch.setattr(tap, "_selects", lambda reactor: True)
+    service, _ = from_config(tmp_path, open_files=60)  # would not hold the 4 ports
+    assert service.open_files is None
+    assert {f.limits.max_connections for f in service.factories.values()} == {9000}
 
 
 @pytest.mark.parametrize(
