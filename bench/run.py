@@ -31,8 +31,10 @@ Method:
   ports and as the slope from 1001 to 5001 (see ports()); the probe
   latency (loadgen's c1 probe, see probe_p99()) is measured again with as
   many idle tunnels as the fd limit allows: min(10,000, (limit - ports -
-  64) / 2), and a twin of the subject that holds no tunnel is probed in
-  turn as a control (see memory()).
+  64) / 2 - 8: room for the probe's connection beside them, since proxymap
+  fits max_connections to (limit - ports - 64) / 2), and a twin of the
+  subject that holds no tunnel is probed in turn as a control (see
+  memory()).
 
 Output: one JSON line per result in bench/results/run-STAMP.jsonl and a
 Markdown table of ratios (proxymap, or --ours, against each subject, same
@@ -685,7 +687,9 @@ def memory(rig: Rig, results: Results, subjects: list[str], args: argparse.Names
     """
     low, high = args.tunnels
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    most = min(10_000, (limit - 1 - 64) // 2) if not args.quick else high + 50
+    # proxymap holds max_connections to (limit - ports - 64) // 2
+    # (proxymap/ops/openfiles.py): keep room for the probe's connection.
+    most = min(10_000, (limit - 1 - 64) // 2 - 8) if not args.quick else high + 50
     for name in subjects:
         if name == "direct":
             continue
