@@ -41,6 +41,7 @@ from proxymap.dataplane.http import (
     parse_request_head,
 )
 from proxymap.dataplane.names import HostCache
+from proxymap.dataplane.repeats import Repeats
 from proxymap.dataplane.upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
@@ -121,6 +122,9 @@ class Tally:
     #: Idle upstream connections kept for later client connections (None:
     #: none are kept; the service gives its tally one, see pool.py).
     pool: UpstreamPool | None = None
+    #: Failures logged once per window across every port (see repeats.py),
+    #: given by the first factory like ``deadlines``.
+    repeats: Repeats | None = None
 
 
 @attrs.frozen
@@ -969,6 +973,10 @@ class ProxyFactory(_Factory):
             self.tally.names = HostCache(reactor)
         #: Upstream addresses by name, shared with the tally's ports.
         self.names: HostCache = self.tally.names
+        if self.tally.repeats is None:
+            self.tally.repeats = Repeats(reactor)
+        #: Log lines that repeat, once per window across the tally's ports.
+        self.repeats: Repeats = self.tally.repeats
 
     def intercept(self, request: Request, conn: ProxyServer) -> LocalResponse | None:
         """

@@ -11,12 +11,13 @@ they arrive, never collected.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error
 from twisted.internet.interfaces import IAddress, IConnector, IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -328,7 +329,9 @@ class UpstreamProtocol(flow.Throttled):
             status, message = 502, f"cannot look up the {peer} host {self.target.host}"
         else:
             status, message = 502, f"cannot connect to the {peer} {self.address}"
-        log.info(
+        self._log(
+            LogLevel.info,
+            message,
             "{message}: {error}",
             message=message,
             error=reason.getErrorMessage(),
@@ -428,7 +431,9 @@ class UpstreamProtocol(flow.Throttled):
                 return
             status = response.status
             if status == 407:
-                log.warn(
+                self._log(
+                    LogLevel.warn,
+                    ("rejected", self.address),
                     "upstream {upstream} rejected the credentials of session {session}",
                     upstream=self.address,
                     session=server.session.id if server.session else None,
@@ -513,7 +518,12 @@ class UpstreamProtocol(flow.Throttled):
         try:
             n = framer.feed(data)
         except HTTPError:
-            log.info("upstream {upstream} sent a malformed body", upstream=self.address)
+            self._log(
+                LogLevel.info,
+                ("malformed body", self.address),
+                "upstream {upstream} sent a malformed body",
+                upstream=self.address,
+            )
             self.server.abort()
             return b""
         head, self._head = self._head, b""
@@ -581,7 +591,9 @@ class UpstreamProtocol(flow.Throttled):
                 return
             self._buffer = buf[2:]
             if buf[1] != 0:
-                log.warn(
+                self._log(
+                    LogLevel.warn,
+                    ("rejected", self.address),
                     "SOCKS5 upstream {upstream} rejected the credentials of session {session}",
                     upstream=self.address,
                     session=self.server.session.id if self.server.session else None,
@@ -645,7 +657,13 @@ class UpstreamProtocol(flow.Throttled):
         route = self.target.socks
         assert route is not None
         message = f"cannot look up the target host {route.host}"
-        log.info("{message}: {error}", message=message, error=failure.getErrorMessage())
+        self._log(
+            LogLevel.info,
+            message,
+            "{message}: {error}",
+            message=message,
+            error=failure.getErrorMessage(),
+        )
         self._give_up(502, message)
 
     def _start_tunnel(self, answer: bytes, early: bytes) -> None:
@@ -653,6 +671,13 @@ class UpstreamProtocol(flow.Throttled):
         self._request = None
         self._tunnel_request = None
         self.server.tunnel_ready(self, answer, early)
+
+    def _log(self, level: LogLevel, kind: Hashable, format: str, /, **fields: Any) -> None:
+        """
+        Log a failure that may repeat per request, once per window of its
+        ``kind`` across every port (see repeats.py).
+        """
+        self.server.factory.repeats.emit(log, level, kind, format, **fields)
 
     def _give_up(self, status: int, message: str) -> None:
         self._reusable = False
@@ -702,7 +727,9 @@ class UpstreamProtocol(flow.Throttled):
         detail = gatewaytls.failure_detail(reason, self.target.host) if tls else None
         if detail is None:
             return "the upstream closed the connection"
-        log.warn(
+        self._log(
+            LogLevel.warn,
+            ("tls", self.address, detail),
             "TLS with the upstream {upstream} failed: {detail}",
             upstream=self.address,
             detail=detail,
