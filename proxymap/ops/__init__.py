@@ -1,4 +1,4 @@
 """
-Operations: talking to systemd, stopping gracefully, and remembering
-sessions across restarts.
+Operations: talking to systemd, stopping gracefully, remembering sessions
+across restarts, metrics, and the open-file limit.
 """

@@ -10,8 +10,9 @@ at ``accept`` or ``connect`` with ``EMFILE`` (a 502, or a connection dropped
 unanswered) with nothing in the log but Twisted's recovery notices.
 
 So, at start (:func:`raise_limit`), the soft limit goes up to the hard one,
-which is what systemd advises programs that do not use ``select()`` to do;
-proxymap's reactors use epoll or poll.  Then :func:`fit` checks that the
+which is what systemd advises programs that do not use ``select()`` to do
+(under Twisted's select reactor, ``--reactor=select``, the limit is left
+alone and nothing is fitted: see ``tap.makeService``).  Then :func:`fit` checks that the
 limit holds the ports and ``max_connections``: when it holds the ports but
 fewer connections, ``max_connections`` is lowered to what it holds, so that
 the clients beyond get the 503 (or SOCKS refusal) the limit is for, and one
