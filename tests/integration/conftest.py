@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,19 @@ pytestmark = pytest.mark.integration
 
 
 _handed_out: set[int] = set()
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> int:
+    """
+    Stop a process a test started: ``sig``, 15 s to exit, then SIGKILL.
+    Return its exit status.
+    """
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=10)
 
 
 def free_ports(n: int) -> list[int]:

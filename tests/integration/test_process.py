@@ -20,7 +20,7 @@ from twisted.internet.threads import deferToThread
 
 from proxymap.sandbox.vendor import SandboxVendor
 
-from .conftest import curl, free_ports
+from .conftest import curl, free_ports, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -74,12 +74,7 @@ listen = ""
             exits.append(json.loads(out)["ip"])
         assert exits[0] == exits[1] != exits[2]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            status = proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            status = proc.wait(timeout=10)
+        status = stop_process(proc)
         log.close()
         await sandbox.stopListening()
     # Twisted re-raises SIGTERM after an orderly shutdown, so the process
@@ -125,8 +120,7 @@ async def test_sandbox_runs_alone() -> None:
         code, out, _ = await curl("-i", "-x", f"http://127.0.0.1:{port}", "http://ip.sandbox/")
         assert out.startswith(b"HTTP/1.1 407")
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def _open_tunnels(port: int, count: int) -> list[bytes]:
@@ -191,15 +185,6 @@ listen = ""
     return proc, out
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 @pytest_twisted.ensureDeferred
 async def test_the_soft_open_file_limit_is_raised(tmp_path: Path) -> None:
     """
@@ -217,7 +202,7 @@ async def test_the_soft_open_file_limit_is_raised(tmp_path: Path) -> None:
         (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
         assert line.split()[3:5] == ["4096", "4096"]
     finally:
-        _stop(proc)
+        stop_process(proc)
     assert "open-file limit" not in out.read_text()
 
 
@@ -237,7 +222,7 @@ async def test_connections_beyond_the_open_file_limit_get_503(tmp_path: Path) ->
         answers = await deferToThread(_open_tunnels, a, 70)
         answers += await deferToThread(_open_tunnels, b, 1)  # all of it given back
     finally:
-        _stop(proc)
+        stop_process(proc)
         await sandbox.stopListening()
     established = b"HTTP/1.1 200 Connection established"
     assert answers == [established] * 67 + [b"HTTP/1.1 503 Service Unavailable"] * 3 + [established]

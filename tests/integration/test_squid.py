@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -24,7 +23,7 @@ from twisted.internet.task import deferLater
 from proxymap.config import parse_config
 from proxymap.tap import build_service
 
-from .conftest import Origin, curl, free_ports
+from .conftest import Origin, curl, free_ports, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -80,12 +79,7 @@ def squid() -> Iterator[tuple[int, Path]]:
     try:
         yield port, directory
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
-from .conftest import Origin, curl, free_ports
+from .conftest import Origin, curl, free_ports, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -62,12 +62,7 @@ def demo_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]
     try:
         yield proc, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 async def _wait_listening(port: int) -> None:
