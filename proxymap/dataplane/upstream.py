@@ -329,13 +329,7 @@ class UpstreamProtocol(flow.Throttled):
             status, message = 502, f"cannot look up the {peer} host {self.target.host}"
         else:
             status, message = 502, f"cannot connect to the {peer} {self.address}"
-        self._log(
-            LogLevel.info,
-            message,
-            "{message}: {error}",
-            message=message,
-            error=reason.getErrorMessage(),
-        )
+        self._log_failure(message, reason)
         server = self.server
         server.upstream_failed(self, status, message)
         server.upstream_gone(self, clean=False)
@@ -657,13 +651,7 @@ class UpstreamProtocol(flow.Throttled):
         route = self.target.socks
         assert route is not None
         message = f"cannot look up the target host {route.host}"
-        self._log(
-            LogLevel.info,
-            message,
-            "{message}: {error}",
-            message=message,
-            error=failure.getErrorMessage(),
-        )
+        self._log_failure(message, failure)
         self._give_up(502, message)
 
     def _start_tunnel(self, answer: bytes, early: bytes) -> None:
@@ -678,6 +666,18 @@ class UpstreamProtocol(flow.Throttled):
         ``kind`` across every port (see repeats.py).
         """
         self.server.factory.repeats.emit(log, level, kind, format, **fields)
+
+    def _log_failure(self, message: str, failure: Failure) -> None:
+        """
+        Log why a connection or lookup failed, once per window of ``message``.
+        """
+        self._log(
+            LogLevel.info,
+            message,
+            "{message}: {error}",
+            message=message,
+            error=failure.getErrorMessage(),
+        )
 
     def _give_up(self, status: int, message: str) -> None:
         self._reusable = False
