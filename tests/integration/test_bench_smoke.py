@@ -45,6 +45,10 @@ EXPECTED = {
     "1 port up s (process start to listening)",
     "traffic over 50 ports / one port",
     "time added per request over 50 ports us",
+    "keep-alive req/s c50, one port",
+    "keep-alive req/s c50, 50 ports",
+    "keep-alive traffic over 50 ports / one port",
+    "keep-alive time added per request over 50 ports us",
 }
 
 
