@@ -643,7 +643,7 @@ def build_service(
             root
         )
         if sandbox_release_port is not None:
-            release_site = Site(ReleaseAPI(vendor))
+            release_site = Site(ReleaseAPI(vendor), reactor=reactor)
             release_site.noisy = False
             _TCPListener(reactor, sandbox_release_port, "127.0.0.1", release_site).setServiceParent(
                 root
@@ -675,6 +675,7 @@ def build_service(
 
     if config.admin.listen:
         from proxymap.admin.api import AdminAPI
+        from proxymap.admin.site import AdminSite
 
         api = AdminAPI(
             registry,
@@ -684,12 +685,11 @@ def build_service(
             health=root.health,
             health_open=config.admin.health_open,
         )
-        site = Site(api.app.resource())
-        site.displayTracebacks = False
-        site.noisy = False
         root.admin = api
         _Listener(
-            serverFromString(reactor, config.admin.listen), site, "admin API"
+            serverFromString(reactor, config.admin.listen),
+            AdminSite(api.app.resource(), reactor),
+            "admin API",
         ).setServiceParent(root)
         if not config.admin.users:
             log.warn(

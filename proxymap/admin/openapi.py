@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxymap.admin.site import MAX_BODY, MAX_CLIENTS
 from proxymap.admin.views import CONNECTION_FIELDS, PORT_FIELDS, SESSION_FIELDS
 
 
@@ -59,6 +60,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "Invalid parameter or body",
         401: "Missing or wrong credentials",
         404: "No such resource",
+        413: f"A request body over {MAX_BODY} bytes, refused unread",
+        503: f"Over {MAX_CLIENTS} connections at once (see Retry-After)",
     }
     return {str(code): _json(ERROR, text[code]) for code in codes}
 
@@ -76,7 +79,11 @@ def openapi_document(
     auth = (401,) if secured else ()
 
     def op(summary: str, responses: dict[str, Any], *errors: int, **more: Any) -> dict[str, Any]:
-        return {"summary": summary, "responses": {**responses, **_errors(*errors, *auth)}, **more}
+        # Any operation may meet the server's bounds (proxymap/admin/site.py);
+        # an operation's own answer for a code (the health's 503) comes first.
+        codes = _errors(*errors, *auth, 413, 503)
+        responses = {**responses, **{c: r for c, r in codes.items() if c not in responses}}
+        return {"summary": summary, "responses": responses, **more}
 
     session = _ref("Session")
     document: dict[str, Any] = {

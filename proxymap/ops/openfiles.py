@@ -29,8 +29,9 @@ import attrs
 from proxymap.config import Config, Limits
 
 #: Descriptors kept aside from ports and connections: the epoll set, the
-#: admin API and its clients, log and state files, name lookups, standard
-#: streams, and Twisted's reserve for ``EMFILE`` recovery.
+#: admin API and its clients (at most ``admin.site.MAX_CLIENTS``, 32), log
+#: and state files, name lookups, standard streams, and Twisted's reserve
+#: for ``EMFILE`` recovery.
 RESERVE = 64
 
 #: Each client connection and its upstream connection.

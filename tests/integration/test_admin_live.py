@@ -136,3 +136,35 @@ async def test_schemathesis_against_the_live_api(tmp_path: Path) -> None:
     output = (out + err).decode()
     assert code == 0, output[-6000:]
     assert "pa55word" not in json.dumps(output)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_upload_is_refused_and_the_api_keeps_serving(tmp_path: Path) -> None:
+    """
+    curl uploading more than the admin API takes, without credentials, gets
+    the 413 without the body being read; the next request is served.
+    """
+    from proxymap.admin.site import MAX_BODY
+
+    (admin_port,) = free_ports(1)
+    stack = start_stack(
+        1, admin={"listen": f"tcp:{admin_port}:interface=127.0.0.1", "users": {"ops": "pa55word"}}
+    )
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (4 * MAX_BODY))
+    url = f"http://127.0.0.1:{admin_port}/sessions/release"
+    try:
+        out, err, code = await getProcessOutputAndValue(
+            "curl",
+            ("-sS", "-X", "PUT", "--data-binary", f"@{big}", "-w", "\n%{http_code}", url),
+            env=os.environ,
+        )
+        body, _, status = out.decode().rpartition("\n")
+        assert (code, status) == (0, "413"), (out, err)
+        assert json.loads(body)["error"] == "content too large"
+
+        response = await treq.put(url, b'{"releaseAll": true}', auth=("ops", "pa55word"))
+        assert response.code == 200
+        assert (await response.json())["success"] is True
+    finally:
+        await stack.service.stopService()

@@ -1,0 +1,152 @@
+"""
+The admin API's HTTP server: Twisted's ``Site``, with the bounds a service
+port needs.
+
+A stock ``Site`` reads a request body of any size before the application
+sees it (to a temporary file past 100 KB) and takes any number of
+connections.  On the admin port that would let a client, before it has
+even authenticated, fill the disk with one upload or take the descriptors
+the mapped ports need (the open-file limit keeps only a small reserve
+beside them: :mod:`proxymap.ops.openfiles`).  So here:
+
+- a body longer than :data:`MAX_BODY` is answered ``413`` as soon as its
+  length is known (``Content-Length``, or the chunks read so far), without
+  reading the rest, and the connection closes;
+- at most :data:`MAX_CLIENTS` connections are open at once; the next one is
+  answered ``503`` with ``Retry-After`` and closed;
+- a connection idle for :data:`IDLE_TIMEOUT` seconds is closed (Twisted's
+  default too, stated here so that it stays).
+
+Those answers are JSON like every other of the admin API.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import WrappingFactory
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+#: The largest request body read, in bytes.  The largest the API takes is a
+#: release by port and session id of every port there can be: 65,535
+#: entries of some 50-100 bytes each.
+MAX_BODY = 8 * 1024 * 1024
+
+#: Connections open at once; they come out of the open-file limit's reserve.
+MAX_CLIENTS = 32
+
+#: Seconds a connection may stay idle before it is closed.
+IDLE_TIMEOUT = 60.0
+
+_REASONS = {413: b"Content Too Large", 503: b"Service Unavailable"}
+
+
+def _answer(status: int, error: str, description: str, headers: bytes = b"") -> bytes:
+    """
+    A whole JSON error response that closes its connection, for answers
+    given before (or instead of) the application.
+    """
+    body = json.dumps({"error": error, "description": description}).encode() + b"\n"
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
+            b"Content-Type: application/json\r\n",
+            b"Cache-Control: no-store\r\n",
+            headers,
+            b"Content-Length: %d\r\n" % len(body),
+            b"Connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+_TOO_LARGE = _answer(413, "content too large", f"request bodies are at most {MAX_BODY} bytes")
+_BUSY = _answer(
+    503,
+    "busy",
+    f"the admin API serves at most {MAX_CLIENTS} connections at once",
+    b"Retry-After: 1\r\n",
+)
+
+
+class _BoundedRequest(Request):
+    """
+    A request whose body may not pass :data:`MAX_BODY`.
+    """
+
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY:
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY:  # a chunked body, its length unknown ahead
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        """
+        Answer 413 and close, reading nothing more.  The answer goes out
+        first: the channel handles one request at a time, so nothing else
+        is being written on this connection.
+        """
+        self._refused = True
+        # Twisted answers "Expect: 100-continue" just after this; not now.
+        self.requestHeaders.removeHeader(b"expect")
+        channel = self.channel
+        channel.transport.write(_TOO_LARGE)  # type: ignore[union-attr]  # connected
+        channel.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # The rest of a refused body may have come with the bytes that
+        # overflowed it: answered already, the request goes no further.
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+
+class _Busy(Protocol):
+    """
+    A connection beyond :data:`MAX_CLIENTS`: answered at once, then closed.
+    """
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(_BUSY)
+        self.transport.loseConnection()
+
+
+class AdminSite(WrappingFactory):
+    """
+    The admin API's listening factory: a ``Site`` for ``resource`` with the
+    bounds above, its idle timeout kept on ``reactor``.
+    """
+
+    noisy = False
+
+    def __init__(self, resource: IResource, reactor: IReactorTime) -> None:
+        site = Site(resource, requestFactory=_BoundedRequest, timeout=IDLE_TIMEOUT, reactor=reactor)
+        site.displayTracebacks = False
+        site.noisy = False
+        super().__init__(site)
+
+    @property
+    def site(self) -> Site:
+        site: Site = self.wrappedFactory
+        return site
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:  # type: ignore[override]
+        # One beyond the bound is answered unwrapped, so it is not counted.
+        if len(self.protocols) >= MAX_CLIENTS:
+            return _Busy()
+        return super().buildProtocol(addr)
