@@ -27,10 +27,10 @@ from .helpers import counting_ids
 RELEASE = {"user": "api", "pass": "api-secret"}
 
 
-def mapping(**release: Any) -> Any:
+def mapping(ports: str = "10201-10202", **release: Any) -> Any:
     raw = {
         "name": "geo",
-        "ports": "10201-10202",
+        "ports": ports,
         "upstream": "http://gw.example:10000",
         "user": "alice",
         "pass": "pw",
@@ -42,9 +42,9 @@ def mapping(**release: Any) -> Any:
 
 
 class Setup:
-    def __init__(self, resource: Resource, **release: Any) -> None:
+    def __init__(self, resource: Resource, ports: str = "10201-10202", **release: Any) -> None:
         self.clock = Clock()
-        self.mapping = mapping(**release)
+        self.mapping = mapping(ports, **release)
         self.registry = SessionRegistry(clock=self.clock, new_id=counting_ids())
         for port in self.mapping.ports:
             self.registry.add_port(port, PortPolicy(self.mapping))
@@ -253,6 +253,74 @@ def test_per_session_url_sends_one_call_each() -> None:
         (b"DELETE", f"/sessions/{a.id}".encode()),
         (b"DELETE", f"/sessions/{b.id}".encode()),
     ]
+
+
+class Held(Resource):
+    """
+    Holds every call until the test answers it.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        self.held.append(request)
+        return NOT_DONE_YET
+
+    def answer(self) -> bytes:
+        request = self.held.pop(0)
+        path: bytes = request.path
+        request.write(b'{"success": true}')
+        request.finish()
+        return path
+
+
+def test_calls_wait_their_turn() -> None:
+    """
+    Releasing 10 sessions one call each opens at most MAX_CALLS calls at
+    once; each answer lets the next call go, until all are made.
+    """
+    from proxymap.vendors.release import MAX_CALLS
+
+    resource = Held()
+    s = Setup(
+        resource,
+        "10201-10210",
+        method="DELETE",
+        url="https://api.vendor.test/sessions/{session}",
+        body="",
+        entry="",
+    )
+    ids = [s.registry.current(port).id for port in s.mapping.ports]
+    for port in s.mapping.ports:
+        s.registry.reset(port)
+    s.treq.flush()
+    assert len(resource.held) == MAX_CALLS == 4
+    answered = []
+    for _ in range(10):
+        answered.append(resource.answer())
+        s.treq.flush()
+        assert len(resource.held) <= MAX_CALLS
+    assert answered == [f"/sessions/{i}".encode() for i in ids]
+    assert (s.release.succeeded, s.release.pending) == (10, [])
+
+
+def test_stop_cancels_calls_waiting_their_turn() -> None:
+    resource = Held()
+    s = Setup(resource, "10201-10210", url="https://x.test/{session}", body="", entry="")
+    for port in s.mapping.ports:
+        s.registry.current(port)
+        s.registry.reset(port)
+    s.treq.flush()
+    assert (len(resource.held), len(s.release.pending)) == (4, 10)
+    s.release.stop()
+    s.treq.flush()
+    assert len(resource.held) == 4  # no waiting call started as the others were cancelled
+    assert not s.release.pending
+    assert s.clock.getDelayedCalls() == []
 
 
 def test_stop_cancels_queued_and_running_calls() -> None:

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import attrs
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -50,6 +50,12 @@ GEONODE = {
     "entry": '{"port": {upstream_port}, "sessionId": {session}}',
 }
 PRESETS = {"geonode": GEONODE}
+
+#: Calls of one mapping under way at once; the others wait their turn.  A
+#: release of every port at a vendor whose API takes one session a call
+#: would otherwise open a connection per port at once, beyond the
+#: descriptors the open-file limit keeps aside (``ops/openfiles.py``).
+MAX_CALLS = 4
 
 
 @attrs.frozen
@@ -228,8 +234,11 @@ class VendorRelease:
     _queue: list[dict[str, Any]] = attrs.field(factory=list, init=False)
     _flush: IDelayedCall | None = attrs.field(default=None, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
-    #: Calls under way (tests and shutdown wait on these).
+    #: Calls under way or waiting their turn (tests and shutdown wait on these).
     pending: list[Deferred[None]] = attrs.field(factory=list, init=False)
+    _turns: DeferredSemaphore = attrs.field(
+        factory=lambda: DeferredSemaphore(MAX_CALLS), init=False
+    )
 
     # SessionObserver
     def session_started(self, session: Session) -> None:
@@ -283,16 +292,7 @@ class VendorRelease:
                 self.retried += 1
                 await deferLater(self.clock, config.backoff * 2 ** (attempt - 1))
             try:
-                response = await self.client.request(
-                    config.method,
-                    url,
-                    data=body,
-                    headers={"Content-Type": ["application/json"]} if body else None,
-                    auth=(config.user, config.password.value),
-                    reactor=self.clock,
-                    timeout=config.timeout,
-                )
-                content = await response.content()
+                response, content = await self._call(url, body)
             except Exception as e:  # timeouts, refused connections, resets
                 if self._stopping:
                     raise
@@ -316,6 +316,29 @@ class VendorRelease:
             attempts=config.retries + 1,
             problem=problem,
         )
+
+    async def _call(self, url: str, body: bytes | None) -> tuple[Any, bytes]:
+        """
+        One attempt, in its turn (at most :data:`MAX_CALLS` at once): the
+        answer and its body.
+        """
+        config = self.config
+        await self._turns.acquire()
+        try:
+            if self._stopping:  # a turn freed by a call cancelled at shutdown
+                raise CancelledError()
+            response = await self.client.request(
+                config.method,
+                url,
+                data=body,
+                headers={"Content-Type": ["application/json"]} if body else None,
+                auth=(config.user, config.password.value),
+                reactor=self.clock,
+                timeout=config.timeout,
+            )
+            return response, await response.content()
+        finally:
+            self._turns.release()
 
     def stop(self) -> None:
         """
