@@ -101,19 +101,24 @@ def test_a_body_at_the_bound_reaches_the_application(
     assert not transport.disconnecting
 
 
-def chunked(*sizes: int) -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (n, b"x" * n) for n in sizes) + b"0\r\n\r\n"
+def put_chunked(factory: AdminSite, *sizes: int) -> StringTransport:
+    """
+    A chunked PUT of chunks of ``sizes`` bytes, the whole request in one read.
+    """
+    protocol, transport = connect(factory)
+    chunks = b"".join(b"%x\r\n%s\r\n" % (n, b"x" * n) for n in sizes) + b"0\r\n\r\n"
+    protocol.dataReceived(
+        b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    )
+    return transport
 
 
 def test_a_chunked_body_over_the_bound_is_refused_even_when_complete(
     app: Recorder, factory: AdminSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(site, "MAX_BODY", 1000)
-    protocol, transport = connect(factory)
-    # The whole request in one read: the overflowing chunk and the end.
-    protocol.dataReceived(
-        b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(600, 600)
-    )
+    # The overflowing chunk and the body's end come in the same read.
+    transport = put_chunked(factory, 600, 600)
     assert app.bodies == []
     assert answer(transport)[0] == b"HTTP/1.1 413 Content Too Large"
     assert transport.value().count(b"HTTP/1.1") == 1
@@ -124,10 +129,7 @@ def test_a_chunked_body_within_the_bound_is_read(
     app: Recorder, factory: AdminSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(site, "MAX_BODY", 1000)
-    protocol, transport = connect(factory)
-    protocol.dataReceived(
-        b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(500, 500)
-    )
+    transport = put_chunked(factory, 500, 500)
     assert app.bodies == [1000]
     assert transport.value().startswith(b"HTTP/1.1 200 OK")
 
