@@ -140,11 +140,6 @@ class AdminSite(WrappingFactory):
         site.noisy = False
         super().__init__(site)
 
-    @property
-    def site(self) -> Site:
-        site: Site = self.wrappedFactory
-        return site
-
     def buildProtocol(self, addr: IAddress | None) -> Protocol:  # type: ignore[override]
         # One beyond the bound is answered unwrapped, so it is not counted.
         if len(self.protocols) >= MAX_CLIENTS:
