@@ -30,6 +30,8 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from proxymap.dataplane.http import REASONS, simple_response
+
 #: The largest request body read, in bytes.  The largest the API takes is a
 #: release by port and session id of every port there can be: 65,535
 #: entries of some 50-100 bytes each.
@@ -41,25 +43,19 @@ MAX_CLIENTS = 32
 #: Seconds a connection may stay idle before it is closed.
 IDLE_TIMEOUT = 60.0
 
-_REASONS = {413: b"Content Too Large", 503: b"Service Unavailable"}
 
-
-def _answer(status: int, error: str, description: str, headers: bytes = b"") -> bytes:
+def _answer(status: int, error: str, description: str, *extra: bytes) -> bytes:
     """
     A whole JSON error response that closes its connection, for answers
     given before (or instead of) the application.
     """
     body = json.dumps({"error": error, "description": description}).encode() + b"\n"
-    return b"".join(
-        [
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
-            b"Content-Type: application/json\r\n",
-            b"Cache-Control: no-store\r\n",
-            headers,
-            b"Content-Length: %d\r\n" % len(body),
-            b"Connection: close\r\n\r\n",
-            body,
-        ]
+    return simple_response(
+        status,
+        REASONS[status],
+        body,
+        content_type=b"application/json",
+        extra=[b"Cache-Control: no-store", *extra],
     )
 
 
@@ -68,7 +64,7 @@ _BUSY = _answer(
     503,
     "busy",
     f"the admin API serves at most {MAX_CLIENTS} connections at once",
-    b"Retry-After: 1\r\n",
+    b"Retry-After: 1",
 )
 
 
