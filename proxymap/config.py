@@ -826,7 +826,82 @@ def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = 
                     f"port {port} is also mapped by {owners[port]!r}",
                 )
             owners[port] = mapping.name
+    _refuse_loops(mappings)
     return Config(mappings=mappings, session_api=api, admin=admin, limits=limits, service=service)
+
+
+def _addresses(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    if host == "localhost":
+        return frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
+    try:
+        return frozenset({ipaddress.ip_address(host)})
+    except ValueError:
+        return frozenset()
+
+
+def reaches(upstream: Upstream, bind: str) -> bool:
+    """
+    Whether connecting to ``upstream``'s host reaches a socket this host
+    binds to ``bind``, as far as the addresses written show: the same
+    address, or a loopback (or unspecified) address for a wildcard bind.
+    Names other than ``localhost`` are not looked up, so they never match.
+    """
+    targets = _addresses(upstream.host)
+    binds = _addresses(bind)
+    if targets & binds:
+        return True
+    if any(address.is_unspecified for address in binds):
+        # "0.0.0.0" takes any IPv4 address of this host; "::" any address
+        # (Twisted leaves IPV6_V6ONLY off).  Loopback ones are surely ours.
+        wide = any(address.version == 6 for address in binds)
+        return any(
+            (address.is_loopback or address.is_unspecified) and (wide or address.version == 4)
+            for address in targets
+        )
+    return False
+
+
+def _refuse_loops(mappings: tuple[MappingConfig, ...]) -> None:
+    """
+    Refuse a mapping whose upstream is, through its own ports or through
+    other mappings', proxymap itself: each request would come back as a new
+    client connection, without end, until ``max_connections`` ran out.  A
+    chain of mappings that ends at a vendor is allowed.
+    """
+    owner: dict[int, int] = {}
+    for index, mapping in enumerate(mappings):
+        for port in mapping.ports:
+            owner[port] = index
+
+    def next_hop(index: int) -> int | None:
+        mapping = mappings[index]
+        target = owner.get(mapping.upstream.port)
+        if target is None or not reaches(mapping.upstream, mappings[target].bind):
+            return None
+        return target
+
+    for start, mapping in enumerate(mappings):
+        path = [start]
+        hop = next_hop(start)
+        while hop is not None and hop not in path:
+            path.append(hop)
+            hop = next_hop(hop)
+        if hop != start:
+            continue
+        first = path[1] if len(path) > 1 else start
+        where = (
+            f"port {mapping.upstream.port} of this mapping"
+            if first == start
+            else f"port {mapping.upstream.port} of mapping {mappings[first].name!r}, "
+            "whose upstream leads back here ("
+            + " -> ".join(mappings[index].name for index in [*path, start])
+            + ")"
+        )
+        raise ConfigError(
+            f"mapping[{start}].upstream",
+            f"{mapping.upstream.address} is {where}: requests would loop through "
+            "proxymap without end",
+        )
 
 
 def load_config(path: str | os.PathLike[str], env: MappingABC[str, str] | None = None) -> Config:

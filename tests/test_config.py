@@ -12,11 +12,13 @@ import pytest
 from proxymap.config import (
     ConfigError,
     Secret,
+    Upstream,
     expand_alphabet,
     load_config,
     parse_config,
     parse_duration,
     parse_ports,
+    reaches,
 )
 from proxymap.dataplane.localtls import LocalCertificates
 
@@ -175,6 +177,66 @@ def test_overlapping_ports_between_mappings() -> None:
     data = base(name="a")
     data["mapping"].append(dict(data["mapping"][0], name="b", ports="10203-10210"))
     assert error(data) == "mapping[1].ports: port 10203 is also mapped by 'a'"
+
+
+def test_an_upstream_on_its_own_ports_is_refused() -> None:
+    for host in ("127.0.0.1", "localhost"):
+        data = base(name="a", upstream=f"http://{host}:10202")
+        assert error(data) == (
+            f"mapping[0].upstream: {host}:10202 is port 10202 of this mapping: "
+            "requests would loop through proxymap without end"
+        )
+    data = base(name="a", upstream="socks5://[::1]:10203", bind="::1")
+    assert error(data).startswith("mapping[0].upstream: [::1]:10203 is port 10203 of this")
+
+
+def test_mappings_whose_upstreams_form_a_circle_are_refused() -> None:
+    data = base(name="a", upstream="http://127.0.0.1:10301")
+    data["mapping"].append(dict(data["mapping"][0], name="b", ports="10301-10302"))
+    data["mapping"][1]["upstream"] = "http://127.0.0.1:10202"
+    assert error(data) == (
+        "mapping[0].upstream: 127.0.0.1:10301 is port 10301 of mapping 'b', whose upstream "
+        "leads back here (a -> b -> a): requests would loop through proxymap without end"
+    )
+    # A mapping leading into the circle from outside it: the circle is named.
+    data["mapping"].insert(0, dict(data["mapping"][0], name="c", ports="10401"))
+    assert error(data).startswith(
+        "mapping[1].upstream: 127.0.0.1:10301 is port 10301 of mapping 'b', whose upstream "
+        "leads back here (a -> b -> a)"
+    )
+
+
+def test_a_chain_of_mappings_ending_at_a_vendor_is_allowed() -> None:
+    data = base(name="a", upstream="http://127.0.0.1:10301")
+    data["mapping"].append(dict(data["mapping"][0], name="b", ports="10301-10302"))
+    data["mapping"][1]["upstream"] = "http://gw.example.com:10000"
+    assert [m.name for m in parse_config(data, env={}).mappings] == ["a", "b"]
+    # Another address or another port of this host is not proxymap's.
+    for upstream in ("http://127.0.0.2:10202", "http://127.0.0.1:10200"):
+        assert parse_config(base(upstream=upstream), env={}).mappings[0].upstream.port > 0
+
+
+@pytest.mark.parametrize(
+    ("host", "bind", "reached"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("localhost", "127.0.0.1", True),
+        ("localhost", "::1", True),
+        ("127.0.0.2", "127.0.0.1", False),
+        ("::1", "127.0.0.1", False),
+        ("192.0.2.1", "192.0.2.1", True),
+        ("127.0.0.1", "0.0.0.0", True),
+        ("0.0.0.0", "0.0.0.0", True),
+        ("::1", "0.0.0.0", False),
+        ("::1", "::", True),
+        ("127.0.0.1", "::", True),
+        ("192.0.2.1", "0.0.0.0", False),
+        ("gw.example.com", "0.0.0.0", False),
+        ("127.0.0.1", "localhost", True),
+    ],
+)
+def test_which_upstream_hosts_reach_a_bind_address(host: str, bind: str, reached: bool) -> None:
+    assert reaches(Upstream("http", host, 10201), bind) is reached
 
 
 def test_duplicate_mapping_names() -> None:
