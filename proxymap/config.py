@@ -813,7 +813,7 @@ def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = 
     )
     if not mappings:
         raise ConfigError("mapping", "at least one [[mapping]] is required")
-    owners: dict[int, str] = {}
+    owners: dict[int, int] = {}
     names: set[str] = set()
     for i, mapping in enumerate(mappings):
         if mapping.name in names:
@@ -823,16 +823,17 @@ def parse_config(data: MappingABC[str, Any], env: MappingABC[str, str] | None = 
             if port in owners:
                 raise ConfigError(
                     f"mapping[{i}].ports",
-                    f"port {port} is also mapped by {owners[port]!r}",
+                    f"port {port} is also mapped by {mappings[owners[port]].name!r}",
                 )
-            owners[port] = mapping.name
-    _refuse_loops(mappings)
+            owners[port] = i
+    _refuse_loops(mappings, owners)
     return Config(mappings=mappings, session_api=api, admin=admin, limits=limits, service=service)
 
 
 def _addresses(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     if host == "localhost":
-        return frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
+        # As proxymap connects to it and Twisted binds it: IPv4.
+        return frozenset({ipaddress.ip_address("127.0.0.1")})
     try:
         return frozenset({ipaddress.ip_address(host)})
     except ValueError:
@@ -861,17 +862,14 @@ def reaches(upstream: Upstream, bind: str) -> bool:
     return False
 
 
-def _refuse_loops(mappings: tuple[MappingConfig, ...]) -> None:
+def _refuse_loops(mappings: tuple[MappingConfig, ...], owner: Mapping[int, int]) -> None:
     """
     Refuse a mapping whose upstream is, through its own ports or through
     other mappings', proxymap itself: each request would come back as a new
     client connection, without end, until ``max_connections`` ran out.  A
-    chain of mappings that ends at a vendor is allowed.
+    chain of mappings that ends at a vendor is allowed.  ``owner`` gives the
+    index of the mapping of each port.
     """
-    owner: dict[int, int] = {}
-    for index, mapping in enumerate(mappings):
-        for port in mapping.ports:
-            owner[port] = index
 
     def next_hop(index: int) -> int | None:
         mapping = mappings[index]

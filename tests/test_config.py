@@ -221,7 +221,7 @@ def test_a_chain_of_mappings_ending_at_a_vendor_is_allowed() -> None:
     [
         ("127.0.0.1", "127.0.0.1", True),
         ("localhost", "127.0.0.1", True),
-        ("localhost", "::1", True),
+        ("localhost", "::1", False),
         ("127.0.0.2", "127.0.0.1", False),
         ("::1", "127.0.0.1", False),
         ("192.0.2.1", "192.0.2.1", True),
