@@ -921,7 +921,9 @@ def table(results: Results, subjects: list[str], args: argparse.Namespace) -> st
         cells = [metric, *(_fmt(metric, values[s]) for s in subjects)]
         for a, b in pairs:
             mine, theirs = values[a], values[b]
-            cells.append(f"{mine / theirs:.2f}" if mine and theirs else "")
+            # A time added can be nothing or less (noise): no ratio means anything then.
+            both = mine is not None and theirs is not None and mine > 0 and theirs > 0
+            cells.append(f"{mine / theirs:.2f}" if both else "")
         cells.append(TARGETS.get(metric, ""))
         lines.append("| " + " | ".join(cells) + " |")
     # The added latency (subject minus the parent alone) is what the target is about.
@@ -975,7 +977,7 @@ def _fmt(metric: str, value: float | None) -> str:
         return f"{value / 1e9:.2f} G"
     if metric.startswith("bytes") or "RSS" in metric:
         return f"{value / 1024:.1f} KiB"
-    if metric.startswith("time added"):
+    if "time added" in metric:
         return f"{value:.1f}"
     if " s" in metric and "/s" not in metric:
         return f"{value:.2f}"
