@@ -11,7 +11,10 @@
  *            send 16 bytes, read them back, close; repeat.  Counts setups.
  *   bulk     CONNECT chargen.bench:19 and count the bytes that come back.
  *   http     one absolute-URI GET per connection (Connection: close); counts
- *            responses.  With -k: keep-alive, requests back to back.  With
+ *            responses.  With -k: keep-alive, requests back to back; a
+ *            connection the server closes between two responses (tinyproxy
+ *            closes after each, without saying so) is opened again and
+ *            counted in "reopened", not in "errors".  With
  *            -x: one GET per connection without Connection: close, and the
  *            client closes once the response is in (as curl or a one-shot
  *            Python client does): the proxy sees the client's end first.
@@ -26,8 +29,8 @@
  * kernel still picks ports per 4-tuple): that spreads TIME_WAIT over many
  * address pairs.  -s 0 leaves the source to the kernel (127.0.0.1).
  *
- * Prints one JSON line: {"mode", "ops", "bytes", "seconds", "rate", "errors"},
- * with -l also "p50_us", "p99_us", "p999_us" and "max_us".
+ * Prints one JSON line: {"mode", "ops", "bytes", "seconds", "rate", "errors",
+ * "reopened"}, with -l also "p50_us", "p99_us", "p999_us" and "max_us".
  * Every loop is bounded by the deadline.
  */
 #define _GNU_SOURCE
@@ -58,6 +61,7 @@ struct conn {
     size_t have;
     long need; /* body bytes still to read (http), -1 unknown */
     double sent; /* when the request went (http, -l) */
+    int answered; /* responses complete on this connection (http) */
     char buf[4096];
 };
 
@@ -69,7 +73,7 @@ static char request[1024];
 static size_t request_len;
 static int epfd;
 static unsigned long next_port, next_source;
-static unsigned long long ops, bytes, errors;
+static unsigned long long ops, bytes, errors, reopened;
 static int measuring;
 /* -l: one latency per counted response, at most MAX_LATENCIES. */
 #define MAX_LATENCIES (1 << 24)
@@ -122,6 +126,7 @@ static int open_conn(struct conn *c) {
     c->state = CONNECTING;
     c->have = 0;
     c->need = -1;
+    c->answered = 0;
     struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.ptr = c};
     epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
     return 0;
@@ -239,6 +244,14 @@ static void on_event(struct conn *c, unsigned events) {
     if (n <= 0) {
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             return;
+        if (keepalive && c->state == HEAD && c->have == 0 && c->answered > 0) {
+            /* The server ended a keep-alive connection between responses:
+             * as a client would, send the request again on a new one. */
+            if (measuring)
+                reopened++;
+            restart(c, 0);
+            return;
+        }
         /* An orderly close after a complete one-shot response is the normal end. */
         restart(c, !(c->state == IDLE));
         return;
@@ -305,6 +318,7 @@ static void on_event(struct conn *c, unsigned events) {
             if (latencies_on)
                 record_latency(now() - c->sent);
         }
+        c->answered++;
         if (keepalive) {
             c->state = HEAD;
             if (send_all(c, request, request_len) < 0)
@@ -437,8 +451,8 @@ int main(int argc, char **argv) {
     double elapsed = now() - begin;
     double rate = (mode == BULK ? bytes : ops) / elapsed;
     printf("{\"mode\": \"%s\", \"ops\": %llu, \"bytes\": %llu, \"seconds\": %.3f, "
-           "\"rate\": %.1f, \"errors\": %llu",
-           argv[1], ops, bytes, elapsed, rate, errors);
+           "\"rate\": %.1f, \"errors\": %llu, \"reopened\": %llu",
+           argv[1], ops, bytes, elapsed, rate, errors, reopened);
     if (latencies_on && nlatencies > 0) {
         qsort(latencies, nlatencies, sizeof *latencies, by_value);
         printf(", \"p50_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f",
