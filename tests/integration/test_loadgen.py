@@ -55,12 +55,15 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
 
 
+class _Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
 @pytest.fixture
 def server(request: pytest.FixtureRequest) -> Iterator[int]:
     handler = type("Handler", (_Handler,), {"behaviour": request.param})
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler) as srv:
-        srv.daemon_threads = True
+    with _Server(("127.0.0.1", 0), handler) as srv:
         thread = threading.Thread(target=srv.serve_forever, daemon=True)
         thread.start()
         try:
