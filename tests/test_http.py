@@ -28,6 +28,71 @@ def test_absolute_form() -> None:
 
 
 @pytest.mark.parametrize(
+    ("head", "target"),
+    [
+        (b"GET ws://example.com:81/chat HTTP/1.1", b"http://example.com:81/chat"),
+        (b"GET WS://example.com/ HTTP/1.1\r\nTE: trailers", b"http://example.com/"),
+        (b"GET Http://example.com/ HTTP/1.1", b"Http://example.com/"),
+    ],
+)
+def test_a_ws_target_goes_on_as_http(head: bytes, target: bytes) -> None:
+    """
+    A ``ws://`` target (aiohttp asks a proxy for a plain WebSocket so) is
+    forwarded as the ``http://`` target it stands for; others as they came.
+    """
+    r = parse_request_head(head)
+    assert r.target == target
+    assert (r.host, r.path) == ("example.com", b"/chat" if b"chat" in head else b"/")
+    assert r.port == (81 if b":81" in head else 80)
+
+
+@pytest.mark.parametrize(
+    ("fields", "upgrade"),
+    [
+        (b"Upgrade: websocket\r\nConnection: Upgrade", b"websocket"),
+        (b"Connection: keep-alive, upgrade\r\nUpgrade: a/1\r\nupgrade: b", b"a/1, b"),
+        # Not asked for properly: Connection does not name it, or nothing to switch to.
+        (b"Upgrade: websocket", None),
+        (b"Upgrade: websocket\r\nConnection: keep-alive", None),
+        (b"Upgrade:\r\nConnection: Upgrade", None),
+        (b"Connection: Upgrade", None),
+        # A switch the proxy could not follow: one after a body.
+        (b"Upgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 3", None),
+        (b"Upgrade: websocket\r\nConnection: Upgrade\r\nTransfer-Encoding: chunked", None),
+    ],
+)
+def test_an_upgrade_is_forwarded_only_when_properly_asked(
+    fields: bytes, upgrade: bytes | None
+) -> None:
+    r = parse_request_head(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n" + fields)
+    assert r.upgrade == upgrade
+    # Either way the fields stay off the lines forwarded as they came.
+    names = {line.partition(b":")[0].lower() for line in r.lines}
+    assert not names & {b"upgrade", b"connection"}
+
+
+def test_an_http_1_0_upgrade_is_ignored() -> None:
+    """
+    RFC 9110 7.8: a server ignores an Upgrade received in an HTTP/1.0 request.
+    """
+    r = parse_request_head(
+        b"GET http://example.com/ HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade"
+    )
+    assert r.upgrade is None
+
+
+def test_a_101_names_its_protocol() -> None:
+    r = parse_response_head(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: x",
+        b"GET",
+    )
+    assert (r.status, r.upgrade) == (101, b"websocket")
+    assert r.lines == [b"Sec-WebSocket-Accept: x"]
+    assert r.content_length == 0
+
+
+@pytest.mark.parametrize(
     ("head", "host"),
     [
         (b"GET http://example.com/ HTTP/1.1\r\nHost: other.example", b"example.com"),

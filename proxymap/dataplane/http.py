@@ -140,6 +140,11 @@ class Request:
     #: no field had to be removed from it, else ``None``: forwarding it
     #: verbatim saves rebuilding the head from ``lines``.
     verbatim: bytes | None = None
+    #: The protocols the client asks to switch this connection to (its
+    #: Upgrade field), when the request may carry them upstream: HTTP/1.1,
+    #: Upgrade named by Connection (RFC 9110 7.8), and no body.  ``None``:
+    #: the Upgrade field, if any, is dropped as the hop-by-hop field it is.
+    upgrade: bytes | None = None
 
     @property
     def has_body(self) -> bool:
@@ -184,6 +189,8 @@ class Response:
     #: The whole head as received when it is HTTP/1.1 and no field had to be
     #: removed (the same bytes a rebuild would give, without the rebuild).
     verbatim: bytes | None = None
+    #: The Upgrade field's value (a 101 names the protocol it switched to).
+    upgrade: bytes | None = None
 
 
 def _split_head(head: bytes, max_headers: int = MAX_HEADERS) -> list[bytes]:
@@ -214,6 +221,15 @@ def _parse_content_length(value: bytes, current: int | None) -> int:
     if current is not None and current != length:
         raise HTTPError(400, "conflicting Content-Length values")
     return length
+
+
+def _joined(current: bytes | None, value: bytes) -> bytes:
+    """
+    A field's value with one more line's added (RFC 9110 5.3: repeated
+    fields are one comma-separated list).
+    """
+    value = value.strip()
+    return value if current is None else current + b", " + value
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:
@@ -339,7 +355,7 @@ def _parse_request_fast(head: bytes, max_headers: int) -> Request | None:
             dropped.append(match.span())
         else:
             return None
-    host, port, path, authority = _request_target(method, target)
+    host, port, path, authority, target = _request_target(method, target)
     if header_host != authority and _names_another_host(method, header_host, authority):
         assert host_match is not None  # header_host was set with it
         dropped = sorted([*dropped, host_match.span()])
@@ -367,30 +383,43 @@ def _parse_request_fast(head: bytes, max_headers: int) -> Request | None:
     )
 
 
-def _request_target(method: bytes, target: bytes) -> tuple[str | None, int, bytes, bytes | None]:
+def _request_target(
+    method: bytes, target: bytes
+) -> tuple[str | None, int, bytes, bytes | None, bytes]:
     """
-    The host, port and origin-form path a request target names, and its
-    authority as written (less any userinfo; ``None`` in origin form).
+    The host, port and origin-form path a request target names, its
+    authority as written (less any userinfo; ``None`` in origin form), and
+    the target to forward.
+
+    That is the target as it came, but for a ``ws://`` one, which goes on as
+    ``http://``: some clients (aiohttp) ask a proxy for a plain WebSocket
+    so, where RFC 6455 4.1 would have them CONNECT, and the next proxy
+    need not know the scheme.  ``wss://`` needs TLS to the origin, which
+    is the client's to make: it is told to CONNECT.
     """
     if method == b"CONNECT":
         host, port = parse_authority(target, None)
-        return host, port, target, target
+        return host, port, target, target, target
     if target[:1] == b"/":
-        return None, 0, target, None
+        return None, 0, target, None, target
     match = _ABSOLUTE.match(target)
     if match is None:
         raise HTTPError(400, "request target is neither absolute nor origin form")
     scheme, authority, path = match.groups()
-    if scheme != b"http" and scheme.lower() != b"http":
-        raise HTTPError(
-            400, f"cannot forward {scheme.decode('ascii', 'replace')}:// requests; use CONNECT"
-        )
+    if scheme != b"http":
+        lowered = scheme.lower()
+        if lowered == b"ws":
+            target = b"http" + target[2:]
+        elif lowered != b"http":
+            raise HTTPError(
+                400, f"cannot forward {scheme.decode('ascii', 'replace')}:// requests; use CONNECT"
+            )
     if b"@" in authority:
         authority = authority.rpartition(b"@")[2]
     host, port = parse_authority(authority, 80)
     if path[:1] != b"/":
         path = b"/" + path
-    return host, port, path, authority
+    return host, port, path, authority, target
 
 
 def _target_authority(target: bytes) -> bytes:
@@ -443,6 +472,7 @@ def _parse_request_general(head: bytes, max_headers: int) -> Request:
     transfer_encoding: bytes | None = None
     proxy_authorization: bytes | None = None
     header_host: bytes | None = None
+    upgrade: bytes | None = None
     dropped = False
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
@@ -454,6 +484,8 @@ def _parse_request_general(head: bytes, max_headers: int) -> Request:
                 options |= _connection_tokens(value)
             elif lname == b"proxy-authorization":
                 proxy_authorization = value.strip()
+            elif lname == b"upgrade":
+                upgrade = _joined(upgrade, value)
             dropped = True
             continue
         if lname == b"content-length":
@@ -486,8 +518,20 @@ def _parse_request_general(head: bytes, max_headers: int) -> Request:
         keep_alive = b"close" not in options
     else:
         keep_alive = b"keep-alive" in options and b"close" not in options
+    # An upgrade goes on only as a switch the proxy can follow: asked for
+    # properly, of HTTP/1.1 (RFC 9110 7.8 has an HTTP/1.0 Upgrade ignored),
+    # and with no body, whose end the switch would otherwise have to await.
+    if (
+        not upgrade
+        or b"upgrade" not in options
+        or version != b"HTTP/1.1"
+        or method == b"CONNECT"
+        or chunked
+        or content_length
+    ):
+        upgrade = None
 
-    host, port, path, authority = _request_target(method, target)
+    host, port, path, authority, target = _request_target(method, target)
     if header_host != authority and _names_another_host(method, header_host, authority):
         kept = [line for line in kept if line.partition(b":")[0].lower() != b"host"]
         dropped = True
@@ -507,6 +551,7 @@ def _parse_request_general(head: bytes, max_headers: int) -> Request:
         proxy_authorization=proxy_authorization,
         header_host=header_host,
         verbatim=None if dropped else head[len(lines[0]) :],
+        upgrade=upgrade,
     )
 
 
@@ -606,6 +651,7 @@ def _parse_response_general(head: bytes, request_method: bytes) -> Response:
     options: set[bytes] = set()
     content_length: int | None = None
     transfer_encoding: bytes | None = None
+    upgrade: bytes | None = None
     dropped = False
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
@@ -615,6 +661,8 @@ def _parse_response_general(head: bytes, request_method: bytes) -> Response:
         if lname in _HOP_BY_HOP:
             if lname == b"connection" or lname == b"proxy-connection":
                 options |= _connection_tokens(value)
+            elif lname == b"upgrade":
+                upgrade = _joined(upgrade, value)
             dropped = True
             continue
         if lname == b"content-length":
@@ -667,6 +715,7 @@ def _parse_response_general(head: bytes, request_method: bytes) -> Response:
         until_close=until_close,
         keep_alive=keep_alive,
         verbatim=head if version == b"HTTP/1.1" and reason and not dropped else None,
+        upgrade=upgrade,
     )
 
 

@@ -688,6 +688,11 @@ class ProxyServer(flow.Throttled):
             extra.append(b"Proxy-Authorization: " + target.authorization)
         if not request.has_host_header:
             extra.append(b"Host: " + request.host_header)
+        if request.upgrade is not None:
+            # Asked for end to end: the upstream's 101 turns both legs into
+            # one tunnel (upstream.UpstreamProtocol._switch).
+            extra.append(b"Connection: Upgrade")
+            extra.append(b"Upgrade: " + request.upgrade)
         if request.verbatim is not None:
             # Nothing to remove: the client's header block as it came.
             head = b"".join((line, request.verbatim, *(b"\r\n" + e for e in extra), b"\r\n\r\n"))
@@ -786,7 +791,7 @@ class ProxyServer(flow.Throttled):
         self._request = None
         if self._socks_pending:
             self._socks_answer(True)
-        else:
+        elif answer:  # else the upstream's own answer went to the client (a 101)
             self.write(answer)
         if early:
             up.deliver(early)

@@ -445,7 +445,7 @@ class UpstreamProtocol(flow.Throttled):
                 return
             if status < 200:
                 if status == 101:
-                    self._give_up(502, "the upstream switched protocols unasked")
+                    self._switch(request, response)
                     return
                 if request.version == b"HTTP/1.1":
                     self.started = True
@@ -459,6 +459,31 @@ class UpstreamProtocol(flow.Throttled):
                 self._buffer = self._feed(rest)
             if self._head:
                 self._flush_head()
+
+    def _switch(self, request: Request, response: Response) -> None:
+        """
+        The upstream switched protocols (101): if the client asked for it,
+        pass the 101 on and carry the bytes of both legs from here on, as a
+        CONNECT tunnel does; this connection serves no one else.
+        """
+        if request.upgrade is None:
+            self._give_up(502, "the upstream switched protocols unasked")
+            return
+        if not response.upgrade:
+            self._give_up(502, "the upstream switched protocols without naming one")
+            return
+        self._reusable = False
+        self.started = True
+        answer = build_head(
+            b"HTTP/1.1 101 " + (response.reason or b"Switching Protocols"),
+            response.lines,
+            [b"Connection: Upgrade", b"Upgrade: " + response.upgrade],
+        )
+        # Delivered, not written by tunnel_ready: the head is the upstream's
+        # and counts as bytes from it, as a response head does.
+        self.deliver(answer)
+        early, self._buffer = self._buffer, b""
+        self._start_tunnel(b"", early)
 
     def _respond(self, request: Request, response: Response) -> None:
         server = self.server
