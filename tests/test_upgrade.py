@@ -6,6 +6,7 @@ proxy for one.  The vendor's 101 turns both legs into one tunnel.
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
@@ -110,37 +111,47 @@ def test_a_refused_upgrade_is_an_ordinary_response() -> None:
     assert client.value().endswith(b"hello")
 
 
-def test_a_101_nobody_asked_for_is_a_502() -> None:
+@pytest.mark.parametrize(
+    ("request_head", "answer", "message"),
+    [
+        # No upgrade asked for; or one without Connection: upgrade, not forwarded.
+        (
+            b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
+            SWITCHED,
+            b"switched protocols unasked",
+        ),
+        (
+            b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\n\r\n",
+            SWITCHED,
+            b"switched protocols unasked",
+        ),
+        # Asked for, but the 101 does not say what it switched to.
+        (
+            UPGRADE,
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n",
+            b"switched protocols without naming one",
+        ),
+    ],
+)
+def test_a_101_the_client_cannot_follow_is_a_502(
+    request_head: bytes, answer: bytes, message: bytes
+) -> None:
     """
-    Without an upgrade asked for (none sent, or one without Connection:
-    upgrade, which is not forwarded), a 101 is the vendor's error.
+    A 101 is passed on only as the answer to the upgrade the client asked
+    for; otherwise it is the vendor's error, and nothing after it reaches
+    the client.
     """
-    for request in (
-        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
-        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\n\r\n",
-    ):
-        h = Harness()
-        proto, client = h.client()
-        proto.dataReceived(request)
-        up, upstream = h.upstream()
-        assert header(head_of(upstream.value())[1], b"upgrade") == []
-        up.dataReceived(SWITCHED + b"\x81\x02hi")
-        first, _, body = head_of(client.value())
-        assert first == b"HTTP/1.1 502 Bad Gateway"
-        assert b"switched protocols unasked" in body
-        assert b"\x81\x02hi" not in client.value()
-        assert upstream.disconnecting
-
-
-def test_a_101_naming_no_protocol_is_a_502() -> None:
     h = Harness()
     proto, client = h.client()
-    proto.dataReceived(UPGRADE)
+    proto.dataReceived(request_head)
     up, upstream = h.upstream()
-    up.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n")
+    asked = header(head_of(upstream.value())[1], b"upgrade")
+    assert asked == ([b"websocket"] if request_head is UPGRADE else [])
+    up.dataReceived(answer + b"\x81\x02hi")
     first, _, body = head_of(client.value())
     assert first == b"HTTP/1.1 502 Bad Gateway"
-    assert b"without naming one" in body
+    assert message in body
+    assert b"\x81\x02hi" not in client.value()
     assert upstream.disconnecting
 
 
