@@ -92,6 +92,29 @@ def test_an_upgraded_connection_is_never_kept() -> None:
     assert h.tally.pool is not None and len(h.tally.pool) == 0
 
 
+def test_a_new_session_closes_upgraded_connections_as_tunnels() -> None:
+    """
+    Like a CONNECT tunnel, an upgraded connection cannot change session: a
+    worker's /session/new closes it, and one still awaiting its 101.
+    """
+    h = Harness(session_api={"enabled": True, "domain": "portmapper"})
+    upgraded, upgraded_client = h.client()
+    upgraded.dataReceived(UPGRADE)
+    up, upstream = h.upstream()
+    up.dataReceived(SWITCHED)
+    waiting, waiting_client = h.client()
+    waiting.dataReceived(UPGRADE)
+    _, waiting_upstream = h.upstream()
+    assert (upgraded.state, waiting.state) == ("tunnel", "connecting")
+
+    worker, worker_client = h.client()
+    worker.dataReceived(b"GET http://portmapper/session/new HTTP/1.1\r\nHost: portmapper\r\n\r\n")
+    assert head_of(worker_client.value())[0] == b"HTTP/1.1 200 OK"
+    assert upgraded_client.disconnecting and upstream.disconnecting
+    assert waiting_client.disconnecting and waiting_upstream.disconnecting
+    assert not worker_client.disconnecting
+
+
 def test_a_refused_upgrade_is_an_ordinary_response() -> None:
     """
     A vendor or origin that will not switch answers as usual, and the

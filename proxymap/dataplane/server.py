@@ -235,8 +235,11 @@ class ProxyServer(flow.Throttled):
             return "closed"
         if self._tunnel is not None:
             return "tunnel"
-        if self._request is not None:
-            return "connecting" if self._request.method == b"CONNECT" else "request"
+        request = self._request
+        if request is not None:
+            # An upgrade in flight is a tunnel opening, as a CONNECT is.
+            opening = request.method == b"CONNECT" or request.upgrade is not None
+            return "connecting" if opening else "request"
         return "idle"
 
     @property
