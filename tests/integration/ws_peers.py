@@ -56,4 +56,5 @@ async def main(proxy: str) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(sys.argv[1]))))
+    # Bounded as a whole, so that the test waiting on this process never hangs.
+    print(json.dumps(asyncio.run(asyncio.wait_for(main(sys.argv[1]), 60))))
