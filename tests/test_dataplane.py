@@ -6,6 +6,8 @@ StringTransports and a MemoryReactorClock, and tunnels over iosim.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import (
     ConnectionDone,
@@ -15,6 +17,7 @@ from twisted.internet.error import (
     UserError,
 )
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
@@ -23,8 +26,10 @@ from proxymap.dataplane.http import MAX_HEAD_SIZE
 from proxymap.sessions import EndReason
 
 from .helpers import (
+    FUZZ_EXAMPLES,
     PORT,
     UPSTREAM_ADDRESS,
+    UPSTREAM_HOST,
     UPSTREAM_PORT,
     Harness,
     creds,
@@ -545,6 +550,135 @@ def test_garbage_from_upstream_is_502() -> None:
     up, _ = h.upstream()
     up.dataReceived(b"SSH-2.0-OpenSSH\r\n\r\n")
     assert head_of(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+
+
+# What a vendor sent after the response it framed, dressed as a response of
+# its own: a vendor bug, or an origin whose bytes the vendor passes on.  Left
+# in the connection, it would answer whichever request went over it next.
+EXTRA = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+#: The vendor's reads: a response, and the extra bytes in its last read.
+WITH_THE_END = [
+    pytest.param([OK + EXTRA], id="a whole response in one read"),
+    pytest.param([OK[:-3], OK[-3:] + EXTRA], id="the end of a body"),
+    pytest.param([CHUNKED + b"5\r\nhello\r\n0\r\n\r\n" + EXTRA], id="chunked, one read"),
+    pytest.param([CHUNKED, b"5\r\nhello\r\n0\r\n\r\n" + EXTRA], id="chunked, two reads"),
+    pytest.param([b"HTTP/1.1 204 No Content\r\n\r\n" + EXTRA], id="no body"),
+]
+
+
+@pytest.mark.parametrize(
+    "reads", [*WITH_THE_END, pytest.param([OK, EXTRA], id="a read of their own")]
+)
+def test_bytes_after_a_response_never_answer_the_next_request(reads: list[bytes]) -> None:
+    """
+    Bytes the vendor sent beyond its response (or between responses) are
+    dropped with their connection; the client's next request goes over a
+    new one and gets that one's answer.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    with capturedLogs() as events:
+        for data in reads:
+            up.dataReceived(data)
+    assert upstream.disconnecting
+    assert client.value().count(b"HTTP/1.1 ") == 1
+    told = [formatEvent(e) for e in events]
+    if len(reads[-1]) > len(EXTRA):  # with the end of the response
+        assert told == [
+            f"upstream {UPSTREAM_HOST}:{UPSTREAM_PORT} sent more than its response;"
+            " closing that connection"
+        ]
+    else:  # in a read of their own, unasked: closed quietly, as a 408 would be
+        assert told == []
+
+    proto.dataReceived(GET)
+    assert upstream.value().count(b"GET ") == 1
+    assert len(h.reactor.tcpClients) == 2
+    up2, _ = h.upstream()
+    up2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal")
+    assert client.value().endswith(b"\r\n\r\nreal")
+    assert b"POISON" not in client.value()
+    assert not client.disconnecting
+
+
+@pytest.mark.parametrize("reads", WITH_THE_END)
+def test_a_pipelined_request_never_takes_bytes_that_came_before_it(reads: list[bytes]) -> None:
+    """
+    The request a client pipelined goes out as the first one's answer ends,
+    after the extra bytes that came with that answer: over a new connection.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET + GET)
+    up, upstream = h.upstream()
+    for data in reads:
+        up.dataReceived(data)
+    assert upstream.value().count(b"GET ") == 1
+    assert len(h.reactor.tcpClients) == 2
+    up2, upstream2 = h.upstream()
+    assert upstream2.value().count(b"GET ") == 1
+    up2.dataReceived(OK)
+    assert client.value().count(b"HTTP/1.1 ") == 2
+    assert client.value().endswith(b"hello")
+    assert b"POISON" not in client.value()
+
+
+@st.composite
+def framed_responses(draw: st.DrawFn) -> bytes:
+    """
+    A well-framed response: by length, chunked, or without a body.
+    """
+    body = draw(st.binary(max_size=40))
+    kind = draw(st.sampled_from(["length", "chunked", "none"]))
+    if kind == "length":
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    if kind == "chunked":
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:7], body[7:]) if c)
+        return CHUNKED + chunks + b"0\r\n\r\n"
+    return b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n"
+
+
+def answer_in_reads(response: bytes, extra: bytes, cuts: list[int]) -> tuple[bytes, bool]:
+    """
+    What the client got when the vendor sent ``response + extra`` in reads
+    cut at ``cuts``, and whether its next request reused the connection.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    stream = response + extra
+    bounds = [0, *sorted(cuts), len(stream)]
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        if end > start:
+            up.dataReceived(stream[start:end])
+    got = client.value()
+    proto.dataReceived(GET)
+    return got, len(h.reactor.tcpClients) == 1
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(framed_responses(), st.binary(min_size=1, max_size=60), st.data())
+def test_what_follows_a_response_never_reaches_its_client(
+    response: bytes, extra: bytes, data: st.DataObject
+) -> None:
+    """
+    However the vendor's bytes are cut into reads, its client gets the
+    response and nothing of what followed it, and the connection is not
+    used again; the same response alone leaves it in use.
+    """
+    length = len(response) + len(extra)
+    cuts = data.draw(st.lists(st.integers(0, length), max_size=4))
+    alone, reused = answer_in_reads(response, b"", [c for c in cuts if c <= len(response)])
+    assert reused
+    got, reused = answer_in_reads(response, extra, cuts)
+    assert got == alone
+    assert not reused
 
 
 def test_malformed_request_is_400() -> None:

@@ -466,6 +466,12 @@ def test_close_all() -> None:
             None,
             id="the vendor will close it",
         ),
+        pytest.param(
+            ONE_SHOT,
+            OK + b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON",
+            DONE,
+            id="bytes after the answer",
+        ),
     ],
 )
 def test_never_parked(request_head: bytes, answer: bytes, client_lost: Failure | None) -> None:

@@ -396,11 +396,11 @@ class UpstreamProtocol(flow.Throttled):
             self._socks_data(data)
             return
         if self._framer is not None:
-            data = self._feed(data)
-            if not data:
-                return
+            self._feed(data)
+            return
         if self._request is None:
-            # Bytes nobody asked for: this connection cannot be trusted again.
+            # Bytes nobody asked for (a vendor's 408 as it drops an idle
+            # connection, say): this connection cannot be trusted again.
             self._reusable = False
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -456,7 +456,7 @@ class UpstreamProtocol(flow.Throttled):
             self._respond(request, response)
             if self._framer is not None and self._buffer:
                 rest, self._buffer = self._buffer, b""
-                self._buffer = self._feed(rest)
+                self._feed(rest)
             if self._head:
                 self._flush_head()
 
@@ -522,8 +522,10 @@ class UpstreamProtocol(flow.Throttled):
                 head, self._head = self._head, b""
                 # Its close follows in response_done (see _finish_request).
                 last = server._close_after
+                if len(buffered) > length:
+                    self._overran()
+                self._buffer = b""
                 if length:
-                    self._buffer = buffered[length:]
                     self.deliver(head + buffered[:length], last)
                 else:
                     self.deliver(head, last)
@@ -531,7 +533,7 @@ class UpstreamProtocol(flow.Throttled):
                 return
             self._framer = LengthFramer(length)
 
-    def _feed(self, data: bytes) -> bytes:
+    def _feed(self, data: bytes) -> None:
         framer = self._framer
         assert framer is not None
         try:
@@ -544,7 +546,7 @@ class UpstreamProtocol(flow.Throttled):
                 upstream=self.address,
             )
             self.server.abort()
-            return b""
+            return
         head, self._head = self._head, b""
         if self._decode:
             assert isinstance(framer, ChunkedFramer)
@@ -560,9 +562,27 @@ class UpstreamProtocol(flow.Throttled):
         elif head:
             self.deliver(head)
         if framer.done:
+            if n < len(data):
+                self._overran()
             self._complete()
-            return data[n:]
-        return b""
+
+    def _overran(self) -> None:
+        """
+        The upstream sent bytes beyond the response it framed, in the same
+        read as its end.  They answer nothing we asked, and left in the
+        buffer they would pass for the answer to the next request sent over
+        this connection, another client's perhaps (a response desync).  So
+        they are dropped with the connection: it serves no further request
+        and closes after the current response (see _complete).
+        """
+        self._reusable = False
+        self._buffer = b""
+        self._log(
+            LogLevel.info,
+            ("overran", self.address),
+            "upstream {upstream} sent more than its response; closing that connection",
+            upstream=self.address,
+        )
 
     def _flush_head(self) -> None:
         head, self._head = self._head, b""
