@@ -37,12 +37,14 @@ class FakeVendor(Protocol):
     A vendor gateway that misbehaves as ``mode`` says.
     """
 
-    def __init__(self, mode: str, live: set[FakeVendor]) -> None:
+    def __init__(self, mode: str, live: set[FakeVendor], accepted: list[FakeVendor]) -> None:
         self.mode = mode
         self.live = live
+        self.accepted = accepted
 
     def connectionMade(self) -> None:
         self.live.add(self)
+        self.accepted.append(self)
 
     def connectionLost(self, reason: object) -> None:
         self.live.discard(self)
@@ -59,6 +61,15 @@ class FakeVendor(Protocol):
         elif mode == "reset_mid_tunnel" and data.startswith(b"CONNECT"):
             self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\nhello")
             reactor.callLater(0.05, self.transport.abortConnection)
+        elif mode == "overlong":
+            # The answer names its request's path; the bytes after it, in
+            # the same write, would answer the next request sent over this
+            # connection.
+            path = data.split(b" ", 2)[1].split(b"/", 3)[-1]
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n/%s" % (len(path) + 1, path)
+                + b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n/POISON"
+            )
         elif mode == "echo_tunnel":
             if data.startswith(b"CONNECT"):
                 self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -69,7 +80,9 @@ class FakeVendor(Protocol):
 class Vendor:
     def __init__(self, mode: str) -> None:
         self.live: set[FakeVendor] = set()
-        factory = Factory.forProtocol(lambda: FakeVendor(mode, self.live))
+        #: Every connection the vendor took, in order.
+        self.accepted: list[FakeVendor] = []
+        factory = Factory.forProtocol(lambda: FakeVendor(mode, self.live, self.accepted))
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
 
     @property
@@ -165,6 +178,29 @@ async def test_vendor_answers_wrongly(mode: str, status: bytes, limits: dict[str
         assert out.startswith(b"HTTP/1.1 " + status)
         await eventually(lambda: not vendor.live, "the vendor side closed")
         await still_serves(service, port)
+    finally:
+        await service.stopService()
+        await vendor.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_vendor_sending_more_than_its_answers() -> None:
+    """
+    A vendor glues a second response to each answer.  Every request still
+    gets its own answer, whether it follows on the same client connection
+    or comes on a new one (which would take a kept upstream connection):
+    the connection that carried the extra bytes serves nobody again.
+    """
+    vendor = Vendor("overlong")
+    service, port = proxymap_to(vendor.number)
+    proxy = f"http://127.0.0.1:{port}"
+    try:
+        code, out, err = await curl("-x", proxy, "http://e.com/1", "http://e.com/2")
+        assert (code, out) == (0, b"/1/2"), err
+        code, out, err = await curl("-x", proxy, "http://e.com/3")
+        assert (code, out) == (0, b"/3"), err
+        assert len(vendor.accepted) == 3
+        await eventually(lambda: not vendor.live, "the vendor's connections closed")
     finally:
         await service.stopService()
         await vendor.port.stopListening()
