@@ -225,6 +225,93 @@ def test_a_bad_response_head_is_the_vendors_fault(head: bytes) -> None:
     assert e.value.message.startswith("the upstream sent a malformed response head")
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"Transfer Encoding",  # a space inside
+        b"Content-Length\x0b",  # a vertical tab, which some servers strip
+        b"X(a)",
+        b"X\x7f",
+        b"X\xc3\xa9",
+        b"",
+    ],
+)
+def test_a_request_field_name_that_is_not_a_token_is_refused(name: bytes) -> None:
+    """
+    RFC 9110 5.1: a field name is a token.  Forwarded as it came, another
+    name could be read by the next hop as a framing field this proxy never
+    saw ("Transfer Encoding" as Transfer-Encoding): a 400 instead.
+    """
+    head = b"POST http://x/ HTTP/1.1\r\nHost: x\r\n" + name + b": chunked\r\nContent-Length: 5"
+    with pytest.raises(HTTPError) as e:
+        parse_request_head(head)
+    assert (e.value.status, e.value.message) == (400, "malformed header field")
+
+
+def test_every_token_character_may_name_a_request_field() -> None:
+    name = b"!#$%&'*+-.^_`|~09AZaz"
+    r = parse_request_head(b"GET http://x/ HTTP/1.1\r\nHost: x\r\n" + name + b": v")
+    assert r.lines == [b"Host: x", name + b": v"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [b"Content-Length: 5", b"Content-Length: 5"],
+        [b"Content-Length: 5, 5"],
+        [b"Content-Length: 5 ,5", b"content-length: 5"],
+    ],
+)
+def test_a_repeated_content_length_goes_on_as_one(fields: list[bytes]) -> None:
+    """
+    RFC 9110 8.6: a recipient accepting a Content-Length repeated with one
+    value must make it one field before forwarding.
+    """
+    r = parse_request_head(
+        b"\r\n".join([b"POST http://x/ HTTP/1.1", b"Host: x", *fields, b"Accept: a"])
+    )
+    assert r.content_length == 5
+    assert r.verbatim is None
+    assert r.lines == [b"Host: x", b"Accept: a", b"Content-Length: 5"]
+    response = parse_response_head(b"\r\n".join([b"HTTP/1.1 200 OK", *fields, b"ETag: e"]), b"GET")
+    assert response.content_length == 5
+    assert response.verbatim is None
+    assert response.lines == [b"ETag: e", b"Content-Length: 5"]
+
+
+def test_an_http_1_0_request_with_transfer_encoding_closes_after() -> None:
+    """
+    RFC 9112 6.1: HTTP/1.0 has no Transfer-Encoding, so such a message's
+    framing is faulty: it is read as chunked and its connection closes after.
+    """
+    r = parse_request_head(
+        b"POST http://x/ HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked"
+    )
+    assert r.chunked
+    assert not r.keep_alive
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3",
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked",
+    ],
+)
+def test_a_response_framed_two_ways_ends_its_connection(head: bytes) -> None:
+    """
+    A response with both Content-Length and Transfer-Encoding, or an
+    HTTP/1.0 one with Transfer-Encoding, is read as chunked and forwarded
+    without the Content-Length (RFC 9112 6.3); a hop before us may have read
+    it the other way, so its connection carries no other request.
+    """
+    r = parse_response_head(head, b"GET")
+    assert r.chunked and r.content_length is None
+    assert [line for line in r.lines if line.lower().startswith(b"content-length")] == []
+    assert not r.keep_alive
+
+
 def test_response_framing() -> None:
     r = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 3", b"GET")
     assert r.content_length == 3 and r.keep_alive

@@ -223,6 +223,16 @@ def _parse_content_length(value: bytes, current: int | None) -> int:
     return length
 
 
+def _one_content_length(lines: list[bytes], length: int | None) -> list[bytes]:
+    """
+    ``lines`` with their repeated Content-Length (``5, 5``, or on two lines)
+    made one, as a recipient that accepts them must before forwarding
+    (RFC 9110 8.6).
+    """
+    kept = [line for line in lines if line[:15].lower() != b"content-length:"]
+    return [*kept, b"Content-Length: %d" % length]
+
+
 def _joined(current: bytes | None, value: bytes) -> bytes:
     """
     A field's value with one more line's added (RFC 9110 5.3: repeated
@@ -474,9 +484,13 @@ def _parse_request_general(head: bytes, max_headers: int) -> Request:
     header_host: bytes | None = None
     upgrade: bytes | None = None
     dropped = False
+    lengths = 0
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name[:1] in b" \t" or name[-1:] in b" \t":
+        # A name is a token (RFC 9110 5.1): no space before the colon, none
+        # inside ("Transfer Encoding"), nothing the next hop might read as
+        # another name than this proxy did.
+        if not sep or not _TOKEN.fullmatch(name):
             raise HTTPError(400, "malformed header field")
         lname = name.lower()
         if lname in _HOP_BY_HOP:
@@ -490,6 +504,7 @@ def _parse_request_general(head: bytes, max_headers: int) -> Request:
             continue
         if lname == b"content-length":
             content_length = _parse_content_length(value, content_length)
+            lengths += 1 + value.count(b",")
         elif lname == b"transfer-encoding":
             value = value.strip().lower()
             transfer_encoding = (
@@ -509,6 +524,9 @@ def _parse_request_general(head: bytes, max_headers: int) -> Request:
         if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
             raise HTTPError(400, "request Transfer-Encoding must end in chunked")
         chunked = True
+    elif lengths > 1:
+        kept = _one_content_length(kept, content_length)
+        dropped = True
     if options:
         filtered = _filter_fields(kept, options)
         dropped = dropped or len(filtered) != len(kept)
@@ -517,7 +535,9 @@ def _parse_request_general(head: bytes, max_headers: int) -> Request:
     if version == b"HTTP/1.1":
         keep_alive = b"close" not in options
     else:
-        keep_alive = b"keep-alive" in options and b"close" not in options
+        # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has
+        # faulty framing; the connection closes after it.
+        keep_alive = b"keep-alive" in options and b"close" not in options and not chunked
     # An upgrade goes on only as a switch the proxy can follow: asked for
     # properly, of HTTP/1.1 (RFC 9110 7.8 has an HTTP/1.0 Upgrade ignored),
     # and with no body, whose end the switch would otherwise have to await.
@@ -653,8 +673,10 @@ def _parse_response_general(head: bytes, request_method: bytes) -> Response:
     transfer_encoding: bytes | None = None
     upgrade: bytes | None = None
     dropped = False
+    lengths = 0
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
+        # Lenient with other odd names, which clients judge for themselves.
         if not sep or not name or name[-1:] in b" \t" or name[:1] in b" \t":
             raise HTTPError(502, "the upstream sent a malformed header field")
         lname = name.lower()
@@ -670,6 +692,7 @@ def _parse_response_general(head: bytes, request_method: bytes) -> Response:
                 content_length = _parse_content_length(value, content_length)
             except HTTPError:
                 raise HTTPError(502, "the upstream sent an invalid Content-Length") from None
+            lengths += 1 + value.count(b",")
         elif lname == b"transfer-encoding":
             value = value.strip().lower()
             transfer_encoding = (
@@ -696,13 +719,23 @@ def _parse_response_general(head: bytes, request_method: bytes) -> Response:
             chunked = True
         else:
             until_close = True
-        # A Content-Length beside Transfer-Encoding is ignored and must not be forwarded.
+        # A Content-Length beside Transfer-Encoding is ignored and must not
+        # be forwarded (RFC 9112 6.3).  Framed both ways, the response may
+        # have been read one way by a hop before us and the other by us, and
+        # HTTP/1.0 has no Transfer-Encoding (6.1): such a connection is not
+        # trusted with another request.
         if content_length is not None:
             kept = [line for line in kept if line[:15].lower() != b"content-length:"]
             dropped = True
+            keep_alive = False
+        if version == b"HTTP/1.0":
+            keep_alive = False
         content_length = None
     elif content_length is None:
         until_close = True
+    elif lengths > 1:
+        kept = _one_content_length(kept, content_length)
+        dropped = True
     if until_close:
         keep_alive = False
     return Response(
