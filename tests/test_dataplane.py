@@ -681,6 +681,27 @@ def test_what_follows_a_response_never_reaches_its_client(
     assert not reused
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\nContent-Length: 5\n\nhello",
+        b"HTTP/1.1 200 OK\nContent-Length: 5\n\r\nhello",
+    ],
+)
+def test_a_response_head_ended_by_bare_lfs_is_a_502_at_once(answer: bytes) -> None:
+    """
+    Its head never ends in CRLF CRLF: without a look for a bare LF's blank
+    line the client would wait for the idle timeout's 504.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    up.dataReceived(answer)
+    answered(client, b"502 Bad Gateway", b"the upstream's response head lines do not end in CRLF")
+    assert upstream.disconnecting
+
+
 def test_malformed_request_is_400() -> None:
     h = Harness()
     proto, client = h.client()

@@ -415,6 +415,10 @@ class UpstreamProtocol(flow.Throttled):
             if end == -1:
                 if len(buf) > MAX_HEAD_SIZE:
                     self._give_up(502, "the upstream sent an oversized response head")
+                elif b"\n\n" in buf or b"\n\r\n" in buf:
+                    # A head ended by bare LFs would never end: a 502 now,
+                    # not a 504 at the idle timeout.
+                    self._give_up(502, "the upstream's response head lines do not end in CRLF")
                 return
             self._buffer = buf[end + 4 :]
             request = self._request
