@@ -341,6 +341,25 @@ def test_chunked_framer_stops_at_end() -> None:
     assert f.done and b"".join(f.decoded) == b"Wikipedia"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"5;a=\rb\r\nhello\r\n0\r\n\r\n",  # in an extension
+        b"5\r\nhello\r\n0\r\nX: a\rb\r\n\r\n",  # in a trailer
+        b"5;\x00\r\nhello\r\n0\r\n\r\n",
+    ],
+)
+def test_a_bare_cr_or_nul_in_a_chunk_line_is_refused(body: bytes) -> None:
+    """
+    Chunk lines are relayed as they came; a next hop reading a bare CR as a
+    line's end would find the chunk data elsewhere (RFC 9112 2.2).
+    """
+    f = ChunkedFramer()
+    with pytest.raises(HTTPError) as e:
+        f.feed(body)
+    assert (e.value.status, e.value.message) == (400, "bare CR or NUL in a chunk line")
+
+
 @given(st.lists(st.binary(min_size=1, max_size=50), max_size=10), st.data())
 def test_chunked_framer_any_split(chunks: list[bytes], data: st.DataObject) -> None:
     """

@@ -842,6 +842,10 @@ class ChunkedFramer:
             if line[-1:] != b"\r":
                 raise HTTPError(400, "chunk line not terminated by CRLF")
             line = line[:-1]
+            # Relayed as they came, so a bare CR (which the next hop may
+            # take for a line's end, RFC 9112 2.2) or a NUL is refused.
+            if b"\r" in line or b"\x00" in line:
+                raise HTTPError(400, "bare CR or NUL in a chunk line")
             if self._state == _SIZE:
                 size = line.split(b";", 1)[0].strip(b" \t")
                 if not _HEX.fullmatch(size):
