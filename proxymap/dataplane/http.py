@@ -223,7 +223,7 @@ def _parse_content_length(value: bytes, current: int | None) -> int:
     return length
 
 
-def _one_content_length(lines: list[bytes], length: int | None) -> list[bytes]:
+def _one_content_length(lines: list[bytes], length: int) -> list[bytes]:
     """
     ``lines`` with their repeated Content-Length (``5, 5``, or on two lines)
     made one, as a recipient that accepts them must before forwarding
@@ -525,6 +525,7 @@ def _parse_request_general(head: bytes, max_headers: int) -> Request:
             raise HTTPError(400, "request Transfer-Encoding must end in chunked")
         chunked = True
     elif lengths > 1:
+        assert content_length is not None  # counted with it
         kept = _one_content_length(kept, content_length)
         dropped = True
     if options:
