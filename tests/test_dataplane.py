@@ -5,6 +5,8 @@ StringTransports and a MemoryReactorClock, and tunnels over iosim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -341,6 +343,34 @@ def test_head_response_has_no_body() -> None:
     assert proto.state == "idle"
     proto.dataReceived(GET)
     assert len(h.reactor.tcpClients) == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [
+        (lambda h: h.fail_connect(ConnectionRefusedError()), b"502 Bad Gateway"),
+        (lambda h: h.upstream()[0].dataReceived(b"SSH-2.0\r\n\r\n"), b"502 Bad Gateway"),
+        (lambda h: h.reactor.advance(10), b"504 Gateway Timeout"),
+    ],
+    ids=["refused", "garbage", "connect timeout"],
+)
+def test_proxymaps_own_answer_to_head_has_no_body(
+    fault: Callable[[Harness], object], status: bytes
+) -> None:
+    """
+    RFC 9110 9.3.2: whatever answers a HEAD sends no body, proxymap's own
+    error answers included; the client would read the text as the start of
+    whatever came next.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"HEAD http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    fault(h)
+    first, lines, body = head_of(client.value())
+    assert first == b"HTTP/1.1 " + status
+    assert int(header(lines, b"content-length")[0]) > 0  # the length a GET would get
+    assert body == b""
+    assert client.disconnecting
 
 
 def test_interim_response_forwarded() -> None:

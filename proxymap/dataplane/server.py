@@ -900,7 +900,13 @@ class ProxyServer(flow.Throttled):
         if self._socks_pending:
             self._socks_answer(False, status, message)
         elif not self._closing:
-            self.write(error_response(status, message, headers))
+            response = error_response(status, message, headers)
+            request = self._request
+            if request is not None and request.method == b"HEAD":
+                # An answer to HEAD has no body (RFC 9110 9.3.2): the client
+                # would read the text as the start of whatever comes next.
+                response = response[: response.index(b"\r\n\r\n") + 4]
+            self.write(response)
         self._fail_quietly()
 
     def _release(self, up: UpstreamProtocol) -> None:
