@@ -360,6 +360,31 @@ def test_a_bare_cr_or_nul_in_a_chunk_line_is_refused(body: bytes) -> None:
     assert (e.value.status, e.value.message) == (400, "bare CR or NUL in a chunk line")
 
 
+@pytest.mark.parametrize(
+    ("size_line", "valid"),
+    [
+        (b"5", True),
+        (b"5 ", True),
+        (b"5 ;a=b", True),
+        (b"5\t;a", True),
+        (b" 5", False),
+        (b"\t5", False),
+    ],
+)
+def test_whitespace_in_a_chunk_size_line(size_line: bytes, valid: bool) -> None:
+    """
+    RFC 9112 7.1: whitespace may come before an extension's ";" (and after
+    the size, as h11 takes it), never before the size.
+    """
+    f = ChunkedFramer()
+    body = size_line + b"\r\nhello\r\n0\r\n\r\n"
+    if valid:
+        assert f.feed(body) == len(body) and f.done
+    else:
+        with pytest.raises(HTTPError, match="invalid chunk size"):
+            f.feed(body)
+
+
 @given(st.lists(st.binary(min_size=1, max_size=50), max_size=10), st.data())
 def test_chunked_framer_any_split(chunks: list[bytes], data: st.DataObject) -> None:
     """

@@ -848,7 +848,9 @@ class ChunkedFramer:
             if b"\r" in line or b"\x00" in line:
                 raise HTTPError(400, "bare CR or NUL in a chunk line")
             if self._state == _SIZE:
-                size = line.split(b";", 1)[0].strip(b" \t")
+                # RFC 9112 7.1: whitespace may come before an extension's
+                # ";", never before the size (which h11, for one, refuses).
+                size = line.split(b";", 1)[0].rstrip(b" \t")
                 if not _HEX.fullmatch(size):
                     raise HTTPError(400, "invalid chunk size")
                 self._remaining = int(size, 16)
