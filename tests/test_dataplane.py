@@ -25,6 +25,7 @@ from twisted.test import iosim
 
 from proxymap.dataplane import flow
 from proxymap.dataplane.http import MAX_HEAD_SIZE
+from proxymap.dataplane.upstream import UpstreamProtocol
 from proxymap.sessions import EndReason
 
 from .helpers import (
@@ -386,6 +387,37 @@ def test_interim_response_forwarded() -> None:
     proto.dataReceived(b"ok")
     up.dataReceived(OK)
     assert client.value().endswith(b"hello")
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [
+        (lambda h, up: up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"), b"502"),
+        (lambda h, up: up.connectionLost(Failure(ConnectionDone())), b"502"),
+        (lambda h, up: h.reactor.advance(301), b"504"),
+    ],
+    ids=["a malformed final head", "a close", "silence"],
+)
+def test_an_interim_answer_still_lets_a_gateway_error_follow(
+    fault: Callable[[Harness, UpstreamProtocol], object], status: bytes
+) -> None:
+    """
+    A 1xx is not the answer: when the vendor fails after one, the client
+    still gets a final 502 or 504 after it, not a bare close.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, _ = h.upstream()
+    up.dataReceived(EARLY_HINTS)
+    fault(h, up)
+    out = client.value()
+    assert out.startswith(EARLY_HINTS)
+    assert out[len(EARLY_HINTS) :].startswith(b"HTTP/1.1 " + status)
+    assert client.disconnecting
 
 
 def test_response_until_close() -> None:

@@ -214,6 +214,19 @@ def test_no_retry_once_the_answer_began() -> None:
     assert client.disconnecting
 
 
+def test_no_retry_after_an_interim_answer() -> None:
+    """
+    The client saw a 103 of this exchange: the request is not sent again
+    on another connection; the client gets a 502 after the 103.
+    """
+    h = Harness(pool=True)
+    client, up = sent_over_kept(h)
+    up.dataReceived(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+    up.connectionLost(DONE)
+    assert len(h.reactor.tcpClients) == 1
+    assert client.value().startswith(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 502 Bad Gateway")
+
+
 def test_no_retry_after_part_of_a_head() -> None:
     h = Harness(pool=True)
     client, up = sent_over_kept(h)

@@ -111,7 +111,8 @@ class UpstreamProtocol(flow.Throttled):
         self.key = target.key
         #: When the connection was made (0 until then).
         self.connected_at = 0.0
-        #: True once any byte of the current response went to the client.
+        #: True once any byte of the current final response went to the
+        #: client (an interim 1xx before it does not count).
         self.started = False
         self.connector: IConnector | None = None
         #: When connecting gives up (the client leg's timer watches it).
@@ -452,7 +453,10 @@ class UpstreamProtocol(flow.Throttled):
                     self._switch(request, response)
                     return
                 if request.version == b"HTTP/1.1":
-                    self.started = True
+                    # Not ``started``: a final answer, proxymap's own 502 or
+                    # 504 included, may still follow an interim one.  But the
+                    # client has seen part of this exchange: no sending again.
+                    self._retry_head = b""
                     self.deliver(
                         build_head(b"HTTP/1.1 %d %s" % (status, response.reason), response.lines)
                     )
