@@ -1120,6 +1120,28 @@ def test_a_malformed_chunked_body_after_the_answer_began_resets() -> None:
     assert client.disconnected and upstream.disconnected
 
 
+def test_a_malformed_chunked_answer_is_cut_and_read_no_further() -> None:
+    """
+    The vendor's chunk framing breaks mid-answer: both connections are
+    reset, the client sees the answer incomplete, and whatever the vendor
+    still sends is not read as more of it.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    sent = client.value()
+    with capturedLogs() as events:
+        up.dataReceived(b"zz\r\n")
+    assert client.disconnected and upstream.disconnected
+    assert [formatEvent(e) for e in events] == [
+        f"upstream {UPSTREAM_HOST}:{UPSTREAM_PORT} sent a malformed body"
+    ]
+    up.dataReceived(b"3\r\nxyz\r\n0\r\n\r\n")
+    assert client.value() == sent
+
+
 def test_a_malformed_discarded_body_closes_after_the_local_answer() -> None:
     """
     A body read only to be discarded (the Session API answered) that turns

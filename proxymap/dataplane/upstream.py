@@ -553,6 +553,10 @@ class UpstreamProtocol(flow.Throttled):
                 "upstream {upstream} sent a malformed body",
                 upstream=self.address,
             )
+            # Nothing more of this response is read, whatever still arrives.
+            self._framer = None
+            self._request = None
+            self._reusable = False
             self.server.abort()
             return
         head, self._head = self._head, b""
