@@ -204,36 +204,38 @@ def test_a_retry_is_not_retried() -> None:
     assert head_of(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
 
 
-def test_no_retry_once_the_answer_began() -> None:
+@pytest.mark.parametrize(
+    ("answer", "starts", "ends"),
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart",
+            b"HTTP/1.1 200 OK",
+            b"part",
+            id="the answer began",
+        ),
+        pytest.param(b"HTTP/1.1 2", b"HTTP/1.1 502 Bad Gateway", b"\n", id="part of a head"),
+        # The client saw a 103 of this exchange; it gets a 502 after it.
+        pytest.param(
+            b"HTTP/1.1 103 Early Hints\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 502 Bad Gateway",
+            b"\n",
+            id="an interim answer",
+        ),
+    ],
+)
+def test_no_retry_once_the_vendor_said_anything(answer: bytes, starts: bytes, ends: bytes) -> None:
+    """
+    A kept connection that closes after any byte of an answer: the request
+    is not sent again on another connection.
+    """
     h = Harness(pool=True)
     client, up = sent_over_kept(h)
-    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+    up.dataReceived(answer)
     up.connectionLost(DONE)
     assert len(h.reactor.tcpClients) == 1
-    assert client.value().endswith(b"part")
+    assert client.value().startswith(starts)
+    assert client.value().endswith(ends)
     assert client.disconnecting
-
-
-def test_no_retry_after_an_interim_answer() -> None:
-    """
-    The client saw a 103 of this exchange: the request is not sent again
-    on another connection; the client gets a 502 after the 103.
-    """
-    h = Harness(pool=True)
-    client, up = sent_over_kept(h)
-    up.dataReceived(b"HTTP/1.1 103 Early Hints\r\n\r\n")
-    up.connectionLost(DONE)
-    assert len(h.reactor.tcpClients) == 1
-    assert client.value().startswith(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 502 Bad Gateway")
-
-
-def test_no_retry_after_part_of_a_head() -> None:
-    h = Harness(pool=True)
-    client, up = sent_over_kept(h)
-    up.dataReceived(b"HTTP/1.1 2")
-    up.connectionLost(DONE)
-    assert len(h.reactor.tcpClients) == 1
-    assert head_of(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
 
 
 def test_keep_alive_reuse_is_retried_too() -> None:
