@@ -478,6 +478,25 @@ def resolve_secret(value: object, key: str, env: MappingABC[str, str]) -> Secret
     return Secret(value)
 
 
+def toml_key(field: str) -> str:
+    """
+    ``field`` written as a TOML key: bare when it can be, else quoted, with
+    whatever would not print escaped, so that a message naming it stays one
+    line however the key was spelled in the file.
+    """
+    if re.fullmatch(r"[A-Za-z0-9_-]+", field):
+        return field
+    quoted = []
+    for c in field:
+        if c in '"\\':
+            quoted.append("\\" + c)
+        elif c.isprintable():
+            quoted.append(c)
+        else:
+            quoted.append(f"\\u{ord(c):04X}" if ord(c) < 0x10000 else f"\\U{ord(c):08X}")
+    return '"' + "".join(quoted) + '"'
+
+
 class _Table:
     """
     A TOML table being read: hands out values with their full key names and
@@ -491,6 +510,7 @@ class _Table:
         self.key = key
 
     def name(self, field: str) -> str:
+        field = toml_key(field)
         return f"{self.key}.{field}" if self.key else field
 
     def keys(self) -> list[str]:

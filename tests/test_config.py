@@ -4,10 +4,15 @@ Configuration: valid files load; every problem is one message naming its key.
 
 from __future__ import annotations
 
+import copy
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxymap.config import (
     ConfigError,
@@ -19,8 +24,16 @@ from proxymap.config import (
     parse_duration,
     parse_ports,
     reaches,
+    toml_key,
 )
 from proxymap.dataplane.localtls import LocalCertificates
+
+from .helpers import FUZZ_EXAMPLES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # PyPy 3.9, as in proxymap.config
+    import tomli as tomllib
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "proxymap.toml"
 
@@ -128,6 +141,8 @@ def test_alphabet_ranges() -> None:
         (base(session_id={"alphabet": "a:b"}), "mapping[0].session_id.alphabet: character ':'"),
         (base(session_id={"size": 8}), "mapping[0].session_id.size: unknown key"),
         (base(bind=5), "mapping[0].bind: expected a string"),
+        (base(params={"\n": "x"}), 'mapping[0].params."\\u000A": names are lowercase'),
+        ({**base(), "x.y": 1}, '"x.y": unknown key'),
         (base(name="has space"), "mapping[0].name: use letters"),
         (base(upstream=None), "mapping[0].upstream: expected a URL"),
         ({"mapping": [{"ports": "1-2"}]}, "mapping[0].upstream: is required"),
@@ -295,12 +310,33 @@ def test_admin_users_and_listen() -> None:
         ({"listen": "tcp:8700:interface=10.1.2.3"}, "admin.listen: the admin API would listen"),
         ({"listen": "carrier-pigeon:1"}, "admin.listen: 'carrier-pigeon:1' is not a server"),
         ({"users": {"ops": ""}}, "admin.users.ops: the password is empty"),
-        ({"users": {"bad name": "x"}}, "admin.users.bad name: user names are"),
+        ({"users": {"bad name": "x"}}, 'admin.users."bad name": user names are'),
         ({"users": {"ops": "env:NOPE"}}, "admin.users.ops: environment variable NOPE is not set"),
     ],
 )
 def test_admin_errors(admin: dict[str, Any], message: str) -> None:
     assert error({**base(), "admin": admin}).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("field", "written"),
+    [
+        ("plain_key-1", "plain_key-1"),
+        ("a b", '"a b"'),
+        ("x.y", '"x.y"'),
+        ('say "hi"\\', '"say \\"hi\\"\\\\"'),
+        ("ünïcode", '"ünïcode"'),
+        ("line\nbreak\x00\u2028", '"line\\u000Abreak\\u0000\\u2028"'),
+        ("", '""'),
+    ],
+)
+def test_keys_are_named_as_toml_writes_them(field: str, written: str) -> None:
+    """
+    A message names a key the way the file would spell it, so it stays one
+    line and can be searched for, whatever the key holds.
+    """
+    assert toml_key(field) == written
+    assert tomllib.loads(f"{written} = 1") == {field: 1}
 
 
 @pytest.mark.parametrize(
@@ -319,3 +355,92 @@ def test_listen_is_loopback(listen: str, loopback: bool) -> None:
     from proxymap.config import listen_is_loopback
 
     assert listen_is_loopback(listen) is loopback
+
+
+# ---------------------------------------------------------------- any file at all
+
+_EXAMPLES = [tomllib.loads(p.read_text()) for p in sorted(EXAMPLE.parent.glob("*.toml"))]
+
+_TRICKY_STRINGS = [
+    "", "0", "-1", "10s", "0s", "1e400s", "nan", "inf", "1-0", "65535-65536", "a-z", "\x00",
+    "env:", "file:", "file:/", "file:/nonexistent", "tcp:0", "tcp:1:interface=a:interface=b",
+    "unix:", "http://[::1]:1", "http://h:0", "http://h:99999", "http://:1", "socks5://h",
+    "https://h", "{session}", "{", "}", "{x}", "{user!r}", "{user:>300}", "{0}", "{user[0]}",
+    "localhost", "::", "line\nbreak",
+]  # fmt: skip
+
+_VALUES = st.recursive(
+    st.one_of(
+        st.text(max_size=20),
+        st.sampled_from(_TRICKY_STRINGS),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(),
+        st.booleans(),
+        st.datetimes(),
+        st.dates(),
+        st.times(),
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _places(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, inner in items:
+        yield (*path, key)
+        yield from _places(inner, (*path, key))
+
+
+@st.composite
+def _mutated_examples(draw: st.DrawFn) -> dict[str, Any]:
+    """
+    A shipped example with one to three values replaced by anything TOML can
+    hold, or removed, or a key added.
+    """
+    data = copy.deepcopy(draw(st.sampled_from(_EXAMPLES)))
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from([(), *_places(data)]))
+        parent = data
+        for key in path[:-1]:
+            parent = parent[key]
+        change = draw(st.sampled_from(["replace", "remove", "add"]))
+        if change == "add" or not path:
+            target = parent[path[-1]] if path else data
+            if isinstance(target, dict):
+                target[draw(st.text(max_size=8))] = draw(_VALUES)
+        elif change == "remove" and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(_VALUES)
+    return data
+
+
+class _AnyEnv(dict[str, str]):
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: str) -> str:
+        return "example-secret"
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(_mutated_examples())
+def test_any_file_loads_or_names_one_key(data: dict[str, Any]) -> None:
+    """
+    Whatever a file holds, it loads, or it is refused with one line naming
+    a key: never another exception (a traceback for the user).
+    """
+    try:
+        parse_config(data, env=_AnyEnv())
+    except ConfigError as e:
+        assert e.key and e.problem
+        assert "\n" not in str(e) and "\r" not in str(e)
