@@ -380,6 +380,24 @@ _UPSTREAM_PORTS = {"http": 80, "https": 443, "socks5": 1080}
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
+def parse_bind(value: str, key: str) -> str:
+    """
+    The address mapped ports listen on: an IP address, or ``localhost``
+    read as 127.0.0.1.  Not another name: binding to one would look it up
+    with the reactor waiting, at every reload that adds a port.
+    """
+    if value.strip().lower() == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ConfigError(
+            key,
+            f"{value!r} is not an IP address (0.0.0.0 listens on every IPv4 interface, "
+            ":: on every interface)",
+        ) from None
+
+
 def parse_upstream_ca(value: object, key: str, upstream: Upstream) -> tuple[bytes, ...]:
     """
     Read the certificates (PEM) an ``https://`` upstream's own must chain
@@ -592,7 +610,7 @@ def _mapping(
             table.name("name"), "use letters, digits, '.', '_' and '-' (at most 63 characters)"
         )
     ports = parse_ports(table.require("ports"), table.name("ports"))
-    bind = table.pop_typed("bind", str, "127.0.0.1")
+    bind = parse_bind(table.pop_typed("bind", str, "127.0.0.1"), table.name("bind"))
     upstream = parse_upstream(table.require("upstream"), table.name("upstream"))
     user = table.pop_typed("user", str, "")
     password = resolve_secret(table.pop("pass", ""), table.name("pass"), env)

@@ -141,6 +141,9 @@ def test_alphabet_ranges() -> None:
         (base(session_id={"alphabet": "a:b"}), "mapping[0].session_id.alphabet: character ':'"),
         (base(session_id={"size": 8}), "mapping[0].session_id.size: unknown key"),
         (base(bind=5), "mapping[0].bind: expected a string"),
+        (base(bind="proxy.example.com"), "mapping[0].bind: 'proxy.example.com' is not an IP"),
+        (base(bind=""), "mapping[0].bind: '' is not an IP address (0.0.0.0 listens"),
+        (base(bind="256.1.1.1"), "mapping[0].bind: '256.1.1.1' is not an IP address"),
         (base(params={"\n": "x"}), 'mapping[0].params."\\u000A": names are lowercase'),
         ({**base(), "x.y": 1}, '"x.y": unknown key'),
         (base(name="has space"), "mapping[0].name: use letters"),
@@ -316,6 +319,14 @@ def test_admin_users_and_listen() -> None:
 )
 def test_admin_errors(admin: dict[str, Any], message: str) -> None:
     assert error({**base(), "admin": admin}).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("bind", "read"),
+    [("localhost", "127.0.0.1"), (" ::1 ", "::1"), ("0:0::1", "::1"), ("127.0.0.2", "127.0.0.2")],
+)
+def test_bind_is_an_address(bind: str, read: str) -> None:
+    assert parse_config(base(bind=bind), env={}).mappings[0].bind == read
 
 
 @pytest.mark.parametrize(
