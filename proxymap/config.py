@@ -216,24 +216,43 @@ class AdminConfig:
     health_open: bool = False
 
 
-def _split_endpoint(description: str) -> list[str]:
+def _endpoint_parts(description: str) -> tuple[str, list[str], list[tuple[str, str]]]:
     """
-    Split an endpoint description at unescaped colons, unescaping ``\\:``.
+    Read a server endpoint description as Twisted does: ``:``-separated
+    parts, ``name=value`` ones being parameters, ``\\`` escaping the next
+    character.  Returns the kind, the positional parts and the parameters
+    in the order written (a name may repeat; Twisted keeps the last).
     """
-    parts, current, escaped = [], "", False
+    parts: list[str] = []
+    params: list[tuple[str, str]] = []
+    fields: list[str] = []
+    current, escaped = "", False
+
+    def finish_part() -> None:
+        fields.append(current)
+        if len(fields) == 1:
+            parts.append(fields[0])
+        else:
+            params.append((fields[0], fields[1]))
+        fields.clear()
+
     for char in description:
         if escaped:
             current += char
             escaped = False
         elif char == "\\":
             escaped = True
+        elif char == "=":
+            fields.append(current)
+            current = ""
         elif char == ":":
-            parts.append(current)
+            finish_part()
             current = ""
         else:
             current += char
-    parts.append(current)
-    return parts
+    finish_part()
+    kind = parts.pop(0) if parts else ""
+    return kind, parts, params
 
 
 def _is_loopback(address: str) -> bool:
@@ -272,16 +291,14 @@ def listen_is_loopback(description: str) -> bool:
     Whether a server endpoint description only accepts local connections:
     a UNIX socket, or TCP bound to a loopback interface.
     """
-    kind, *args = _split_endpoint(description)
+    kind, parts, params = _endpoint_parts(description)
     if kind == "unix":
         return True
     if kind not in ("tcp", "tcp6"):
         return False
-    for arg in args:
-        name, sep, value = arg.partition("=")
-        if sep and name == "interface":
-            return _is_loopback(value)
-    return False
+    # By position or by name, the last one given, as Twisted reads it.
+    interface = dict([*zip(_ENDPOINT_PARAMS[kind], parts), *params]).get("interface")
+    return interface is not None and _is_loopback(interface)
 
 
 @attrs.frozen
@@ -796,13 +813,71 @@ def _mapping(
     )
 
 
+#: The parameters each kind of server endpoint takes, in the order Twisted's
+#: parsers take them positionally.
+_ENDPOINT_PARAMS = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": (
+        "port",
+        "privateKey",
+        "certKey",
+        "sslmethod",
+        "interface",
+        "backlog",
+        "extraCertChain",
+        "dhParameters",
+    ),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+}
+
+
+def check_listen(listen: str, key: str) -> None:
+    """
+    Refuse a server endpoint description Twisted would not listen on, or
+    would read otherwise than it looks: an unknown kind or parameter, a
+    parameter given twice, a port outside 0-65535, a value that does not
+    parse, an ``ssl:`` certificate that cannot be read.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    kind, parts, params = _endpoint_parts(listen)
+    known = _ENDPOINT_PARAMS.get(kind)
+    if known is None:
+        raise ConfigError(
+            key, f'{listen!r} is not a server endpoint such as "{DEFAULT_ADMIN_LISTEN}"'
+        )
+    if len(parts) > len(known):
+        raise ConfigError(key, f"{listen!r}: too many parts for a {kind} endpoint")
+    names = [name for name, _ in params]
+    for name in names:
+        if name not in known:
+            raise ConfigError(key, f"{listen!r}: {kind} endpoints take no {name!r}")
+        if names.count(name) > 1 or known.index(name) < len(parts):
+            raise ConfigError(
+                key, f"{listen!r}: {name!r} is given twice (a colon in a value is written \\:)"
+            )
+    first = parts[0] if parts else dict(params).get(known[0])
+    if not first:
+        raise ConfigError(key, f"{listen!r}: a {kind} endpoint needs its {known[0]}")
+    if kind != "unix" and not (first.isascii() and first.isdigit() and int(first) <= 65535):
+        raise ConfigError(key, f"{listen!r}: {first!r} is not a port (0-65535)")
+    try:
+        # Parses the description (and loads an ssl: endpoint's certificate)
+        # without listening: nothing here touches the reactor.
+        serverFromString(None, listen)
+    except Exception as e:  # whatever Twisted's parsers and OpenSSL raise
+        if isinstance(e, OSError) and e.strerror:
+            why = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        else:
+            why = str(e) or type(e).__name__
+        raise ConfigError(key, f"{listen!r} is not a server endpoint: {why}") from None
+
+
 def _admin(table: _Table, env: MappingABC[str, str]) -> AdminConfig:
     listen = table.pop_typed("listen", str, DEFAULT_ADMIN_LISTEN).strip()
-    if listen and _split_endpoint(listen)[0] not in ("tcp", "tcp6", "unix", "ssl"):
-        raise ConfigError(
-            table.name("listen"),
-            f'{listen!r} is not a server endpoint such as "{DEFAULT_ADMIN_LISTEN}"',
-        )
+    if listen:
+        check_listen(listen, table.name("listen"))
     health_open = table.pop_typed("health_open", bool, False)
     users_table = _Table(table.pop("users", {}), table.name("users"))
     users = []

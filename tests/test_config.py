@@ -314,11 +314,40 @@ def test_admin_users_and_listen() -> None:
         ({"listen": "carrier-pigeon:1"}, "admin.listen: 'carrier-pigeon:1' is not a server"),
         ({"users": {"ops": ""}}, "admin.users.ops: the password is empty"),
         ({"users": {"bad name": "x"}}, 'admin.users."bad name": user names are'),
+        ({"listen": "tcp:8700:interface=127.0.0.1:bogus=1"}, "tcp endpoints take no 'bogus'"),
+        ({"listen": "tcp:http:interface=127.0.0.1"}, "'http' is not a port (0-65535)"),
+        ({"listen": "tcp:70000:interface=127.0.0.1"}, "'70000' is not a port (0-65535)"),
+        ({"listen": "tcp:interface=127.0.0.1"}, "a tcp endpoint needs its port"),
+        ({"listen": "unix:"}, "a unix endpoint needs its address"),
+        ({"listen": "tcp:1:interface=127.0.0.1:backlog=x"}, "is not a server endpoint: invalid"),
+        ({"listen": "unix:/run/a.sock:mode=rw"}, "is not a server endpoint: invalid literal"),
+        ({"listen": "tcp:1:127.0.0.1:2:3"}, "too many parts for a tcp endpoint"),
+        # Twisted reads the last interface: this one would listen on every one.
+        ({"listen": "tcp:1:interface=127.0.0.1:interface=0.0.0.0"}, "'interface' is given twice"),
+        ({"listen": "tcp:1:127.0.0.1:interface=0.0.0.0"}, "'interface' is given twice"),
+        ({"listen": "tcp6:1:interface=::1"}, "'interface' is given twice (a colon in a value"),
+        ({"listen": "ssl:8443:privateKey=/no/such.pem"}, "No such file or directory: /no/such.pem"),
         ({"users": {"ops": "env:NOPE"}}, "admin.users.ops: environment variable NOPE is not set"),
     ],
 )
 def test_admin_errors(admin: dict[str, Any], message: str) -> None:
-    assert error({**base(), "admin": admin}).startswith(message)
+    text = error({**base(), "admin": admin})
+    assert text.startswith("admin.") and message in text
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        "tcp:8700:interface=127.0.0.1",
+        "tcp:port=8700:interface=127.0.0.1:backlog=10",
+        "tcp:8700:127.0.0.1",
+        "tcp6:8700:interface=\\:\\:1",
+        "unix:/run/proxymap/admin.sock:mode=600:lockfile=0",
+        "unix:address=/run/proxymap/admin.sock",
+    ],
+)
+def test_admin_listen_accepted(listen: str) -> None:
+    assert parse_config({**base(), "admin": {"listen": listen}}, env={}).admin.listen == listen
 
 
 @pytest.mark.parametrize(
@@ -357,6 +386,8 @@ def test_keys_are_named_as_toml_writes_them(field: str, written: str) -> None:
         ("tcp6:8700:interface=\\:\\:1", True),
         ("unix:/run/proxymap/admin.sock", True),
         ("tcp:8700:interface=localhost", True),
+        ("tcp:8700:127.0.0.1", True),
+        ("tcp:8700:interface=127.0.0.1:interface=0.0.0.0", False),
         ("tcp:8700", False),
         ("tcp:8700:interface=0.0.0.0", False),
         ("tcp:8700:interface=192.0.2.1", False),
