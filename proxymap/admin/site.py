@@ -18,17 +18,23 @@ beside them: :mod:`proxymap.ops.openfiles`).  So here:
   default too, stated here so that it stays).
 
 Those answers are JSON like every other of the admin API.
+
+Over TLS (``listen = "ssl:..."``) the site names HTTP/1.1 as its protocol
+for ALPN: Twisted asks the wrapped factory, and with no answer its ALPN
+callback picks nothing, which OpenSSL 3 turns into a failed handshake for
+every client that offers ALPN (curl, browsers, urllib3).
 """
 
 from __future__ import annotations
 
 import json
 
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 from proxymap.dataplane.http import REASONS, simple_response
 
@@ -122,6 +128,7 @@ class _Busy(Protocol):
         self.transport.loseConnection()
 
 
+@implementer(IProtocolNegotiationFactory)
 class AdminSite(WrappingFactory):
     """
     The admin API's listening factory: a ``Site`` for ``resource`` with the
@@ -135,6 +142,12 @@ class AdminSite(WrappingFactory):
         site.displayTracebacks = False
         site.noisy = False
         super().__init__(site)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        What the site speaks after a TLS handshake, for ALPN.
+        """
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:  # type: ignore[override]
         # One beyond the bound is answered unwrapped, so it is not counted.

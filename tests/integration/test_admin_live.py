@@ -23,7 +23,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from proxymap.sandbox.vendor import SandboxFactory
 
-from .conftest import Origin, free_ports, start_stack
+from .conftest import Origin, curl, free_ports, start_stack
+from .origin import self_signed_certificate
 
 pytestmark = pytest.mark.integration
 
@@ -166,5 +167,38 @@ async def test_an_oversized_upload_is_refused_and_the_api_keeps_serving(tmp_path
         response = await treq.put(url, b'{"releaseAll": true}', auth=("ops", "pa55word"))
         assert response.code == 200
         assert (await response.json())["success"] is True
+    finally:
+        await stack.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_api_over_tls(tmp_path: Path) -> None:
+    """
+    ``listen = "ssl:..."``: curl, which offers h2 and http/1.1 by ALPN, gets
+    HTTP/1.1 with the certificate given, and the API behind it answers.
+    """
+    cert, key = self_signed_certificate()
+    (tmp_path / "admin.pem").write_bytes(cert)
+    (tmp_path / "admin.key").write_bytes(key)
+    (admin_port,) = free_ports(1)
+    listen = (
+        f"ssl:{admin_port}:interface=127.0.0.1"
+        f":privateKey={tmp_path / 'admin.key'}:certKey={tmp_path / 'admin.pem'}"
+    )
+    stack = start_stack(1, admin={"listen": listen, "users": {"ops": "pa55word"}})
+    try:
+        url = f"https://127.0.0.1:{admin_port}/sessions"
+        code, out, err = await curl(
+            "--cacert", str(tmp_path / "admin.pem"), "-u", "ops:pa55word",
+            "-w", "\n%{http_version} %{response_code}", url,
+        )  # fmt: skip
+        assert code == 0, err
+        body, _, status = out.rpartition(b"\n")
+        assert status == b"1.1 200"
+        assert json.loads(body) == []
+        code, out, _ = await curl(
+            "--cacert", str(tmp_path / "admin.pem"), "-w", "%{http_code}", url
+        )
+        assert (code, out[-3:]) == (0, b"401")
     finally:
         await stack.service.stopService()
