@@ -164,21 +164,40 @@ def _install_reactor() -> None:
     install_unless_chosen()
 
 
+class CannotStart(Exception):
+    """
+    Start-up cannot go on; the message says why, in one line.
+    """
+
+
 class _Listener(StreamServerEndpointService):
     """
     A listening port that fails start-up synchronously when it cannot bind,
     and logs where it listens as ``what``.
     """
 
-    def __init__(self, endpoint: Any, factory: IProtocolFactory, what: str) -> None:
+    def __init__(
+        self, endpoint: Any, factory: IProtocolFactory, what: str, description: str, key: str
+    ) -> None:
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self.what = what
+        #: The endpoint as written, and the configuration key it was written
+        #: under, for the one line start-up fails with.
+        self.description = description
+        self.key = key
         #: The listening port once bound (None before, and after stopping).
         self.listening: Any = None
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except Exception as e:  # an endpoint raises what its listen raised
+            error = e.socketError if isinstance(e, CannotListenError) else e
+            why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise CannotStart(
+                f"cannot listen on {self.description} ({self.key}): {why or type(error).__name__}"
+            ) from None
         if self._waitingForPort is not None:
             self._waitingForPort.addCallback(self._bound)
 
@@ -547,6 +566,8 @@ class ProxymapService(MultiService):
         except CannotListenError as e:
             address = f"{e.interface or '0.0.0.0'}:{e.port}"  # noqa: S104 - a message, not a bind
             raise SystemExit(f"proxymap: cannot listen on {address}: {e.socketError}") from None
+        except CannotStart as e:
+            raise SystemExit(f"proxymap: {e}") from None
 
     def listeners(self) -> list[_Listener | _TCPListener]:
         return [s for s in self if isinstance(s, (_Listener, _TCPListener))]
@@ -690,6 +711,8 @@ def build_service(
             serverFromString(reactor, config.admin.listen),
             AdminSite(api.app.resource(), reactor),
             "admin API",
+            config.admin.listen,
+            "admin.listen",
         ).setServiceParent(root)
         if not config.admin.users:
             log.warn(

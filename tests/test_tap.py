@@ -348,3 +348,43 @@ def test_port_in_use_fails_start_up_naming_it(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"proxymap: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("where", ["unix", "tcp"])
+def test_an_admin_api_that_cannot_listen_fails_start_up_naming_it(
+    tmp_path: Path, where: str
+) -> None:
+    """
+    A UNIX socket in a directory that is not there, or a TCP port in use:
+    one line naming the endpoint and its key, not a traceback.
+    """
+    import socket
+
+    with socket.socket() as busy, socket.socket() as free:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        free.bind(("127.0.0.1", 0))
+        mapped = free.getsockname()[1]
+        free.close()
+        if where == "unix":
+            listen = f"unix:{tmp_path / 'missing' / 'admin.sock'}"
+            why = "No such file or directory"
+        else:
+            listen = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
+            why = "Address already in use"
+        path = tmp_path / "p.toml"
+        path.write_text(
+            f'[[mapping]]\nports = {mapped}\nupstream = "http://127.0.0.1:9"\n'
+            f'[admin]\nlisten = "{listen}"\n'
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted", "proxymap", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"proxymap: cannot listen on {listen} (admin.listen): {why}"
+    assert "Traceback" not in result.stdout
