@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from proxymap.config import (
@@ -245,6 +246,40 @@ class _TCPListener(Service):
             self.privilegedStartService()
         super().startService()
 
+    def move(self, bind: str) -> Deferred[None]:
+        """
+        Listen on ``bind`` instead, keeping the factory (so the port's
+        session and open connections stay).  The old socket must be closed
+        before the new one binds, as the two addresses may overlap
+        (127.0.0.1 and 0.0.0.0), and Twisted closes it a reactor turn after
+        ``stopListening``.  When ``bind`` cannot be bound, the port listens
+        where it did again (if it still can), and the result fails with the
+        :class:`CannotListenError`.
+        """
+        old, self.bind = self.bind, bind
+        port, self.listening = self.listening, None
+        if port is None:  # not listening (not started): the next start binds there
+            return succeed(None)
+
+        def listen(_: object) -> None:
+            if not self.running:  # stopped while the old socket closed
+                return
+            try:
+                self.listening = self.reactor.listenTCP(
+                    self.port, self.factory, backlog=LISTEN_BACKLOG, interface=bind
+                )
+            except CannotListenError:
+                self.bind = old
+                try:
+                    self.listening = self.reactor.listenTCP(
+                        self.port, self.factory, backlog=LISTEN_BACKLOG, interface=old
+                    )
+                except CannotListenError:
+                    pass  # taken meanwhile: ``listening`` stays None, as health shows
+                raise
+
+        return maybeDeferred(port.stopListening).addCallback(listen)
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         port, self.listening = self.listening, None
@@ -439,15 +474,21 @@ class ProxymapService(MultiService):
         else:
             if warning is not None:
                 log.warn("{warning}", warning=warning)
-            self.apply(new)
+            # READY once ports moved to another address listen there.
+            d = self.apply(new)
+            d.addErrback(lambda f: log.failure("reload failed", f))
+            d.addCallback(lambda _: self.notifier.notify("READY=1"))
+            return
         self.notifier.notify("READY=1")
 
-    def apply(self, new: Config) -> None:
+    def apply(self, new: Config) -> Deferred[None]:
         """
         Move from the running configuration to ``new``: removed ports stop,
         added ports listen, kept ports whose sessions' credentials would
-        change get new sessions; everything else (live sessions, open
-        connections) is untouched.
+        change get new sessions, kept ports whose mapping's ``bind``
+        changed listen there instead; everything else (live sessions, open
+        connections) is untouched.  Fires once the moved ports listen
+        (a reactor turn later: see :meth:`_TCPListener.move`).
         """
         assert self.config is not None
         old = self.config
@@ -461,9 +502,12 @@ class ProxymapService(MultiService):
         for port in sorted(set(old_ports) - set(new_ports)):
             self.remove_port(port)
         renewed = 0
+        moved = []
         for port in sorted(set(old_ports) & set(new_ports)):
             mapping = new_ports[port]
             factory = self.factories[port]
+            if mapping.bind != old_ports[port].bind:
+                moved.append(port)
             factory.mapping = mapping
             factory.protocols = mapping.protocols
             factory.connect_timeout = mapping.connect_timeout
@@ -485,18 +529,48 @@ class ProxymapService(MultiService):
                     port=port,
                     error=str(e.socketError),
                 )
+        moves = [self._move(port, new_ports[port].bind) for port in moved]
         self.set_releases(new)
         removed = set(old_ports) - set(new_ports)
         # Which ports, since they log no line of their own.
         log.info(
             "reloaded: {added} ports added{added_spans}, {removed} removed{removed_spans}, "
-            "{renewed} sessions renewed",
+            "{renewed} sessions renewed{moved}",
             added=len(added),
             added_spans=f" ({port_spans(added)})" if added else "",
             removed=len(removed),
             removed_spans=f" ({port_spans(removed)})" if removed else "",
             renewed=renewed,
+            moved=f", {len(moved)} moved to another address ({port_spans(moved)})" if moved else "",
         )
+        return gatherResults(moves).addCallback(lambda _: None)
+
+    def _move(self, port: int, bind: str) -> Deferred[None]:
+        """
+        Listen for ``port`` on ``bind`` (its mapping's new address); its
+        session and open connections stay.  When ``bind`` cannot be bound,
+        the port stays where it was, and an error says so.
+        """
+        factory = self.factories[port]
+        old = factory.bind
+        factory.bind = bind
+        listener = self._port_listeners[port]
+
+        def failed(reason: Failure) -> None:
+            reason.trap(CannotListenError)
+            assert isinstance(reason.value, CannotListenError)
+            factory.bind = old
+            log.error(
+                "reload: cannot listen on {bind}:{port}: {error}; {where}",
+                bind=bracketed(bind),
+                port=port,
+                error=str(reason.value.socketError),
+                where=f"it stays on {bracketed(old)}"
+                if listener.listening is not None
+                else f"and {bracketed(old)}:{port} is taken now too: the port listens nowhere",
+            )
+
+        return listener.move(bind).addErrback(failed)
 
     def terminate(self) -> None:
         """

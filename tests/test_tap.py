@@ -8,15 +8,22 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 from twisted.application.service import IServiceMaker
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from proxymap import tap
+from proxymap.admin.views import port_view
 from proxymap.dataplane.port import PortFactory
 from proxymap.sandbox.vendor import SandboxFactory
 
@@ -388,3 +395,120 @@ def test_an_admin_api_that_cannot_listen_fails_start_up_naming_it(
     assert result.returncode == 1
     assert result.stderr.strip() == f"proxymap: cannot listen on {listen} (admin.listen): {why}"
     assert "Traceback" not in result.stdout
+
+
+class HeldAddresses(MemoryReactorClock):
+    """
+    A memory reactor whose listening ports hold their address until they
+    close, a reactor turn after ``stopListening`` as Twisted's TCP ports do;
+    binding an address held (or overlapping one: a wildcard and any address
+    of its family) fails, as does binding an address in ``foreign``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[tuple[str, int], object] = {}
+        self.foreign: set[str] = set()
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        def overlaps(a: str, b: str) -> bool:
+            wildcard = {"0.0.0.0", ""} if ":" not in a + b else {"::"}
+            return a == b or a in wildcard or b in wildcard
+
+        if interface in self.foreign:
+            raise CannotListenError(interface, port, OSError(99, "Cannot assign requested address"))
+        if any(p == port and overlaps(i, interface) for i, p in self.held):
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        super().listenTCP(port, factory, backlog, interface)
+        self.held[(interface, port)] = factory
+        return HeldPort(self, (interface, port))
+
+
+@attrs.define
+class HeldPort:
+    reactor: HeldAddresses
+    address: tuple[str, int]
+
+    def stopListening(self) -> Deferred[None]:
+        return deferLater(self.reactor, 0, lambda: self.reactor.held.pop(self.address) and None)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", *self.address)
+
+
+@attrs.define
+class Told:
+    """
+    A notifier keeping what it would tell systemd.
+    """
+
+    messages: list[str]
+
+    def notify(self, message: str) -> None:
+        self.messages.append(message)
+
+
+def started(tmp_path: Path, text: str) -> tuple[tap.ProxymapService, HeldAddresses]:
+    path = tmp_path / "proxymap.toml"
+    path.write_text(text)
+    reactor = HeldAddresses()
+    service = tap.makeService(
+        options("--config", str(path)), reactor=reactor, open_files=lambda: 100_000
+    )
+    service.privilegedStartService()
+    service.startService()
+    return service, reactor
+
+
+def test_a_reload_moves_ports_whose_bind_changed(tmp_path: Path) -> None:
+    """
+    A mapping's new bind: its ports close where they listened and listen
+    there (once the old sockets have closed: 0.0.0.0 overlaps 127.0.0.1),
+    with the same factory, so the same session and open connections; the
+    admin API shows where they listen; READY waits for them.
+    """
+    service, reactor = started(tmp_path, GOOD)
+    factory = service.factories[20001]
+    session = service.registry.current(20001)
+    moved = GOOD.replace('ports = "20001-20003"', 'ports = "20001-20003"\nbind = "0.0.0.0"')
+    moved = moved.replace('pass = "s3cret"', 'pass = "s3cret"\nopen_proxy = true')
+    (tmp_path / "proxymap.toml").write_text(moved)
+    told: list[str] = []
+    service.notifier = Told(told)  # type: ignore[assignment]
+    with capturedLogs() as events:
+        service.reload()
+        assert told == ["RELOADING=1"]  # the old sockets close a turn later
+        reactor.advance(0)
+    assert told == ["RELOADING=1", "READY=1"]
+    assert set(reactor.held) == {
+        ("0.0.0.0", 20001), ("0.0.0.0", 20002), ("0.0.0.0", 20003), ("::1", 20010),
+        ("127.0.0.1", 28700),
+    }  # fmt: skip
+    assert service.factories[20001] is factory and factory.bind == "0.0.0.0"
+    assert reactor.held[("0.0.0.0", 20001)] is factory
+    assert service.registry.peek(20001) is session
+    said = [formatEvent(e) for e in events if formatEvent(e).startswith("reloaded:")]
+    assert said == [
+        "reloaded: 0 ports added, 0 removed, 0 sessions renewed, "
+        "3 moved to another address (20001-20003)"
+    ]
+    assert port_view(factory, session)["bind"] == "0.0.0.0"  # what the admin API shows
+
+
+def test_a_port_that_cannot_move_stays_where_it_was(tmp_path: Path) -> None:
+    service, reactor = started(tmp_path, GOOD)
+    reactor.foreign.add("192.0.2.1")
+    moved = GOOD.replace('bind = "::1"', 'bind = "192.0.2.1"\nopen_proxy = true')
+    (tmp_path / "proxymap.toml").write_text(moved)
+    with capturedLogs() as events:
+        service.reload()
+        reactor.advance(0)
+    assert ("::1", 20010) in reactor.held
+    assert service.factories[20010].bind == "::1"
+    errors = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+    assert errors == [
+        "reload: cannot listen on 192.0.2.1:20010: [Errno 99] Cannot assign requested address; "
+        "it stays on [::1]"
+    ]
+    ok, details = service.health()
+    assert ok and details["listening"] == details["listeners"]

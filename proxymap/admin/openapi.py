@@ -325,7 +325,11 @@ SCHEMAS: dict[str, Any] = {
         "required": ["port"],
         "properties": {
             "port": {"type": "integer"},
-            "bind": {"type": "string"},
+            "bind": {
+                "type": "string",
+                "description": "The address the port listens on: its mapping's, unless "
+                "a reload could not move the port there.",
+            },
             "mapping": {"type": "string"},
             "upstream": {"type": "string"},
             "session": {"type": "string", "nullable": True},

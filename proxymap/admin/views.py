@@ -114,7 +114,7 @@ def port_view(factory: PortFactory, session: Session | None) -> dict[str, Any]:
     mapping = factory.mapping
     return {
         "port": factory.port,
-        "bind": mapping.bind,
+        "bind": factory.bind,
         "mapping": mapping.name,
         "upstream": mapping.upstream.address,
         "session": session.id if session is not None else None,

@@ -49,6 +49,9 @@ class PortFactory(ProxyFactory):
         self.registry = registry
         self.port = port
         self.mapping = mapping
+        #: The address the port listens on: the mapping's, unless a reload
+        #: that moved the mapping could not move this port (see the tap).
+        self.bind = mapping.bind
         self.session_api = session_api or SessionAPI(registry)
         self.protocols = mapping.protocols
         #: The target of the current session: one object per session, not per request.

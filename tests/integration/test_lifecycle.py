@@ -216,8 +216,8 @@ async def test_reload_on_sighup(tmp_path: Path, sandbox: int, origin: Origin) ->
             )
         daemon.config.write_text(text)
 
-    async def session_of(port: int) -> str:
-        code, out, err = await curl("-x", f"http://127.0.0.1:{port}", "http://ip.sandbox/")
+    async def session_of(port: int, host: str = "127.0.0.1") -> str:
+        code, out, err = await curl("-x", f"http://{host}:{port}", "http://ip.sandbox/")
         assert code == 0, err
         return json.loads(out)["username"]
 
@@ -260,6 +260,21 @@ async def test_reload_on_sighup(tmp_path: Path, sandbox: int, origin: Origin) ->
         assert await daemon.message() == b"READY=1"
         assert await session_of(a) == before[a]
         assert "reload rejected, the running configuration stays" in daemon.log()
+
+        config(  # "same" moves to another address: READY once it listens there
+            f'name = "same"\nports = [{a}]\nbind = "127.0.0.2"',
+            f'name = "changing"\nports = [{b}]\nusername = "{{user}}-session-{{session}}-v-2"',
+            f'name = "arriving"\nports = [{d}]',
+        )
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert await daemon.message() == b"RELOADING=1"
+        assert await daemon.message() == b"READY=1"
+        assert await session_of(a, "127.0.0.2") == before[a]  # the same session
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", a)) != 0  # not where it was
+        tunnel.transport.write(b" and after the move")  # its open tunnel stays
+        await tunnel.wait_for(b"and after the move")
+        assert "1 moved to another address" in daemon.log()
 
         tunnel.transport.loseConnection()
         daemon.proc.send_signal(signal.SIGTERM)
