@@ -462,9 +462,52 @@ def parse_upstream(value: object, key: str) -> Upstream:
     if match.group("userinfo"):
         raise ConfigError(key, "put upstream credentials in 'user' and 'pass', not in the URL")
     host = match.group("host").strip("[]")
+    problem = _host_problem(
+        host, bracketed=match.group("host").startswith("["), tls=scheme == "https"
+    )
+    if problem is not None:
+        raise ConfigError(key, f"{host!r} {problem}")
     port = int(match.group("port")) if match.group("port") else _UPSTREAM_PORTS[scheme]
     _check_port(port, key)
     return Upstream(scheme, host, port)
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _host_problem(host: str, bracketed: bool, tls: bool) -> str | None:
+    """
+    What is wrong with ``host`` as an upstream's host, or ``None``: it must
+    be an IP address or a DNS name (IDNA for other scripts; ``_`` allowed,
+    as some private names have it, but not where a certificate must name
+    it).  Found here, not at the first request: a name a lookup or a
+    certificate check cannot take failed every request of the mapping.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if bracketed:
+        return None if isinstance(address, ipaddress.IPv6Address) else "is not an IPv6 address"
+    if address is not None:
+        return None
+    try:
+        ascii_name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "is not a host name (IDNA cannot encode it)"
+    labels = ascii_name.removesuffix(".").split(".")
+    if len(ascii_name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return "is not a host name (letters, digits, '-' and '_' in dot-separated labels)"
+    if labels[-1].isdigit() or labels[-1].lower().startswith("0x"):
+        return "is neither a host name nor an IP address written in full"
+    if tls:
+        from twisted.internet.ssl import optionsForClientTLS
+
+        try:
+            optionsForClientTLS(host)
+        except Exception as e:  # idna's errors, from the same check a connection makes
+            return f"cannot be checked against a certificate: {e}"
+    return None
 
 
 def expand_alphabet(spec: str, key: str) -> str:

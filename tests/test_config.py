@@ -171,6 +171,40 @@ def test_an_https_upstream_and_its_ca(tmp_path: Path) -> None:
     assert m.upstream.port == 7777 and m.upstream_ca == (pem.strip(), pem.strip())
 
 
+@pytest.mark.parametrize(
+    ("upstream", "problem"),
+    [
+        ("http://gw example.com:1", "'gw example.com' is not a host name"),
+        ("http://-gw.example.com:1", "'-gw.example.com' is not a host name"),
+        ("http://gw..example.com:1", "'gw..example.com' is not a host name"),
+        ("http://[10.0.0.1]:1", "'10.0.0.1' is not an IPv6 address"),
+        # getaddrinfo would read these as 127.0.0.1, the loop check not.
+        ("http://127.1:1", "'127.1' is neither a host name nor an IP address written in full"),
+        ("http://0x7f.1:1", "'0x7f.1' is neither a host name nor an IP address"),
+        ("http://10.0.0.256:1", "'10.0.0.256' is neither a host name nor an IP address"),
+        # A certificate cannot name it: every request failed its TLS check.
+        ("https://gw_1.example.com:1", "'gw_1.example.com' cannot be checked against a cert"),
+    ],
+)
+def test_upstream_hosts_are_names_or_addresses(upstream: str, problem: str) -> None:
+    assert error(base(upstream=upstream)).startswith(f"mapping[0].upstream: {problem}")
+
+
+@pytest.mark.parametrize(
+    ("upstream", "host"),
+    [
+        ("http://gw_1.internal:1", "gw_1.internal"),
+        ("https://gw.example.com.:1", "gw.example.com."),
+        ("https://bücher.example:1", "bücher.example"),
+        ("socks5://1a.example:1", "1a.example"),
+        ("https://[::1]:1", "::1"),
+        ("http://192.0.2.7:1", "192.0.2.7"),
+    ],
+)
+def test_upstream_hosts_accepted(upstream: str, host: str) -> None:
+    assert parse_config(base(upstream=upstream), env={}).mappings[0].upstream.host == host
+
+
 def test_upstream_ca_errors_name_the_key(tmp_path: Path) -> None:
     https = "https://gw.example.com"
     empty = tmp_path / "empty.pem"
