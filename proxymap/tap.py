@@ -265,8 +265,9 @@ class _TCPListener(Service):
             if not self.running:  # stopped while the old socket closed
                 return
             try:
+                # self.bind, not bind: a second move while this one waited wins.
                 self.listening = self.reactor.listenTCP(
-                    self.port, self.factory, backlog=LISTEN_BACKLOG, interface=bind
+                    self.port, self.factory, backlog=LISTEN_BACKLOG, interface=self.bind
                 )
             except CannotListenError:
                 self.bind = old

@@ -512,3 +512,18 @@ def test_a_port_that_cannot_move_stays_where_it_was(tmp_path: Path) -> None:
     ]
     ok, details = service.health()
     assert ok and details["listening"] == details["listeners"]
+
+
+def test_a_second_move_before_the_first_is_done_wins(tmp_path: Path) -> None:
+    """
+    Two reloads in one reactor turn (two quick SIGHUPs): the port ends
+    where the second put it, and listens once.
+    """
+    service, reactor = started(tmp_path, GOOD)
+    config = tmp_path / "proxymap.toml"
+    for bind in ("127.0.0.2", "127.0.0.3"):
+        config.write_text(GOOD.replace('pass = "s3cret"', f'pass = "s3cret"\nbind = "{bind}"'))
+        service.reload()
+    reactor.advance(0)
+    assert [a for a in reactor.held if a[1] == 20001] == [("127.0.0.3", 20001)]
+    assert service.factories[20001].bind == "127.0.0.3"
