@@ -335,6 +335,21 @@ def test_bad_config_on_the_command_line(tmp_path: Path, runner: str) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def start_up(path: Path) -> subprocess.CompletedProcess[str]:
+    """
+    ``python -m twisted proxymap --config path`` to its end (start-up is
+    expected to fail).
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "twisted", "proxymap", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=path.parent,
+        check=False,
+    )
+
+
 def test_port_in_use_fails_start_up_naming_it(tmp_path: Path) -> None:
     import socket
 
@@ -344,14 +359,7 @@ def test_port_in_use_fails_start_up_naming_it(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         path = tmp_path / "p.toml"
         path.write_text(f'[[mapping]]\nports = {port}\nupstream = "http://127.0.0.1:9"\n')
-        result = subprocess.run(
-            [sys.executable, "-m", "twisted", "proxymap", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-            check=False,
-        )
+        result = start_up(path)
     assert result.returncode == 1
     assert f"proxymap: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -384,14 +392,7 @@ def test_an_admin_api_that_cannot_listen_fails_start_up_naming_it(
             f'[[mapping]]\nports = {mapped}\nupstream = "http://127.0.0.1:9"\n'
             f'[admin]\nlisten = "{listen}"\n'
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "twisted", "proxymap", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-            check=False,
-        )
+        result = start_up(path)
     assert result.returncode == 1
     assert result.stderr.strip() == f"proxymap: cannot listen on {listen} (admin.listen): {why}"
     assert "Traceback" not in result.stdout

@@ -221,6 +221,11 @@ async def test_reload_on_sighup(tmp_path: Path, sandbox: int, origin: Origin) ->
         assert code == 0, err
         return json.loads(out)["username"]
 
+    async def reload() -> None:
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert await daemon.message() == b"RELOADING=1"
+        assert await daemon.message() == b"READY=1"
+
     daemon = Daemon(tmp_path, sandbox, [a], grace="5s")
     try:
         config(
@@ -241,9 +246,7 @@ async def test_reload_on_sighup(tmp_path: Path, sandbox: int, origin: Origin) ->
             f'name = "changing"\nports = [{b}]\nusername = "{{user}}-session-{{session}}-v-2"',
             f'name = "arriving"\nports = [{d}]',
         )
-        daemon.proc.send_signal(signal.SIGHUP)
-        assert await daemon.message() == b"RELOADING=1"
-        assert await daemon.message() == b"READY=1"
+        await reload()
 
         assert await session_of(a) == before[a]  # untouched
         tunnel.transport.write(b" still here")  # and its open tunnel too
@@ -255,9 +258,7 @@ async def test_reload_on_sighup(tmp_path: Path, sandbox: int, origin: Origin) ->
         assert (await session_of(d)).startswith("alice-session-")  # added
 
         daemon.config.write_text("[[mapping]\nbroken")
-        daemon.proc.send_signal(signal.SIGHUP)
-        assert await daemon.message() == b"RELOADING=1"
-        assert await daemon.message() == b"READY=1"
+        await reload()
         assert await session_of(a) == before[a]
         assert "reload rejected, the running configuration stays" in daemon.log()
 
@@ -266,9 +267,7 @@ async def test_reload_on_sighup(tmp_path: Path, sandbox: int, origin: Origin) ->
             f'name = "changing"\nports = [{b}]\nusername = "{{user}}-session-{{session}}-v-2"',
             f'name = "arriving"\nports = [{d}]',
         )
-        daemon.proc.send_signal(signal.SIGHUP)
-        assert await daemon.message() == b"RELOADING=1"
-        assert await daemon.message() == b"READY=1"
+        await reload()
         assert await session_of(a, "127.0.0.2") == before[a]  # the same session
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", a)) != 0  # not where it was
