@@ -108,6 +108,22 @@ def secure_id(spec: SessionIdSpec) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(spec.length))
 
 
+def spelled_as(spec: SessionIdSpec, session_id: str) -> bool:
+    """
+    Whether :func:`secure_id` could have drawn ``session_id`` under ``spec``.
+    """
+    if spec.number_range is not None:
+        low, high = spec.number_range
+        return (
+            session_id.isascii()
+            and session_id.isdigit()
+            and len(session_id) <= len(str(high))
+            and str(int(session_id)) == session_id
+            and low <= int(session_id) <= high
+        )
+    return len(session_id) == spec.length and all(c in spec.alphabet for c in session_id)
+
+
 @attrs.frozen
 class PortPolicy:
     """

@@ -7,24 +7,30 @@ from __future__ import annotations
 
 import json
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from proxymap.config import parse_config
 from proxymap.ops.notify import Notifier
 from proxymap.ops.state import StateFile, fingerprint
-from proxymap.sessions import PortPolicy, SessionRegistry
+from proxymap.sessions import PortPolicy, SessionRegistry, spelled_as
 from proxymap.tap import build_service
 
-from .helpers import counting_ids, mapping
+from .helpers import FUZZ_EXAMPLES, counting_ids, mapping
 
 
 def registry(clock: Clock, **overrides: Any) -> SessionRegistry:
     reg = SessionRegistry(clock=clock, new_id=counting_ids())
+    # Ids spelled so that counting_ids()'s (sess0001, ...) are the mapping's.
+    overrides.setdefault("session_id", {"alphabet": "a-z0-9"})
     m = mapping(**overrides)
     for port in m.ports:
         reg.add_port(port, PortPolicy(m))
@@ -112,6 +118,135 @@ def test_corrupt_state_file_is_ignored(tmp_path: Path, content: str) -> None:
     reg = registry(Clock())
     assert StateFile(path, reg, Clock()).restore() == 0
     assert reg.list() == []
+
+
+def saved_file(tmp_path: Path, clock: Clock, **changes: Any) -> Path:
+    """
+    A state file holding port 10201's live session, with ``changes`` made to
+    its entry (a value of ``...`` removes the field).
+    """
+    path = tmp_path / "sessions.json"
+    before = registry(clock, session_params={"country": "us"})
+    before.current(10201)
+    StateFile(path, before, clock).save_now()
+    data = json.loads(path.read_text())
+    entry = data["sessions"][0]
+    for name, value in changes.items():
+        if value is ...:
+            entry.pop(name, None)
+        else:
+            entry[name] = value
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, why",
+    [
+        ({"port": 1e400}, "port inf is not a port number"),
+        ({"port": True}, "port True is not a port number"),
+        ({"port": "10201"}, "port '10201' is not a port number"),
+        ({"port": ...}, "port None is not a port number"),
+        ({"id": "sess\r\nX-Evil: 1"}, "port 10201: id 'sess\\r\\nX-Evil: 1' is not spelled"),
+        ({"id": None}, "port 10201: id None is not spelled"),
+        ({"id": "sess001"}, "port 10201: id 'sess001' is not spelled"),
+        ({"id": "SESS0001"}, "port 10201: id 'SESS0001' is not spelled"),
+        ({"expires": 1e300}, "port 10201: created 1000.0 and expires 1e+300 are not times"),
+        ({"expires": float("nan")}, "port 10201: created 1000.0 and expires nan are not"),
+        ({"expires": "1600"}, "port 10201: created 1000.0 and expires '1600' are not"),
+        ({"created": 900.0}, "port 10201: created 900.0 and expires 1600.0 are not"),
+        ({"created": 4600.0, "expires": 5200.0}, "created 4600.0 and expires 5200.0 are not"),
+        ({"params": {"country": None}}, "port 10201: params {'country': None} are not"),
+        ({"params": {"country": "u s"}}, "country: use at most 64 letters"),
+        ({"params": {"city": "paris"}}, "city: not a session parameter here"),
+        ({"params": ["country"]}, "port 10201: params ['country'] are not names and strings"),
+    ],
+)
+def test_a_session_the_registry_could_not_have_made_is_not_restored(
+    tmp_path: Path, changes: dict[str, Any], why: str
+) -> None:
+    """
+    A saved session is restored only as the registry could have made it:
+    its id goes into headers and credentials, its times into a timer and
+    dates.  Anything else is skipped with a warning saying why, and the
+    rest of the file is still read.
+    """
+    clock = Clock()
+    clock.advance(1000)
+    path = saved_file(tmp_path, clock, **changes)
+    data = json.loads(path.read_text())
+    good = registry(clock, session_params={"country": "us"})
+    good.current(10202)
+    other = tmp_path / "other.json"
+    StateFile(other, good, clock).save_now()
+    data["sessions"] += json.loads(other.read_text())["sessions"]
+    path.write_text(json.dumps(data))
+    clock.advance(600 - 1)  # 1 s left of the saved session's lifetime (10m)
+    after = registry(clock, session_params={"country": "us"})
+    with capturedLogs() as events:
+        restored = StateFile(path, after, clock).restore()
+    assert restored == 1
+    assert [s.port for s in after.list()] == [10202]
+    warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warnings) == 1 and why in warnings[0], warnings
+
+
+@pytest.mark.parametrize("entry", [5, None, "10201", [10201]])
+def test_a_saved_session_that_is_not_an_object_is_skipped(tmp_path: Path, entry: Any) -> None:
+    path = tmp_path / "sessions.json"
+    path.write_text(json.dumps({"version": 1, "sessions": [entry]}))
+    reg = registry(Clock())
+    with capturedLogs() as events:
+        assert StateFile(path, reg, Clock()).restore() == 0
+    assert [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn] == [
+        f"skipping a saved session (not an object: {entry!r})"
+    ]
+
+
+def test_a_saved_session_of_a_port_no_longer_mapped_is_dropped_quietly(tmp_path: Path) -> None:
+    clock = Clock()
+    path = saved_file(tmp_path, clock, port=10299)
+    with capturedLogs() as events:
+        assert StateFile(path, registry(clock), clock).restore() == 0
+    assert [e for e in events if e["log_level"] == LogLevel.warn] == []
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["port", "id", "created", "expires", "params", "fingerprint", "extra"]),
+        _JSON | st.just(...),
+        max_size=3,
+    )
+)
+def test_any_saved_session_is_restored_as_made_or_skipped(changes: dict[str, Any]) -> None:
+    """
+    Whatever a saved entry holds, restoring neither raises nor brings back
+    a session the registry could not have made.
+    """
+    clock = Clock()
+    clock.advance(1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = saved_file(Path(tmp), clock, **changes)
+        clock.advance(10)
+        after = registry(clock, session_params={"country": "us"})
+        with capturedLogs():
+            restored = StateFile(path, after, clock).restore()
+    assert restored == len(after.list())
+    for session in after.list():
+        assert spelled_as(after.policy(session.port).mapping.session_id, session.id)
+        assert session.created <= session.expires <= session.created + 600
+        assert clock.seconds() < session.expires <= clock.seconds() + 600
+        assert all(isinstance(v, str) for v in session.params.values())
 
 
 def test_unreadable_state_file_is_ignored(tmp_path: Path) -> None:

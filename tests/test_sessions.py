@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from twisted.internet.task import Clock
 
+from proxymap.config import SessionIdSpec
 from proxymap.credentials import parse_basic_authorization
 from proxymap.sessions import (
     EndReason,
@@ -21,6 +22,7 @@ from proxymap.sessions import (
     Session,
     SessionRegistry,
     secure_id,
+    spelled_as,
 )
 
 from .helpers import counting_ids, mapping
@@ -151,6 +153,25 @@ def test_secure_id_follows_spec() -> None:
     ids = {secure_id(m.session_id) for _ in range(50)}
     assert all(len(i) == 12 and i.isdigit() for i in ids)
     assert len(ids) == 50
+
+
+@pytest.mark.parametrize(
+    "spec, drawn, not_drawn",
+    [
+        (SessionIdSpec("abc", 4), ["abca", "cccc"], ["abc", "abcab", "abcd", "ABCA", "", "ab\nc"]),
+        (
+            SessionIdSpec("0123456789", 1, (1000, 99999)),
+            ["1000", "54321", "99999"],
+            ["999", "100000", "01000", "+1000", "1_000", "\u0661\u0660\u0660\u0660", "9" * 5000],
+        ),
+    ],
+)
+def test_spelled_as_tells_what_secure_id_could_have_drawn(
+    spec: SessionIdSpec, drawn: list[str], not_drawn: list[str]
+) -> None:
+    assert all(spelled_as(spec, secure_id(spec)) for _ in range(50))
+    assert [i for i in drawn if spelled_as(spec, i)] == drawn
+    assert [i for i in not_drawn if spelled_as(spec, i)] == []
 
 
 def test_unknown_port() -> None:

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeGuard
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from proxymap.config import MappingConfig
-from proxymap.sessions import EndReason, Session, SessionRegistry
+from proxymap.sessions import EndReason, NoSuchPort, Session, SessionRegistry, spelled_as
 
 log = Logger()
 
@@ -47,6 +49,10 @@ def fingerprint(mapping: MappingConfig) -> str:
         "preset": mapping.preset,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finite(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @attrs.define(eq=False)
@@ -96,24 +102,69 @@ class StateFile:
         restored = 0
         for entry in entries:
             try:
-                port = int(entry["port"])
-                policy = self.registry.policy(port)
-                if entry["fingerprint"] != fingerprint(policy.mapping):
+                saved = self._saved(entry, now)
+                if saved is None:
                     continue
-                if float(entry["expires"]) <= now or self.registry.peek(port) is not None:
-                    continue
-                self.registry.restore(
-                    port,
-                    str(entry["id"]),
-                    float(entry["created"]),
-                    float(entry["expires"]),
-                    {str(k): str(v) for k, v in dict(entry.get("params", {})).items()},
-                )
+                port, session_id, created, expires, params = saved
+                self.registry.restore(port, session_id, created, expires, params)
                 restored += 1
-            except (KeyError, TypeError, ValueError) as e:
+            except ValueError as e:
                 log.warn("skipping a saved session ({error})", error=str(e))
         log.info("restored {count} sessions from {path}", count=restored, path=str(self.path))
         return restored
+
+    def _saved(
+        self, entry: object, now: float
+    ) -> tuple[int, str, float, float, dict[str, str]] | None:
+        """
+        What ``entry`` restores, or ``None`` when its port is no longer
+        mapped, its mapping changed, it expired or its port has a session
+        already.
+
+        The file is proxymap's own, but an entry is checked as if it were
+        not: a restored session must be one the registry could have made
+        (its id spelled as the mapping's ids are, its times finite and no
+        longer apart than the lifetime), because its id goes into headers
+        and credentials and its times into timers and dates.
+
+        :raises ValueError: naming what is wrong with the entry.
+        """
+        if not isinstance(entry, dict):
+            raise ValueError(f"not an object: {entry!r:.40}")
+        port = entry.get("port")
+        if type(port) is not int:
+            raise ValueError(f"port {port!r:.40} is not a port number")
+        try:
+            mapping = self.registry.policy(port).mapping
+        except NoSuchPort:
+            return None  # no longer mapped
+        if entry.get("fingerprint") != fingerprint(mapping):
+            return None
+        session_id = entry.get("id")
+        if not isinstance(session_id, str) or not spelled_as(mapping.session_id, session_id):
+            raise ValueError(
+                f"port {port}: id {session_id!r:.40} is not spelled as"
+                f" mapping {mapping.name!r} spells session ids"
+            )
+        created, expires = entry.get("created"), entry.get("expires")
+        if not (
+            _finite(created)
+            and _finite(expires)
+            and created <= expires <= created + mapping.lifetime
+            and expires <= now + mapping.lifetime
+        ):
+            raise ValueError(
+                f"port {port}: created {created!r:.40} and expires {expires!r:.40}"
+                f" are not times {mapping.lifetime:g} s apart at most"
+            )
+        if expires <= now or self.registry.peek(port) is not None:
+            return None
+        params = entry.get("params", {})
+        if not isinstance(params, dict) or not all(
+            isinstance(value, str) for value in params.values()
+        ):
+            raise ValueError(f"port {port}: params {params!r:.40} are not names and strings")
+        return port, session_id, float(created), float(expires), params
 
     # ------------------------------------------------------------ save
 
