@@ -6,8 +6,10 @@ datagram socket standing in for systemd.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,66 @@ def test_saved_debounced_and_atomically(tmp_path: Path) -> None:
     ]
     assert not list(path.parent.glob("*.tmp"))
     assert "s3cret" not in path.read_text()
+
+
+def test_a_late_write_never_replaces_newer_content(tmp_path: Path) -> None:
+    """
+    Writes run in threads; the one at shutdown runs at once.  A write that
+    comes late (still queued, or slow to the disk) leaves the newer file
+    alone.
+    """
+    clock = Clock()
+    reg = registry(clock)
+    path = tmp_path / "sessions.json"
+    queued: list[Any] = []
+    state = StateFile(path, reg, clock, run_write=queued.append)
+    reg.subscribe(state)
+    reg.current(10201)
+    clock.advance(1)
+    assert len(queued) == 1  # the thread has not run it yet
+    reg.current(10202)
+    state.save_now()  # shutting down
+    queued.pop()()
+    assert [s["port"] for s in json.loads(path.read_text())["sessions"]] == [10201, 10202]
+    assert state.writes == 1
+
+
+def test_writes_in_threads_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Every write goes through one temporary file, so one write must not
+    start while another is between opening it and renaming it.
+    """
+    clock = Clock()
+    reg = registry(clock)
+    path = tmp_path / "sessions.json"
+    state = StateFile(path, reg, clock)
+    reg.current(10201)
+    syncing, go_on = threading.Event(), threading.Event()
+    sync = os.fsync
+
+    def slow_first_fsync(fd: int) -> None:
+        if not syncing.is_set():
+            syncing.set()
+            assert go_on.wait(10)
+        sync(fd)
+
+    monkeypatch.setattr("proxymap.ops.state.os.fsync", slow_first_fsync)
+    first = threading.Thread(target=state.save_now)
+    first.start()
+    assert syncing.wait(10)
+    reg.current(10202)
+    second = threading.Thread(target=state.save_now)
+    with capturedLogs() as events:
+        second.start()
+        second.join(0.2)  # it waits for the first, or (before) overwrote its file
+        go_on.set()
+        first.join(10)
+        second.join(10)
+    assert not first.is_alive() and not second.is_alive()
+    assert [e for e in events if e["log_level"] == LogLevel.warn] == []
+    assert [s["port"] for s in json.loads(path.read_text())["sessions"]] == [10201, 10202]
+    assert state.writes == 2
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_restart_restores_live_unchanged_sessions(tmp_path: Path) -> None:

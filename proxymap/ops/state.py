@@ -3,7 +3,8 @@ Sessions that survive restarts.
 
 Live sessions (port, id, created, expires, parameters) are written to a JSON
 file: atomically (write, fsync, rename), a moment after changes (debounced),
-and at shutdown.  At start, each saved session whose mapping is unchanged
+and at shutdown; one write at a time, and never older content over newer.
+At start, each saved session whose mapping is unchanged
 (same fingerprint) and which has not expired is restored, so a restart does
 not rotate every worker's identity.  A missing, corrupt or unreadable file
 is logged and ignored: proxymap starts fresh rather than not at all.
@@ -15,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeGuard
@@ -67,6 +69,13 @@ class StateFile:
     #: Runs the blocking write: in a thread in production, inline in tests.
     run_write: Callable[[Callable[[], None]], object] = attrs.field(default=lambda f: f())
     _pending: IDelayedCall | None = attrs.field(default=None, init=False)
+    #: Held by a write from its temporary file to its rename: writes run in
+    #: threads, and one at shutdown on the reactor's, all through one
+    #: temporary file.
+    _writing: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    #: The number of the newest content made, and of the newest on disk.
+    _made: int = attrs.field(default=0, init=False)
+    _written: int = attrs.field(default=0, init=False)
     writes: int = 0
 
     # ------------------------------------------------------------ restore
@@ -180,8 +189,8 @@ class StateFile:
 
     def _save_later(self) -> None:
         self._pending = None
-        content = self._content()
-        self.run_write(lambda: self._write(content))
+        made, content = self._content()
+        self.run_write(lambda: self._write(made, content))
 
     def save_now(self) -> None:
         """
@@ -190,9 +199,14 @@ class StateFile:
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None
-        self._write(self._content())
+        self._write(*self._content())
 
-    def _content(self) -> str:
+    def _content(self) -> tuple[int, str]:
+        """
+        The file's content now, numbered: a write never replaces newer
+        content with older.
+        """
+        self._made += 1
         sessions = []
         for session in self.registry.list():
             mapping = self.registry.policy(session.port).mapping
@@ -207,18 +221,22 @@ class StateFile:
                     "fingerprint": fingerprint(mapping),
                 }
             )
-        return json.dumps({"version": VERSION, "sessions": sessions}, indent=1)
+        return self._made, json.dumps({"version": VERSION, "sessions": sessions}, indent=1)
 
-    def _write(self, content: str) -> None:
+    def _write(self, made: int, content: str) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            self.writes += 1
+            with self._writing:
+                if made < self._written:
+                    return  # newer content is on disk already
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(content)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+                self._written = made
+                self.writes += 1
         except OSError as e:
             log.warn(
                 "cannot write the state file {path} ({error})",
