@@ -208,8 +208,11 @@ class StateFile:
         """
         self._made += 1
         sessions = []
+        prints: dict[str, str] = {}  # by mapping: one hash a mapping, not a session
         for session in self.registry.list():
             mapping = self.registry.policy(session.port).mapping
+            if mapping.name not in prints:
+                prints[mapping.name] = fingerprint(mapping)
             sessions.append(
                 {
                     "port": session.port,
@@ -218,7 +221,7 @@ class StateFile:
                     "created": session.created,
                     "expires": session.expires,
                     "params": session.params,
-                    "fingerprint": fingerprint(mapping),
+                    "fingerprint": prints[mapping.name],
                 }
             )
         return self._made, json.dumps({"version": VERSION, "sessions": sessions}, indent=1)
