@@ -12,11 +12,15 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from proxymap.admin import site
+from proxymap.admin.api import AdminAPI
 from proxymap.admin.site import AdminSite
+from proxymap.config import Secret
+from proxymap.sessions import SessionRegistry
 
 
 class Recorder(Resource):
@@ -174,3 +178,34 @@ def test_an_idle_connection_is_closed_after_the_timeout(app: Recorder) -> None:
     assert not transport.disconnecting
     clock.advance(1)
     assert transport.disconnecting or transport.disconnected  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /sessions/%ff HTTP/1.1\r\nHost: a\r\n",
+        b"PUT /sessions/release/%c3%28 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n",
+        b"GET /sessions HTTP/1.1\r\nHost: \xff\r\n",
+    ],
+)
+def test_a_path_or_host_not_utf8_is_a_json_400_without_a_traceback(head: bytes) -> None:
+    """
+    Klein answers these in text and logs a traceback for each; the API
+    answers them as it answers other bad requests, before any user is
+    asked for (nothing is looked up), and the connection goes on.
+    """
+    api = AdminAPI(SessionRegistry(clock=Clock()), {}, (("admin", Secret("pw")),))
+    protocol, transport = connect(AdminSite(api.app.resource(), Clock()))
+    with capturedLogs() as events:
+        protocol.dataReceived(head + b"\r\n")
+    status, body = answer(transport)
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert body == {
+        "error": "bad request",
+        "description": "the path and the host name must be UTF-8",
+    }
+    assert [e for e in events if "log_failure" in e or e["log_level"] != LogLevel.info] == []
+    assert not transport.disconnecting
+    transport.clear()
+    protocol.dataReceived(b"GET /openapi.json HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 401 ")

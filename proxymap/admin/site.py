@@ -16,6 +16,8 @@ beside them: :mod:`proxymap.ops.openfiles`).  So here:
   answered ``503`` with ``Retry-After`` and closed;
 - a connection idle for :data:`IDLE_TIMEOUT` seconds is closed (Twisted's
   default too, stated here so that it stays).
+- a path or ``Host`` that is not UTF-8 once unquoted is answered ``400``
+  here, where Klein would log a traceback for it.
 
 Those answers are JSON like every other of the admin API.
 
@@ -66,6 +68,12 @@ def _answer(status: int, error: str, description: str, *extra: bytes) -> bytes:
 
 
 _TOO_LARGE = _answer(413, "content too large", f"request bodies are at most {MAX_BODY} bytes")
+_NOT_UTF8 = (
+    json.dumps(
+        {"error": "bad request", "description": "the path and the host name must be UTF-8"}
+    ).encode()
+    + b"\n"
+)
 _BUSY = _answer(
     503,
     "busy",
@@ -109,6 +117,26 @@ class _BoundedRequest(Request):
         channel = self.channel
         channel.transport.write(_TOO_LARGE)  # type: ignore[union-attr]  # connected
         channel.loseConnection()
+
+    def render(self, resource: IResource) -> None:
+        """
+        Answer a path or host name that is not UTF-8 here, as the API
+        answers bad requests.  Klein would answer ``400`` in text and log
+        a traceback for each: any client, authenticated or not, could fill
+        the log with them.
+        """
+        try:
+            b"/".join((self.prepath or []) + (self.postpath or [])).decode("utf-8")
+            self.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            self.setResponseCode(400)
+            self.setHeader(b"content-type", b"application/json")
+            self.setHeader(b"cache-control", b"no-store")
+            self.setHeader(b"content-length", b"%d" % len(_NOT_UTF8))
+            self.write(_NOT_UTF8)
+            self.finish()
+            return
+        super().render(resource)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         # The rest of a refused body may have come with the bytes that
