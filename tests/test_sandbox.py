@@ -5,6 +5,8 @@ directly, as a vendor's exit does, and says so when one fails.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
@@ -67,3 +69,27 @@ def test_a_target_the_sandbox_cannot_reach_is_named_as_the_target(
     assert answer.startswith(b"HTTP/1.1 " + status)
     assert text in answer
     assert b"upstream" not in answer
+
+
+def test_ip_sandbox_answers_head_with_the_head_alone() -> None:
+    """
+    A body after a HEAD answer would be read as the start of the next
+    answer on the connection (proxymap drops such a kept connection and
+    logs it: "sent more than its response").
+    """
+    vendor = SandboxVendor(user="demo", password="demo")
+    conn = vendor.factory(MemoryReactorClock()).buildProtocol(
+        IPv4Address("TCP", "127.0.0.1", 50000)
+    )
+    client = StringTransport()
+    conn.makeConnection(client)
+    request = (
+        b"%s http://ip.sandbox/json HTTP/1.1\r\nHost: ip.sandbox\r\nProxy-Authorization: %s\r\n\r\n"
+    )
+    conn.dataReceived(request % (b"HEAD", AUTH) + request % (b"GET", AUTH))
+    head, get = client.value().split(b"HTTP/1.1 ")[1:]
+    assert head.startswith(b"200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    assert get.startswith(b"200 OK\r\n")
+    assert json.loads(get.split(b"\r\n\r\n", 1)[1])["requests"] == 2
+    assert len(get.split(b"\r\n\r\n", 1)[1]) == length
