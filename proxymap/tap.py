@@ -319,6 +319,8 @@ class ProxymapService(MultiService):
         self.factories: dict[int, PortFactory] = {}
         self._port_listeners: dict[int, _TCPListener] = {}
         self._release_subscriptions: list[Any] = []
+        #: Release callers of mappings a reload removed, still calling.
+        self._retired_releases: list[VendorRelease] = []
         #: The sandbox vendor served beside the ports (``--demo``), if any.
         self.sandbox: SandboxVendor | None = None
         #: The admin API, unless ``[admin] listen`` is empty.
@@ -342,7 +344,7 @@ class ProxymapService(MultiService):
             self.state.save_now()
         if self.admin is not None:
             self.admin.cancel_pending()
-        for release in self.releases:
+        for release in [*self.releases, *self._retired_releases]:
             release.stop()
         if self.tally.pool is not None:
             self.tally.pool.close_all()
@@ -430,26 +432,54 @@ class ProxymapService(MultiService):
 
     def set_releases(self, config: Config) -> None:
         """
-        (Re)create the vendor release callers of the mappings that have one.
+        Make the vendor release callers those of ``config``'s mappings.
+
+        At a reload, the sessions the reload ended (renewed, or closed
+        with their ports) are queued at the callers already, and a call
+        may be under way for an earlier end: none of it is dropped.  A
+        mapping keeping its name keeps its caller (and its counts), given
+        the new settings if they changed (:meth:`VendorRelease.configure`).
+        The caller of a mapping gone, or renamed, or without a release
+        now, takes no further ends, sends what it has queued at once and
+        finishes its calls under way; it is stopped only at shutdown if
+        still calling then.
         """
-        for release, unsubscribe in self._release_subscriptions:
-            unsubscribe()
-            release.stop()
-        self._release_subscriptions = []
-        fresh = []
+        by_name = {
+            release.mapping: (release, unsubscribe)
+            for release, unsubscribe in self._release_subscriptions
+        }
+        kept = []
         for mapping in config.mappings:
-            if mapping.release is not None:
-                release = VendorRelease(
-                    clock=self.reactor,
-                    client=release_client(self.reactor),
-                    mapping=mapping.name,
-                    config=mapping.release,
-                    upstream=(mapping.upstream.host, mapping.upstream.port),
-                    params=dict(mapping.params),
-                )
-                self._release_subscriptions.append((release, self.registry.subscribe(release)))
-                fresh.append(release)
-        self.releases[:] = fresh  # in place: the metrics collector holds this list
+            if mapping.release is None:
+                continue
+            upstream = (mapping.upstream.host, mapping.upstream.port)
+            params = dict(mapping.params)
+            if mapping.name in by_name:
+                release, unsubscribe = by_name.pop(mapping.name)
+                if (release.config, release.upstream, release.params) != (
+                    mapping.release,
+                    upstream,
+                    params,
+                ):
+                    release.configure(mapping.release, upstream, params)
+                kept.append((release, unsubscribe))
+                continue
+            release = VendorRelease(
+                clock=self.reactor,
+                client=release_client(self.reactor),
+                mapping=mapping.name,
+                config=mapping.release,
+                upstream=upstream,
+                params=params,
+            )
+            kept.append((release, self.registry.subscribe(release)))
+        for release, unsubscribe in by_name.values():
+            unsubscribe()
+            release.flush()
+            self._retired_releases.append(release)
+        self._retired_releases = [r for r in self._retired_releases if r.pending]
+        self._release_subscriptions = kept
+        self.releases[:] = [release for release, _ in kept]  # in place: metrics holds it
 
     # ------------------------------------------------------------ reload
 
@@ -519,6 +549,10 @@ class ProxymapService(MultiService):
             if session is not None and fingerprint(old_ports[port]) != fingerprint(mapping):
                 self.registry.end(session.id, EndReason.RENEWED)
                 renewed += 1
+            elif session is not None:
+                # Kept under a mapping that may have been renamed: its end
+                # is the new mapping's (its release, its name in the API).
+                session.mapping = mapping.name
         added = []
         for port in sorted(set(new_ports) - set(old_ports)):
             try:

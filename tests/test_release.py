@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from proxymap import tap
 from proxymap.config import ConfigError, parse_config
 from proxymap.sandbox.release_api import ReleaseAPI
 from proxymap.sandbox.vendor import SandboxVendor
@@ -386,3 +388,183 @@ def test_each_way_of_ending_sends_the_same_exact_request(end: Any) -> None:
             "body": {"data": [{"port": 10000, "sessionId": session.id}]},
         }
     ]
+
+
+# ------------------------------------------------------------ reloads
+
+RELOADED = """
+[[mapping]]
+name = "{name}"
+ports = "20001-20003"
+upstream = "http://127.0.0.1:9"
+user = "{user}"
+pass = "pw"
+
+[mapping.release]
+url = "http://vendor.example/{path}"
+user = "{api}"
+pass = "k"
+body = '{{"data": {{entries}}}}'
+entry = '{{"sessionId": {{session}}}}'
+"""
+
+
+class Vendor(Resource):
+    """
+    A release API recording each call (its path, API user and ids) and
+    answering each with the next status of a script (200 once it ends).
+    """
+
+    isLeaf = True
+
+    def __init__(self, statuses: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.statuses = list(statuses)
+        self.calls: list[tuple[str, str, list[str]]] = []
+
+    def render(self, request: Any) -> bytes:
+        user = base64.b64decode(request.getHeader("authorization").split()[1]).split(b":")[0]
+        ids = [entry["sessionId"] for entry in json.loads(request.content.read())["data"]]
+        self.calls.append((request.path.decode(), user.decode(), ids))
+        request.setResponseCode(self.statuses.pop(0) if self.statuses else 200)
+        return b"{}"
+
+
+class Reloading:
+    """
+    A service built by the tap from a file, on a memory reactor, its
+    release calls going to ``vendor``.
+    """
+
+    def __init__(self, tmp_path: Any, monkeypatch: Any, vendor: Vendor) -> None:
+        monkeypatch.setattr(tap, "release_client", lambda reactor: StubTreq(vendor))
+        self.path = tmp_path / "proxymap.toml"
+        self.write()
+        self.reactor = MemoryReactorClock()
+        self.service = tap.makeService(
+            self.options(),
+            reactor=self.reactor,
+            open_files=lambda: 100_000,
+        )
+        self.service.privilegedStartService()
+        self.service.startService()
+
+    def options(self) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(["--config", str(self.path)])
+        return options
+
+    def write(self, **changes: str) -> None:
+        values = {"name": "a", "user": "alice", "path": "release", "api": "api", **changes}
+        self.path.write_text(RELOADED.format(**values))
+
+    def reload(self, **changes: str) -> None:
+        self.write(**changes)
+        self.service.reload()
+
+    def session(self, port: int) -> str:
+        return self.service.registry.current(port).id
+
+    def close(self) -> None:
+        if self.service.running:
+            self.service.stopService()
+
+
+@pytest.fixture
+def reloading(tmp_path: Any, monkeypatch: Any) -> Any:
+    made: list[Reloading] = []
+
+    def make(vendor: Vendor) -> Reloading:
+        made.append(Reloading(tmp_path, monkeypatch, vendor))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def test_a_reload_releases_the_sessions_it_ends(reloading: Any) -> None:
+    """
+    A reload that removes a port closes its session, and one that changes
+    a port's credentials renews it: both ends are released at the vendor,
+    though the reload replaces the release settings in the same stroke.
+    """
+    vendor = Vendor()
+    setup = reloading(vendor)
+    ended = [setup.session(port) for port in (20001, 20002, 20003)]
+    setup.path.write_text(
+        RELOADED.format(name="a", user="bob", path="v2/release", api="api2").replace(
+            "20001-20003", "20002-20003"
+        )
+    )
+    with capturedLogs() as events:
+        setup.service.reload()
+    assert "2 sessions renewed" in " ".join(formatEvent(e) for e in events)
+    setup.reactor.advance(1)
+    # Queued before the settings changed, so sent as they were.
+    assert vendor.calls == [("/release", "api", ended)]
+
+
+def test_a_reload_lets_a_release_under_way_finish(reloading: Any) -> None:
+    """
+    A call retrying after an error when a reload comes goes on retrying,
+    under the settings it started with (never the new API credentials to
+    the old URL), and the mapping keeps its caller and its counts.
+    """
+    vendor = Vendor(statuses=(500,))
+    setup = reloading(vendor)
+    caller = setup.service.releases[0]
+    released = setup.session(20001)
+    setup.service.registry.close(released, EndReason.RELEASED)
+    setup.reactor.advance(0.2)  # sent, answered 500: retried in 1 s
+    setup.reload(path="v2/release", api="api2")
+    setup.reactor.advance(2)
+    assert vendor.calls == [
+        ("/release", "api", [released]),
+        ("/release", "api", [released]),
+    ]
+    assert setup.service.releases == [caller]
+    assert (caller.succeeded, caller.retried) == (1, 1)
+    later = setup.session(20002)
+    setup.service.registry.close(later, EndReason.RELEASED)
+    setup.reactor.advance(0.2)
+    assert vendor.calls[-1] == ("/v2/release", "api2", [later])
+
+
+def test_a_renamed_mapping_keeps_its_sessions_and_releases_them(reloading: Any) -> None:
+    """
+    Renaming a mapping changes no credentials, so its sessions stay; they
+    are the renamed mapping's from then on, in the API and at release.
+    """
+    vendor = Vendor()
+    setup = reloading(vendor)
+    session = setup.session(20001)
+    setup.reload(name="renamed")
+    live = setup.service.registry.peek(20001)
+    assert live is not None and (live.id, live.mapping) == (session, "renamed")
+    assert [caller.mapping for caller in setup.service.releases] == ["renamed"]
+    setup.service.registry.close(session, EndReason.RELEASED)
+    setup.reactor.advance(0.2)
+    assert vendor.calls == [("/release", "api", [session])]
+
+
+def test_the_caller_of_a_mapping_gone_calls_on_until_shutdown(reloading: Any) -> None:
+    """
+    A mapping renamed (or removed) takes its caller's calls under way
+    with it only when they end: retried as before, and stopped with the
+    service if still retrying then.
+    """
+    vendor = Vendor(statuses=(500, 500))
+    setup = reloading(vendor)
+    old = setup.service.releases[0]
+    released = setup.session(20001)
+    setup.service.registry.close(released, EndReason.RELEASED)
+    setup.reactor.advance(0.2)
+    setup.reload(name="renamed")
+    assert setup.service.releases != [old]
+    setup.reactor.advance(1)  # the retry, answered 500 again
+    assert vendor.calls == [("/release", "api", [released])] * 2
+    assert old.pending
+    setup.close()
+    assert not old.pending
+    assert setup.reactor.getDelayedCalls() == []

@@ -261,6 +261,28 @@ class VendorRelease:
         if batch:
             self._start(batch)
 
+    def flush(self) -> None:
+        """
+        Send what is queued now, without waiting for the batch to fill.
+        """
+        if self._flush is not None and self._flush.active():
+            self._flush.cancel()
+        self._send_queue()
+
+    def configure(
+        self, config: ReleaseConfig, upstream: tuple[str, int], params: Mapping[str, str]
+    ) -> None:
+        """
+        Take new settings (a reload): what is queued goes now, under the
+        settings it was queued with, and calls under way finish under
+        theirs (their retries too: a call never takes one vendor's
+        credentials to another's URL).  Later ends go by the new ones.
+        """
+        self.flush()
+        self.config = config
+        self.upstream = upstream
+        self.params = params
+
     def _start(self, batch: list[dict[str, Any]]) -> None:
         d = Deferred.fromCoroutine(self._send(batch))
         self.pending.append(d)
@@ -292,7 +314,7 @@ class VendorRelease:
                 self.retried += 1
                 await deferLater(self.clock, config.backoff * 2 ** (attempt - 1))
             try:
-                response, content = await self._call(url, body)
+                response, content = await self._call(config, url, body)
             except Exception as e:  # timeouts, refused connections, resets
                 if self._stopping:
                     raise
@@ -317,12 +339,11 @@ class VendorRelease:
             problem=problem,
         )
 
-    async def _call(self, url: str, body: bytes | None) -> tuple[Any, bytes]:
+    async def _call(self, config: ReleaseConfig, url: str, body: bytes | None) -> tuple[Any, bytes]:
         """
-        One attempt, in its turn (at most :data:`MAX_CALLS` at once): the
-        answer and its body.
+        One attempt under ``config``, in its turn (at most
+        :data:`MAX_CALLS` at once): the answer and its body.
         """
-        config = self.config
         await self._turns.acquire()
         try:
             if self._stopping:  # a turn freed by a call cancelled at shutdown
