@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 import pytest_twisted
 import treq
@@ -83,6 +84,50 @@ async def test_release_reaches_the_sandbox_vendor() -> None:
             "http://ip.sandbox/",
         )
         assert json.loads(out)["ip"] != before["ip"]
+    finally:
+        await site.stopListening()
+        await stack.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_releases_the_session_of_a_port_it_removes() -> None:
+    """
+    A reload closes the sessions of the ports it removes, and the vendor
+    hears of it: the release goes out, though the reload rebuilt the
+    release settings in the same stroke.
+    """
+    (api_port,) = free_ports(1)
+    stack = start_stack(
+        2,
+        release={
+            "url": f"http://127.0.0.1:{api_port}/sessions/release/x",
+            "user": "api",
+            "pass": "api-secret",
+            "body": '{"data": {entries}}',
+            "entry": '{"sessionId": {session}}',
+        },
+    )
+    stack.vendor.api_user, stack.vendor.api_password = "api", "api-secret"
+    site = reactor.listenTCP(api_port, Site(ReleaseAPI(stack.vendor)), interface="127.0.0.1")
+    try:
+        kept, removed = stack.ports
+        code, out, err = await curl("-x", f"http://127.0.0.1:{removed}", "http://ip.sandbox/")
+        assert code == 0, err
+        session = json.loads(out)["session"]
+        config = stack.service.config
+        assert config is not None
+        (mapping,) = config.mappings
+        await stack.service.apply(
+            attrs.evolve(config, mappings=(attrs.evolve(mapping, ports=(kept,)),))
+        )
+        assert removed not in stack.registry.ports()
+        for _ in range(100):  # bounded wait for the batched call and its answer
+            if stack.vendor.release_calls:
+                break
+            await deferLater(reactor, 0.02)
+        assert [call["body"] for call in stack.vendor.release_calls] == [
+            {"data": [{"sessionId": session}]}
+        ]
     finally:
         await site.stopListening()
         await stack.service.stopService()
