@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import sys
 from collections.abc import Mapping
 from collections.abc import Mapping as MappingABC
@@ -535,23 +536,48 @@ def expand_alphabet(spec: str, key: str) -> str:
     return result
 
 
+#: The longest secret file read: a password, a key, never a log.
+MAX_SECRET_FILE = 64 * 1024
+#: The longest configuration file read: far beyond any real one (10,000
+#: mappings take some 2 MB), short of what a device would fill memory with.
+MAX_CONFIG_FILE = 16 * 1024 * 1024
+
+
 def resolve_secret(value: object, key: str, env: MappingABC[str, str]) -> Secret:
     """
     Resolve an inline secret or an ``env:NAME`` / ``file:PATH`` reference.
+
+    A file must be a regular file of UTF-8 text, at most
+    :data:`MAX_SECRET_FILE` bytes: a device or a FIFO would be read for
+    ever (``/dev/zero``) or block start-up, with nothing said.
     """
     if not isinstance(value, str):
         raise ConfigError(key, 'expected a string, "env:NAME" or "file:PATH"')
     if value.startswith("env:"):
         name = value[4:]
+        if not name:
+            raise ConfigError(key, 'name the environment variable: "env:NAME"')
         if name not in env:
             raise ConfigError(key, f"environment variable {name} is not set")
         return Secret(env[name])
     if value.startswith("file:"):
+        if not value[5:]:
+            raise ConfigError(key, 'name the file: "file:PATH"')
         path = Path(value[5:])
         try:
-            text = path.read_text(encoding="utf-8")
+            # Without blocking: opening a FIFO would wait for a writer.
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise ConfigError(key, f"{path} is not a regular file")
+                data = f.read(MAX_SECRET_FILE + 1)
         except OSError as e:
             raise ConfigError(key, f"cannot read {path}: {e.strerror or e}") from None
+        if len(data) > MAX_SECRET_FILE:
+            raise ConfigError(key, f"{path} is longer than {MAX_SECRET_FILE} bytes")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(key, f"{path} is not UTF-8 text") from None
         return Secret(text.rstrip("\r\n"))
     return Secret(value)
 
@@ -1064,9 +1090,12 @@ def load_config(path: str | os.PathLike[str], env: MappingABC[str, str] | None =
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_FILE + 1)
     except OSError as e:
         raise ConfigError("", f"cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_FILE:  # /dev/zero, say, which would fill the memory
+        raise ConfigError("", f"{path} is longer than {MAX_CONFIG_FILE} bytes")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

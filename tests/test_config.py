@@ -5,6 +5,7 @@ Configuration: valid files load; every problem is one message naming its key.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -309,6 +310,39 @@ def test_secret_references(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("env:", 'name the environment variable: "env:NAME"'),
+        ("file:", 'name the file: "file:PATH"'),
+        ("file:/dev/zero", "/dev/zero is not a regular file"),
+        ("file:{tmp}/fifo", "{tmp}/fifo is not a regular file"),
+        ("file:{tmp}/long", "{tmp}/long is longer than 65536 bytes"),
+        ("file:{tmp}/binary", "{tmp}/binary is not UTF-8 text"),
+        ("file:{tmp}", "cannot read {tmp}: Is a directory"),
+    ],
+)
+def test_a_secret_reference_that_cannot_be_a_secret(
+    tmp_path: Path, value: str, problem: str
+) -> None:
+    """
+    One line naming the key, not a traceback, and never a read that does
+    not end: a FIFO without a writer would block start-up, /dev/zero fill
+    the memory.
+    """
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "long").write_bytes(b"x" * (64 * 1024 + 1))
+    (tmp_path / "binary").write_bytes(b"\xff\xfepw")
+    data = base(**{"pass": value.format(tmp=tmp_path)})
+    assert error(data) == f"mapping[0].pass: {problem.format(tmp=tmp_path)}"
+
+
+def test_a_configuration_file_that_does_not_end_is_refused() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config("/dev/zero")
+    assert str(e.value) == "/dev/zero is longer than 16777216 bytes"
+
+
 def test_secrets_never_in_repr() -> None:
     c = parse_config(base(**{"pass": "hunter2-very-secret"}), env={})
     assert "hunter2" not in repr(c)
@@ -440,7 +474,7 @@ _EXAMPLES = [tomllib.loads(p.read_text()) for p in sorted(EXAMPLE.parent.glob("*
 _TRICKY_STRINGS = [
     "", "0", "-1", "10s", "0s", "1e400s", "nan", "inf", "1-0", "65535-65536", "a-z", "\x00",
     "env:", "file:", "file:/", "file:/nonexistent", "tcp:0", "tcp:1:interface=a:interface=b",
-    "unix:", "http://[::1]:1", "http://h:0", "http://h:99999", "http://:1", "socks5://h",
+    "file:/dev/zero", "unix:", "http://[::1]:1", "http://h:0", "http://h:99999", "http://:1", "socks5://h",
     "https://h", "{session}", "{", "}", "{x}", "{user!r}", "{user:>300}", "{0}", "{user[0]}",
     "localhost", "::", "line\nbreak",
 ]  # fmt: skip
