@@ -4,10 +4,11 @@ Sessions that survive restarts.
 Live sessions (port, id, created, expires, parameters) are written to a JSON
 file: atomically (write, fsync, rename), a moment after changes (debounced),
 and at shutdown; one write at a time, and never older content over newer.
-At start, each saved session whose mapping is unchanged
-(same fingerprint) and which has not expired is restored, so a restart does
-not rotate every worker's identity.  A missing, corrupt or unreadable file
-is logged and ignored: proxymap starts fresh rather than not at all.
+At start, each saved session whose mapping is unchanged (same fingerprint)
+and which has not expired is restored, so a restart does not rotate every
+worker's identity.  A missing, corrupt or unreadable file is logged and
+ignored: proxymap starts fresh rather than not at all; so is an entry the
+registry could not have made.
 """
 
 from __future__ import annotations
