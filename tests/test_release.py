@@ -395,7 +395,7 @@ def test_each_way_of_ending_sends_the_same_exact_request(end: Any) -> None:
 RELOADED = """
 [[mapping]]
 name = "{name}"
-ports = "20001-20003"
+ports = "{ports}"
 upstream = "http://127.0.0.1:9"
 user = "{user}"
 pass = "pw"
@@ -455,7 +455,14 @@ class Reloading:
         return options
 
     def write(self, **changes: str) -> None:
-        values = {"name": "a", "user": "alice", "path": "release", "api": "api", **changes}
+        values = {
+            "name": "a",
+            "ports": "20001-20003",
+            "user": "alice",
+            "path": "release",
+            "api": "api",
+            **changes,
+        }
         self.path.write_text(RELOADED.format(**values))
 
     def reload(self, **changes: str) -> None:
@@ -492,13 +499,8 @@ def test_a_reload_releases_the_sessions_it_ends(reloading: Any) -> None:
     vendor = Vendor()
     setup = reloading(vendor)
     ended = [setup.session(port) for port in (20001, 20002, 20003)]
-    setup.path.write_text(
-        RELOADED.format(name="a", user="bob", path="v2/release", api="api2").replace(
-            "20001-20003", "20002-20003"
-        )
-    )
     with capturedLogs() as events:
-        setup.service.reload()
+        setup.reload(ports="20002-20003", user="bob", path="v2/release", api="api2")
     assert "2 sessions renewed" in " ".join(formatEvent(e) for e in events)
     setup.reactor.advance(1)
     # Queued before the settings changed, so sent as they were.
