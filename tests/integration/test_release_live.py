@@ -7,6 +7,7 @@ the sandbox gives the released id a new exit.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import attrs
 import pytest
@@ -19,28 +20,43 @@ from twisted.web.server import Site
 
 from proxymap.sandbox.release_api import ReleaseAPI
 
-from .conftest import curl, free_ports, start_stack
+from .conftest import Stack, curl, free_ports, start_stack
 
 pytestmark = pytest.mark.integration
 
 
-@pytest_twisted.ensureDeferred
-async def test_release_reaches_the_sandbox_vendor() -> None:
-    api_port, admin_port = free_ports(2)
+def releasing(nports: int, path: str, entry: str, **mapping: Any) -> tuple[Stack, Any]:
+    """
+    A stack whose mapping releases its sessions, one ``entry`` each, at
+    ``path`` of the sandbox's release API, listening on a free port.
+    """
+    (api_port,) = free_ports(1)
     stack = start_stack(
-        1,
-        admin={"listen": f"tcp:{admin_port}:interface=127.0.0.1"},
-        params={"service_type": "RESIDENTIAL-PREMIUM"},
+        nports,
         release={
-            "url": f"http://127.0.0.1:{api_port}/sessions/release/{{service_type}}",
+            "url": f"http://127.0.0.1:{api_port}{path}",
             "user": "api",
             "pass": "api-secret",
             "body": '{"data": {entries}}',
-            "entry": '{"port": {upstream_port}, "sessionId": {session}}',
+            "entry": entry,
         },
+        **mapping,
     )
     stack.vendor.api_user, stack.vendor.api_password = "api", "api-secret"
     site = reactor.listenTCP(api_port, Site(ReleaseAPI(stack.vendor)), interface="127.0.0.1")
+    return stack, site
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_reaches_the_sandbox_vendor() -> None:
+    (admin_port,) = free_ports(1)
+    stack, site = releasing(
+        1,
+        "/sessions/release/{service_type}",
+        '{"port": {upstream_port}, "sessionId": {session}}',
+        admin={"listen": f"tcp:{admin_port}:interface=127.0.0.1"},
+        params={"service_type": "RESIDENTIAL-PREMIUM"},
+    )
     try:
         port = stack.ports[0]
         code, out, err = await curl("-x", f"http://127.0.0.1:{port}", "http://ip.sandbox/")
@@ -63,7 +79,7 @@ async def test_release_reaches_the_sandbox_vendor() -> None:
         # One line for the call, none from the release client's factory
         # (the test's own treq client, to the admin API, may log its own).
         said = [formatEvent(e) for e in events if e.get("log_level") != LogLevel.debug]
-        to_vendor = f"127.0.0.1:{api_port}>"
+        to_vendor = f"127.0.0.1:{site.getHost().port}>"
         assert [line for line in said if "factory" in line and to_vendor in line] == [], said
         assert any(line.startswith("released sessions") for line in said), said
         assert stack.vendor.release_calls == [
@@ -96,19 +112,7 @@ async def test_a_reload_releases_the_session_of_a_port_it_removes() -> None:
     hears of it: the release goes out, though the reload rebuilt the
     release settings in the same stroke.
     """
-    (api_port,) = free_ports(1)
-    stack = start_stack(
-        2,
-        release={
-            "url": f"http://127.0.0.1:{api_port}/sessions/release/x",
-            "user": "api",
-            "pass": "api-secret",
-            "body": '{"data": {entries}}',
-            "entry": '{"sessionId": {session}}',
-        },
-    )
-    stack.vendor.api_user, stack.vendor.api_password = "api", "api-secret"
-    site = reactor.listenTCP(api_port, Site(ReleaseAPI(stack.vendor)), interface="127.0.0.1")
+    stack, site = releasing(2, "/sessions/release/x", '{"sessionId": {session}}')
     try:
         kept, removed = stack.ports
         code, out, err = await curl("-x", f"http://127.0.0.1:{removed}", "http://ip.sandbox/")
