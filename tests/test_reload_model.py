@@ -64,7 +64,7 @@ def configs(draw: Any) -> Config:
     )
     mappings = []
     for name in names:
-        ports = [port for port, owner in zip(PORTS, owners, strict=True) if owner == name]
+        ports = [port for port, owner in zip(PORTS, owners) if owner == name]
         if not ports:
             continue
         raw: dict[str, Any] = {

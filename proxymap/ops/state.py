@@ -20,7 +20,6 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeGuard
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -54,8 +53,13 @@ def fingerprint(mapping: MappingConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _finite(value: object) -> TypeGuard[float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _time(value: object) -> float | None:
+    """
+    ``value`` as a time, if it is a finite number.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 @attrs.define(eq=False)
@@ -156,16 +160,16 @@ class StateFile:
                 f"port {port}: id {session_id!r:.40} is not spelled as"
                 f" mapping {mapping.name!r} spells session ids"
             )
-        created, expires = entry.get("created"), entry.get("expires")
+        created, expires = _time(entry.get("created")), _time(entry.get("expires"))
         if not (
-            _finite(created)
-            and _finite(expires)
+            created is not None
+            and expires is not None
             and created <= expires <= created + mapping.lifetime
             and expires <= now + mapping.lifetime
         ):
             raise ValueError(
-                f"port {port}: created {created!r:.40} and expires {expires!r:.40}"
-                f" are not times {mapping.lifetime:g} s apart at most"
+                f"port {port}: created {entry.get('created')!r:.40} and expires"
+                f" {entry.get('expires')!r:.40} are not times {mapping.lifetime:g} s apart at most"
             )
         if expires <= now or self.registry.peek(port) is not None:
             return None
@@ -174,7 +178,7 @@ class StateFile:
             isinstance(value, str) for value in params.values()
         ):
             raise ValueError(f"port {port}: params {params!r:.40} are not names and strings")
-        return port, session_id, float(created), float(expires), params
+        return port, session_id, created, expires, params
 
     # ------------------------------------------------------------ save
 
