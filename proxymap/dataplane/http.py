@@ -901,6 +901,15 @@ def simple_response(
     return build_head(f"HTTP/1.1 {status} {reason}".encode(), lines) + body
 
 
+def without_body(response: bytes) -> bytes:
+    """
+    ``response`` (a whole one the proxy made) as an answer to ``HEAD``: its
+    head alone, ``Content-Length`` kept (RFC 9110 9.3.2).  A body after it
+    would be read as the start of whatever comes next on the connection.
+    """
+    return response[: response.index(b"\r\n\r\n") + 4]
+
+
 REASONS = {
     200: "OK",
     204: "No Content",

@@ -39,6 +39,7 @@ from proxymap.dataplane.http import (
     error_kind,
     error_response,
     parse_request_head,
+    without_body,
 )
 from proxymap.dataplane.names import HostCache
 from proxymap.dataplane.repeats import Repeats
@@ -629,7 +630,9 @@ class ProxyServer(flow.Throttled):
                 return
             self._socks_answer(True)
         else:
-            self.write(local.data)
+            # Every local answerer (the Session API, the sandbox) answers
+            # HEAD as GET; the body goes here.
+            self.write(without_body(local.data) if request.method == b"HEAD" else local.data)
         if local.tunnel and not local.close:
             self.local_tunnel = True
             self._local_tls = local.tls
@@ -903,9 +906,7 @@ class ProxyServer(flow.Throttled):
             response = error_response(status, message, headers)
             request = self._request
             if request is not None and request.method == b"HEAD":
-                # An answer to HEAD has no body (RFC 9110 9.3.2): the client
-                # would read the text as the start of whatever comes next.
-                response = response[: response.index(b"\r\n\r\n") + 4]
+                response = without_body(response)
             self.write(response)
         self._fail_quietly()
 

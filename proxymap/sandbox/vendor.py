@@ -131,10 +131,10 @@ class SandboxVendor:
             (identity.username, request.method.decode("latin-1"), request.target.decode("latin-1"))
         )
 
-    def answer(self, identity: Identity, head: bool = False) -> bytes:
+    def answer(self, identity: Identity) -> bytes:
         """
-        What ``ip.sandbox`` answers a request of ``identity``: its head
-        alone for a ``HEAD`` request (``head``).
+        What ``ip.sandbox`` answers a request of ``identity`` (to ``HEAD``
+        as well: the data plane drops the body then).
         """
         body = {
             "ip": self.exit_for(identity.session),
@@ -144,8 +144,7 @@ class SandboxVendor:
             "requests": self.usernames[identity.username],
         }
         data = json.dumps(body).encode() + b"\n"
-        response = simple_response(200, "OK", data, b"application/json", close=False)
-        return response[: len(response) - len(data)] if head else response
+        return simple_response(200, "OK", data, b"application/json", close=False)
 
     def factory(self, reactor: Any, connect_timeout: float = 10.0) -> SandboxFactory:
         return SandboxFactory(reactor, self, connect_timeout)
@@ -203,7 +202,7 @@ class SandboxFactory(ProxyFactory):
             return LocalResponse(
                 TUNNEL_OPEN, tunnel=True, tls=self.vendor.certificates.offer(SANDBOX_HOST)
             )
-        return LocalResponse(self.vendor.answer(identity, head=request.method == b"HEAD"))
+        return LocalResponse(self.vendor.answer(identity))
 
     def target(self, request: Request, conn: ProxyServer) -> UpstreamTarget:
         identity = self.vendor.authenticate(request.proxy_authorization)
