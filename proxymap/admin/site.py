@@ -52,12 +52,19 @@ MAX_CLIENTS = 32
 IDLE_TIMEOUT = 60.0
 
 
+def _error_body(error: str, description: str) -> bytes:
+    """
+    The body of an error, as the API writes every one.
+    """
+    return json.dumps({"error": error, "description": description}).encode() + b"\n"
+
+
 def _answer(status: int, error: str, description: str, *extra: bytes) -> bytes:
     """
     A whole JSON error response that closes its connection, for answers
     given before (or instead of) the application.
     """
-    body = json.dumps({"error": error, "description": description}).encode() + b"\n"
+    body = _error_body(error, description)
     return simple_response(
         status,
         REASONS[status],
@@ -68,12 +75,7 @@ def _answer(status: int, error: str, description: str, *extra: bytes) -> bytes:
 
 
 _TOO_LARGE = _answer(413, "content too large", f"request bodies are at most {MAX_BODY} bytes")
-_NOT_UTF8 = (
-    json.dumps(
-        {"error": "bad request", "description": "the path and the host name must be UTF-8"}
-    ).encode()
-    + b"\n"
-)
+_NOT_UTF8 = _error_body("bad request", "the path and the host name must be UTF-8")
 _BUSY = _answer(
     503,
     "busy",
