@@ -42,6 +42,9 @@ class EndReason(enum.Enum):
     RENEWED = "renewed"
     CLOSED = "closed"
     RELEASED = "released"
+    #: proxymap stopped with nothing to save the session (no state file):
+    #: the next process starts afresh, so this one will not be used again.
+    STOPPED = "stopped"
 
 
 class SessionConnection(Protocol):

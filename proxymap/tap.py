@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
@@ -323,6 +323,8 @@ class ProxymapService(MultiService):
         self._retired_releases: list[VendorRelease] = []
         #: The sandbox vendor served beside the ports (``--demo``), if any.
         self.sandbox: SandboxVendor | None = None
+        #: Its listeners (the vendor's, and its release API's).
+        self.sandbox_listeners: list[_TCPListener] = []
         #: The admin API, unless ``[admin] listen`` is empty.
         self.admin: AdminAPI | None = None
         #: Vendor release callers, one per mapping that configures one.
@@ -337,21 +339,86 @@ class ProxymapService(MultiService):
     def privilegedStartService(self) -> None:
         self._loudly(super().privilegedStartService)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop: the ports and the admin API stop listening and their
+        connections close (after :meth:`graceful_stop`, none are left); the
+        sessions are saved, or, with no state file to keep them, end
+        (``stopped``); the vendor releases due go out, waited for up to
+        ``grace`` seconds; then the rest stops, the sandbox last, since
+        the releases and the grace may still be calling it.
+        """
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)  # not running from now on, as MultiService says
         if not self._stopping:
+            self._stopping = True
             self.notifier.notify("STOPPING=1")
+        factories = self.proxy_factories()
+        for factory in factories:
+            factory.draining = True
+        await gatherResults([listener.stopService() for listener in self.serving_listeners()])
+        # Left only when stopped without graceful_stop (SIGINT, a test):
+        # the reactor would close them at once anyway, and none may start a
+        # session once the sessions have ended.
+        for factory in factories:
+            for conn in list(factory.connections.values()):
+                conn.abort()
         if self.state is not None:
             self.state.save_now()
+        else:
+            self._end_sessions()
         if self.admin is not None:
             self.admin.cancel_pending()
-        for release in [*self.releases, *self._retired_releases]:
-            release.stop()
         if self.tally.pool is not None:
             self.tally.pool.close_all()
+        await self._finish_releases()
         count = len(self.factories)
-        d = maybeDeferred(super().stopService)
-        d.addCallback(lambda _: log.info("closed {count} mapped ports", count=count))
-        return d
+        await maybeDeferred(super().stopService)
+        log.info("closed {count} mapped ports", count=count)
+
+    def _end_sessions(self) -> None:
+        """
+        End every live session (``stopped``): with no state file, the next
+        process starts afresh, and the vendor may free what this one held.
+        """
+        sessions = self.registry.list()
+        for session in sessions:
+            self.registry.end(session.id, EndReason.STOPPED)
+        if sessions:
+            log.info(
+                "ended {count} sessions: no state_file keeps them across a restart",
+                count=len(sessions),
+            )
+
+    async def _finish_releases(self) -> None:
+        """
+        Send every vendor release queued, and wait for the calls under way
+        (retries included) up to ``grace`` seconds; cancel what is left.
+        """
+        callers = [*self.releases, *self._retired_releases]
+        for caller in callers:
+            caller.flush()
+        pending = [d for caller in callers for d in caller.pending]
+        if pending:
+            log.info(
+                "waiting up to {grace:g}s for {count} vendor release {calls}",
+                grace=self.grace,
+                count=len(pending),
+                calls="call" if len(pending) == 1 else "calls",
+            )
+
+            def give_up() -> None:
+                for caller in callers:
+                    caller.stop()
+
+            timer = self.reactor.callLater(self.grace, give_up)
+            await DeferredList(pending, consumeErrors=True)
+            if timer.active():
+                timer.cancel()
+        for caller in callers:
+            caller.stop()
 
     def startService(self) -> None:
         self._loudly(super().startService)
@@ -629,7 +696,7 @@ class ProxymapService(MultiService):
         factories = self.proxy_factories()
         for factory in factories:
             factory.draining = True
-        await gatherResults([listener.stopService() for listener in self.listeners()])
+        await gatherResults([listener.stopService() for listener in self.serving_listeners()])
         if self.tally.pool is not None:
             self.tally.pool.close_all()
         for factory in factories:
@@ -680,6 +747,14 @@ class ProxymapService(MultiService):
 
     def listeners(self) -> list[_Listener | _TCPListener]:
         return [s for s in self if isinstance(s, (_Listener, _TCPListener))]
+
+    def serving_listeners(self) -> list[_Listener | _TCPListener]:
+        """
+        The mapped ports and the admin API: what a stop stops first.  The
+        sandbox's (``--demo``) serve until the end, as its vendor is the
+        ports' upstream and its release API theirs.
+        """
+        return [s for s in self.listeners() if s not in self.sandbox_listeners]
 
 
 def port_spans(ports: Iterable[int]) -> str:
@@ -769,15 +844,17 @@ def build_service(
     if sandbox is not None:
         vendor, sandbox_port = sandbox
         root.sandbox = vendor
-        _TCPListener(reactor, sandbox_port, "127.0.0.1", vendor.factory(reactor)).setServiceParent(
-            root
+        root.sandbox_listeners.append(
+            _TCPListener(reactor, sandbox_port, "127.0.0.1", vendor.factory(reactor))
         )
         if sandbox_release_port is not None:
             release_site = Site(ReleaseAPI(vendor), reactor=reactor)
             release_site.noisy = False
-            _TCPListener(reactor, sandbox_release_port, "127.0.0.1", release_site).setServiceParent(
-                root
+            root.sandbox_listeners.append(
+                _TCPListener(reactor, sandbox_release_port, "127.0.0.1", release_site)
             )
+        for listener in root.sandbox_listeners:
+            listener.setServiceParent(root)
 
     root.config = config
     pool = root.tally.pool = UpstreamPool(reactor, config.limits)

@@ -393,6 +393,7 @@ def test_each_way_of_ending_sends_the_same_exact_request(end: Any) -> None:
 # ------------------------------------------------------------ reloads
 
 RELOADED = """
+{service}
 [[mapping]]
 name = "{name}"
 ports = "{ports}"
@@ -406,6 +407,7 @@ user = "{api}"
 pass = "k"
 body = '{{"data": {{entries}}}}'
 entry = '{{"sessionId": {{session}}}}'
+{release}
 """
 
 
@@ -417,16 +419,19 @@ class Vendor(Resource):
 
     isLeaf = True
 
-    def __init__(self, statuses: tuple[int, ...] = ()) -> None:
+    def __init__(self, statuses: tuple[int | None, ...] = ()) -> None:
         super().__init__()
         self.statuses = list(statuses)
         self.calls: list[tuple[str, str, list[str]]] = []
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: Any) -> Any:
         user = base64.b64decode(request.getHeader("authorization").split()[1]).split(b":")[0]
         ids = [entry["sessionId"] for entry in json.loads(request.content.read())["data"]]
         self.calls.append((request.path.decode(), user.decode(), ids))
-        request.setResponseCode(self.statuses.pop(0) if self.statuses else 200)
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status is None:  # never answers
+            return NOT_DONE_YET
+        request.setResponseCode(status)
         return b"{}"
 
 
@@ -436,10 +441,10 @@ class Reloading:
     release calls going to ``vendor``.
     """
 
-    def __init__(self, tmp_path: Any, monkeypatch: Any, vendor: Vendor) -> None:
+    def __init__(self, tmp_path: Any, monkeypatch: Any, vendor: Vendor, **changes: str) -> None:
         monkeypatch.setattr(tap, "release_client", lambda reactor: StubTreq(vendor))
         self.path = tmp_path / "proxymap.toml"
-        self.write()
+        self.write(**changes)
         self.reactor = MemoryReactorClock()
         self.service = tap.makeService(
             self.options(),
@@ -461,6 +466,8 @@ class Reloading:
             "user": "alice",
             "path": "release",
             "api": "api",
+            "service": "",
+            "release": "",
             **changes,
         }
         self.path.write_text(RELOADED.format(**values))
@@ -481,8 +488,8 @@ class Reloading:
 def reloading(tmp_path: Any, monkeypatch: Any) -> Any:
     made: list[Reloading] = []
 
-    def make(vendor: Vendor) -> Reloading:
-        made.append(Reloading(tmp_path, monkeypatch, vendor))
+    def make(vendor: Vendor, **changes: str) -> Reloading:
+        made.append(Reloading(tmp_path, monkeypatch, vendor, **changes))
         return made[-1]
 
     yield make
@@ -553,8 +560,8 @@ def test_a_renamed_mapping_keeps_its_sessions_and_releases_them(reloading: Any) 
 def test_the_caller_of_a_mapping_gone_calls_on_until_shutdown(reloading: Any) -> None:
     """
     A mapping renamed (or removed) takes its caller's calls under way
-    with it only when they end: retried as before, and stopped with the
-    service if still retrying then.
+    with it only when they end: retried as before, and waited for by the
+    stop if still retrying then.
     """
     vendor = Vendor(statuses=(500, 500))
     setup = reloading(vendor)
@@ -568,5 +575,86 @@ def test_the_caller_of_a_mapping_gone_calls_on_until_shutdown(reloading: Any) ->
     assert vendor.calls == [("/release", "api", [released])] * 2
     assert old.pending
     setup.close()
-    assert not old.pending
+    assert old.pending and setup.service.registry.running  # waiting for it
+    setup.reactor.advance(2)  # the last retry, answered 200
+    assert vendor.calls == [("/release", "api", [released])] * 3
+    assert not old.pending and old.succeeded == 1
+    assert not setup.service.registry.running  # the stop went on
+    assert setup.reactor.getDelayedCalls() == []
+
+
+def test_a_stop_releases_the_sessions_nothing_keeps(reloading: Any) -> None:
+    """
+    With no state file, a stop ends every live session (``stopped``): the
+    next process starts afresh, so the vendor may free them.  They go in
+    one call with an end still waiting in the batch window, and the stop
+    waits for the answer.
+    """
+    vendor = Vendor()
+    setup = reloading(vendor)
+    reset, *live = [setup.session(port) for port in (20001, 20002, 20003)]
+    setup.service.registry.close(reset, EndReason.RESET)  # queued for 200 ms
+    with capturedLogs() as events:
+        stopped = setup.service.stopService()
+    assert vendor.calls == [("/release", "api", [reset, *live])]
+    assert stopped.called and not setup.service.registry.running
+    said = [formatEvent(e) for e in events]
+    assert f"session {live[0]} of port 20002 ended: stopped" in said
+    assert "ended 2 sessions: no state_file keeps them across a restart" in said
+    assert f"released sessions {[reset, *live]} of a at the vendor" in said
+    assert setup.reactor.getDelayedCalls() == []
+
+
+def test_a_stop_keeps_the_sessions_a_state_file_saves(reloading: Any, tmp_path: Any) -> None:
+    """
+    With a state file the sessions are saved for the next process, not
+    ended; an end queued before the stop still reaches the vendor.
+    """
+    state = tmp_path / "sessions.json"
+    vendor = Vendor()
+    setup = reloading(vendor, service=f'[service]\nstate_file = "{state}"')
+    reset, *live = [setup.session(port) for port in (20001, 20002, 20003)]
+    setup.service.registry.close(reset, EndReason.RESET)
+    stopped = setup.service.stopService()
+    assert stopped.called
+    assert vendor.calls == [("/release", "api", [reset])]
+    saved = json.loads(state.read_text())["sessions"]
+    assert [entry["id"] for entry in saved] == live
+
+
+def test_a_stop_releases_only_the_ends_asked_for(reloading: Any) -> None:
+    """
+    ``on`` without ``stopped``: the sessions still end, unreleased.
+    """
+    vendor = Vendor()
+    setup = reloading(vendor, release='on = ["reset"]')
+    setup.session(20001)
+    with capturedLogs() as events:
+        setup.service.stopService()
+    assert vendor.calls == []
+    assert "ended 1 sessions: no state_file keeps them across a restart" in [
+        formatEvent(e) for e in events
+    ]
+
+
+def test_a_stop_waits_for_the_vendor_no_longer_than_the_grace(reloading: Any) -> None:
+    """
+    A vendor that does not answer holds the stop for ``grace`` seconds;
+    then the call is cancelled, and the log names the sessions whose
+    release was abandoned.
+    """
+    vendor = Vendor(statuses=(None,))
+    setup = reloading(vendor, service='[service]\ngrace = "3s"')
+    session = setup.session(20001)
+    with capturedLogs() as events:
+        stopped = setup.service.stopService()
+        assert len(vendor.calls) == 1
+        setup.reactor.advance(2.9)
+        assert not stopped.called and setup.service.registry.running
+        setup.reactor.advance(0.1)
+    assert stopped.called and not setup.service.registry.running
+    said = [formatEvent(e) for e in events]
+    assert "waiting up to 3s for 1 vendor release call" in said
+    assert f"vendor release of sessions {[session]} of a abandoned at the stop" in said
+    assert not any(e.get("log_failure") for e in events), said
     assert setup.reactor.getDelayedCalls() == []

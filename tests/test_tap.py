@@ -275,6 +275,33 @@ def test_demo_service() -> None:
     service.stopService()
 
 
+def test_the_demo_sandbox_serves_until_the_end_of_a_stop() -> None:
+    """
+    The sandbox is the demo ports' upstream and their release API: the
+    grace (requests in flight may take a new upstream connection) and the
+    vendor releases at the stop still need it, so it stops last.
+    """
+    reactor = MemoryReactorClock()
+    opts = options("--demo", "--demo-ports", "30001-30002", "--demo-sandbox-port", "30000")
+    service = tap.makeService(opts, reactor=reactor)
+    service.privilegedStartService()
+    service.startService()
+
+    def listening() -> set[int]:
+        return {
+            listener.port
+            for listener in service.listeners()
+            if isinstance(listener, tap._TCPListener) and listener.listening is not None
+        }
+
+    assert listening() == {30000, 30001, 30002, 10199}
+    graceful = Deferred.fromCoroutine(service.graceful_stop())
+    assert graceful.called
+    assert listening() == {30000, 10199}
+    assert service.stopService().called
+    assert listening() == set()
+
+
 def test_demo_admin_port() -> None:
     """
     ``--demo-admin-port`` moves the demo's admin API (two demos, or a demo

@@ -6,8 +6,8 @@ timer runs out.
 A mapping's ``[mapping.release]`` table describes the call (method, URL,
 API credentials, a JSON body template); the geonode preset fills in Geonode's
 release API.  :class:`VendorRelease` watches the registry: session ends whose
-reason is in ``on`` (by default reset, renewed, closed and released, never
-natural expiry) are batched for a moment, sent with treq without ever
+reason is in ``on`` (by default reset, renewed, closed, released and
+stopped, never natural expiry) are batched for a moment, sent with treq without ever
 blocking traffic, retried with backoff on errors and timeouts, then counted
 and logged (without credentials) if they still fail.
 
@@ -40,7 +40,15 @@ from proxymap.sessions import EndReason, Session
 log = Logger()
 
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
-DEFAULT_ON = frozenset({EndReason.RESET, EndReason.RENEWED, EndReason.CLOSED, EndReason.RELEASED})
+DEFAULT_ON = frozenset(
+    {
+        EndReason.RESET,
+        EndReason.RENEWED,
+        EndReason.CLOSED,
+        EndReason.RELEASED,
+        EndReason.STOPPED,
+    }
+)
 
 #: The geonode preset's release API.
 GEONODE = {
@@ -289,9 +297,16 @@ class VendorRelease:
 
         def done(result: object) -> None:
             self.pending.remove(d)
-            if isinstance(result, Failure) and not self._stopping:
+            if not isinstance(result, Failure):
+                return
+            if self._stopping:  # cancelled at shutdown, still unanswered
+                log.warn(
+                    "vendor release of sessions {ids} of {mapping} abandoned at the stop",
+                    ids=[values["session"] for values in batch],
+                    mapping=self.mapping,
+                )
+            else:
                 log.failure("vendor release of {mapping} failed", result, mapping=self.mapping)
-            # Cancelled at shutdown: nothing more to say.
 
         d.addBoth(done)
 
@@ -363,7 +378,10 @@ class VendorRelease:
 
     def stop(self) -> None:
         """
-        Stop at shutdown: nothing queued is sent, calls under way are cancelled.
+        Stop at shutdown: nothing queued is sent, calls under way are
+        cancelled (each logged as abandoned, with its sessions).  The
+        service flushes the queue and waits for the calls first
+        (:meth:`proxymap.tap.ProxymapService.stopService`).
         """
         self._stopping = True
         if self._flush is not None and self._flush.active():

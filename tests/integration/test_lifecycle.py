@@ -26,7 +26,7 @@ from twisted.internet.task import deferLater
 
 from proxymap.sandbox.vendor import SandboxVendor
 
-from .conftest import Origin, curl, free_ports
+from .conftest import Origin, curl, free_ports, stop_process
 from .test_process import wait_listening
 
 pytestmark = pytest.mark.integration
@@ -280,3 +280,42 @@ async def test_reload_on_sighup(tmp_path: Path, sandbox: int, origin: Origin) ->
         assert await daemon.exited() == 0
     finally:
         daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_demo_stop_releases_its_sessions(tmp_path: Path) -> None:
+    """
+    The demo keeps no state file, so SIGTERM ends its sessions, and the
+    sandbox's release API (still serving: it stops last) hears of them
+    before the process exits.
+    """
+    sandbox, port, admin, release = free_ports(4)
+    log = tmp_path / "demo.log"
+    demo = {"ports": port, "sandbox-port": sandbox, "admin-port": admin, "release-port": release}
+    options = [arg for key, value in demo.items() for arg in (f"--demo-{key}", str(value))]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["twist", "--log-format=text", "proxymap", "--demo", *options],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await wait_listening(port, proc)
+        code, out, err = await curl("-x", f"http://127.0.0.1:{port}", "http://ip.sandbox/")
+        assert code == 0, err
+        session = json.loads(out)["session"]
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for _ in range(300):  # at most ~15 s
+            if proc.poll() is not None:
+                break
+            await deferLater(reactor, 0.05)
+        assert proc.returncode == 0
+        assert time.monotonic() - started < 5  # the vendor answered: no grace waited out
+        said = log.read_text()
+        assert f"session {session} of port {port} ended: stopped" in said
+        assert f"released sessions ['{session}'] of sandbox at the vendor" in said
+        assert "abandoned" not in said and "Traceback" not in said
+    finally:
+        stop_process(proc)

@@ -101,8 +101,8 @@ async def test_release_reaches_the_sandbox_vendor() -> None:
         )
         assert json.loads(out)["ip"] != before["ip"]
     finally:
+        await stack.service.stopService()  # first: a stop may release at the site
         await site.stopListening()
-        await stack.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -133,5 +133,5 @@ async def test_a_reload_releases_the_session_of_a_port_it_removes() -> None:
             {"data": [{"sessionId": session}]}
         ]
     finally:
+        await stack.service.stopService()  # first: a stop may release at the site
         await site.stopListening()
-        await stack.service.stopService()
