@@ -557,6 +557,9 @@ class ProxymapService(MultiService):
         if self.config_path is None:
             log.info("SIGHUP: nothing to reload (no --config)")
             return
+        if self._stopping:  # a reload would listen again on ports just closed
+            log.info("SIGHUP: not reloading, proxymap is stopping")
+            return
         self.notifier.notify("RELOADING=1")
         warning = None
         try:

@@ -153,6 +153,28 @@ def test_a_reload_names_the_ports_it_added_and_removed(tmp_path: Path) -> None:
     assert said == ["reloaded: 2 ports added (20004-20005), 1 removed (20001), 0 sessions renewed"]
 
 
+def test_no_reload_during_a_stop(tmp_path: Path) -> None:
+    """
+    A SIGHUP during a stop (its grace, or its wait for vendor releases)
+    would listen again on the ports just closed, and tell systemd
+    ``READY=1``: it is logged and ignored.
+    """
+    service, reactor = from_config(tmp_path)
+    service.privilegedStartService()
+    service.startService()
+    Deferred.fromCoroutine(service.graceful_stop())
+    (tmp_path / "proxymap.toml").write_text(
+        GOOD.replace('ports = "20001-20003"', 'ports = "20002-20005"')
+    )
+    listened = len(reactor.tcpServers)
+    with capturedLogs() as events:
+        service.reload()
+    assert len(reactor.tcpServers) == listened
+    assert sorted(service.factories) == [20001, 20002, 20003, 20010]
+    assert [formatEvent(e) for e in events] == ["SIGHUP: not reloading, proxymap is stopping"]
+    service.stopService()
+
+
 def test_max_connections_is_fitted_to_the_open_file_limit(tmp_path: Path) -> None:
     """
     GOOD maps 4 ports: a limit of 4 + 64 + 2 * 10 descriptors holds 10
