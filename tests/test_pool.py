@@ -417,6 +417,34 @@ def test_parked_connections_expire() -> None:
     assert len(pool_of(h)) == 0
 
 
+@pytest.mark.parametrize(("before", "after"), [(3600.0, 30.0), (30.0, 300.0)])
+def test_a_reload_times_parked_connections_by_the_new_timeout(before: float, after: float) -> None:
+    """
+    A reload's ``idle_upstream_timeout`` applies to the connections parked
+    already, counted from when each was parked: lowered, they go sooner
+    (and no longer hold back the sweep of those parked after them).  (The
+    session's lifetime, 600 s, would end the connection at any rate.)
+    """
+    h = Harness(Limits(idle_upstream_timeout=before), pool=True)
+    _, _, _, upstream = one_shot(h)  # parked at t=0
+    h.reactor.advance(10)
+    pool_of(h).configure(Limits(idle_upstream_timeout=after))
+    h.reactor.advance(after - 10 - 0.5)
+    assert not upstream.disconnecting
+    h.reactor.advance(0.5)
+    assert upstream.disconnecting
+    assert len(pool_of(h)) == 0
+    assert all(c.func != pool_of(h)._expire for c in h.reactor.getDelayedCalls())
+
+
+def test_a_timeout_lowered_below_what_is_parked_closes_it_at_once() -> None:
+    h = Harness(Limits(idle_upstream_timeout=3600.0), pool=True)
+    _, _, _, upstream = one_shot(h)
+    h.reactor.advance(60)
+    pool_of(h).configure(Limits(idle_upstream_timeout=30.0))
+    assert upstream.disconnecting
+
+
 def test_at_most_max_idle_the_oldest_goes() -> None:
     h = Harness(Limits(max_idle_upstreams=2), pool=True)
     legs = one_shots_at_once(h, 3)

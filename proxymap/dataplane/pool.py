@@ -67,12 +67,25 @@ class UpstreamPool:
 
     def configure(self, limits: Limits) -> None:
         """
-        Take new limits (a reload); what is parked beyond them goes.
+        Take new limits (a reload); what is parked beyond them goes, and
+        what stays expires by the new timeout, counted from when it was
+        parked.  (Kept by the old one, a connection parked before a
+        lowered timeout would also hold back the sweep of those parked
+        after it: the sweep reads expiries in parking order.)
         """
         self.max_idle = limits.max_idle_upstreams
-        self.idle_timeout = limits.idle_upstream_timeout
         for _ in range(len(self._expires) - max(self.max_idle, 0)):
             self.evict()
+        if limits.idle_upstream_timeout == self.idle_timeout:
+            return
+        self.idle_timeout = limits.idle_upstream_timeout
+        for up in self._expires:
+            self._expires[up] = up.parked_at + self.idle_timeout
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        if self._expires:
+            self._expire()
 
     def __len__(self) -> int:
         return len(self._expires)
