@@ -612,7 +612,10 @@ class ProxymapService(MultiService):
             factory.mapping = mapping
             factory.protocols = mapping.protocols
             factory.connect_timeout = mapping.connect_timeout
-            factory.limits = new.limits
+            if factory.limits != new.limits:
+                factory.limits = new.limits
+                for conn in list(factory.connections.values()):
+                    conn.limits_changed()
             factory.forget_target()
             self.registry.add_port(port, PortPolicy(mapping))
             session = self.registry.peek(port)

@@ -17,7 +17,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -151,6 +151,27 @@ def test_a_reload_names_the_ports_it_added_and_removed(tmp_path: Path) -> None:
     service.stopService()
     said = [formatEvent(e) for e in events if formatEvent(e).startswith("reloaded:")]
     assert said == ["reloaded: 2 ports added (20004-20005), 1 removed (20001), 0 sessions renewed"]
+
+
+def test_a_timeout_a_reload_lowers_applies_to_open_connections(tmp_path: Path) -> None:
+    """
+    A client connection that has said nothing is closed at the reloaded
+    ``head_timeout``, not at the one its timer was armed with.
+    """
+    service, reactor = from_config(tmp_path)
+    service.privilegedStartService()
+    service.startService()
+    proto = service.factories[20001].buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    client = StringTransport()
+    proto.makeConnection(client)
+    reactor.advance(1)
+    (tmp_path / "proxymap.toml").write_text(GOOD + '\n[limits]\nhead_timeout = "5s"\n')
+    service.reload()
+    reactor.advance(3.9)
+    assert not client.disconnecting
+    reactor.advance(0.2)  # 5 s and at most a tick
+    assert client.disconnecting
+    service.stopService()
 
 
 def test_no_reload_during_a_stop(tmp_path: Path) -> None:

@@ -395,6 +395,14 @@ class ProxyServer(flow.Throttled):
         if not self._gone:
             self._arm(when - self.seconds())
 
+    def limits_changed(self) -> None:
+        """
+        The port's limits changed (a reload): a timeout lowered applies at
+        once, not from the timer armed under the old one.  (One raised
+        needs nothing: the old timer finds the deadline later and re-arms.)
+        """
+        self.wake_by(self._deadline()[0])
+
     def _deadline(self) -> tuple[float, str]:
         """
         When this connection times out in its present state, and why.
