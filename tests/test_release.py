@@ -640,21 +640,26 @@ def test_a_stop_releases_only_the_ends_asked_for(reloading: Any) -> None:
 def test_a_stop_waits_for_the_vendor_no_longer_than_the_grace(reloading: Any) -> None:
     """
     A vendor that does not answer holds the stop for ``grace`` seconds;
-    then the call is cancelled, and the log names the sessions whose
+    then the calls are cancelled, and one warning names the sessions whose
     release was abandoned.
     """
-    vendor = Vendor(statuses=(None,))
+    vendor = Vendor(statuses=(None, None))
     setup = reloading(vendor, service='[service]\ngrace = "3s"')
-    session = setup.session(20001)
+    reset, stopping = setup.session(20001), setup.session(20002)
+    setup.service.registry.close(reset, EndReason.RESET)
+    setup.reactor.advance(0.2)  # its call goes, and hangs
     with capturedLogs() as events:
         stopped = setup.service.stopService()
-        assert len(vendor.calls) == 1
+        assert len(vendor.calls) == 2
         setup.reactor.advance(2.9)
         assert not stopped.called and setup.service.registry.running
         setup.reactor.advance(0.1)
     assert stopped.called and not setup.service.registry.running
     said = [formatEvent(e) for e in events]
-    assert "waiting up to 3s for 1 vendor release call" in said
-    assert f"vendor release of sessions {[session]} of a abandoned at the stop" in said
+    assert "waiting up to 3s for 2 vendor release calls" in said
+    abandoned = [line for line in said if "abandoned" in line]
+    assert abandoned == [
+        f"vendor release of sessions {[reset, stopping]} of a abandoned at the stop"
+    ]
     assert not any(e.get("log_failure") for e in events), said
     assert setup.reactor.getDelayedCalls() == []

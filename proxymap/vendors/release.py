@@ -242,6 +242,8 @@ class VendorRelease:
     _queue: list[dict[str, Any]] = attrs.field(factory=list, init=False)
     _flush: IDelayedCall | None = attrs.field(default=None, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
+    #: Sessions whose calls stop() cancelled, for its one warning.
+    _abandoned: list[str] = attrs.field(factory=list, init=False)
     #: Calls under way or waiting their turn (tests and shutdown wait on these).
     pending: list[Deferred[None]] = attrs.field(factory=list, init=False)
     _turns: DeferredSemaphore = attrs.field(
@@ -299,12 +301,8 @@ class VendorRelease:
             self.pending.remove(d)
             if not isinstance(result, Failure):
                 return
-            if self._stopping:  # cancelled at shutdown, still unanswered
-                log.warn(
-                    "vendor release of sessions {ids} of {mapping} abandoned at the stop",
-                    ids=[values["session"] for values in batch],
-                    mapping=self.mapping,
-                )
+            if self._stopping:  # cancelled at shutdown, still unanswered: stop() says so
+                self._abandoned.extend(values["session"] for values in batch)
             else:
                 log.failure("vendor release of {mapping} failed", result, mapping=self.mapping)
 
@@ -378,8 +376,8 @@ class VendorRelease:
 
     def stop(self) -> None:
         """
-        Stop at shutdown: nothing queued is sent, calls under way are
-        cancelled (each logged as abandoned, with its sessions).  The
+        Stop at shutdown: nothing queued is sent, calls under way (and
+        waiting their turn) are cancelled; one warning names their sessions.  The
         service flushes the queue and waits for the calls first
         (:meth:`proxymap.tap.ProxymapService.stopService`).
         """
@@ -388,7 +386,14 @@ class VendorRelease:
             self._flush.cancel()
         self._flush = None
         for d in list(self.pending):
-            d.cancel()
+            d.cancel()  # its callback, done, runs now
+        if self._abandoned:
+            log.warn(
+                "vendor release of sessions {ids} of {mapping} abandoned at the stop",
+                ids=self._abandoned,
+                mapping=self.mapping,
+            )
+            self._abandoned = []
 
 
 def _says_success(content: bytes) -> bool:
