@@ -388,8 +388,9 @@ class ProxymapService(MultiService):
             self.registry.end(session.id, EndReason.STOPPED)
         if sessions:
             log.info(
-                "ended {count} sessions: no state_file keeps them across a restart",
+                "ended {count} {sessions}: no state_file keeps them across a restart",
                 count=len(sessions),
+                sessions="session" if len(sessions) == 1 else "sessions",
             )
 
     async def _finish_releases(self) -> None:

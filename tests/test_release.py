@@ -632,7 +632,7 @@ def test_a_stop_releases_only_the_ends_asked_for(reloading: Any) -> None:
     with capturedLogs() as events:
         setup.service.stopService()
     assert vendor.calls == []
-    assert "ended 1 sessions: no state_file keeps them across a restart" in [
+    assert "ended 1 session: no state_file keeps them across a restart" in [
         formatEvent(e) for e in events
     ]
 
