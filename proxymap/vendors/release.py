@@ -6,10 +6,11 @@ timer runs out.
 A mapping's ``[mapping.release]`` table describes the call (method, URL,
 API credentials, a JSON body template); the geonode preset fills in Geonode's
 release API.  :class:`VendorRelease` watches the registry: session ends whose
-reason is in ``on`` (by default reset, renewed, closed, released and
-stopped, never natural expiry) are batched for a moment, sent with treq without ever
+reason is in ``on`` (by default reset, renewed, closed, released and stopped,
+never natural expiry) are batched for a moment, sent with treq without ever
 blocking traffic, retried with backoff on errors and timeouts, then counted
-and logged (without credentials) if they still fail.
+and logged (without credentials) if they still fail.  A stop sends what is
+queued and waits for the calls, up to the service's grace.
 
 Body templates are JSON with ``{placeholders}``, each replaced by the JSON
 value of the field (numbers stay numbers): ``{"port": {upstream_port},
@@ -376,10 +377,10 @@ class VendorRelease:
 
     def stop(self) -> None:
         """
-        Stop at shutdown: nothing queued is sent, calls under way (and
-        waiting their turn) are cancelled; one warning names their sessions.  The
-        service flushes the queue and waits for the calls first
-        (:meth:`proxymap.tap.ProxymapService.stopService`).
+        Stop at shutdown: nothing queued is sent, and calls under way (or
+        waiting their turn) are cancelled; one warning names their
+        sessions.  The service flushes the queue and waits for the calls
+        first (:meth:`proxymap.tap.ProxymapService.stopService`).
         """
         self._stopping = True
         if self._flush is not None and self._flush.active():
