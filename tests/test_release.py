@@ -212,6 +212,38 @@ def test_gives_up_logs_and_counts_without_credentials() -> None:
     assert base64.b64encode(b"api:api-secret").decode() not in text
 
 
+@pytest.mark.parametrize(
+    ("status", "calls", "said"),
+    [
+        (400, 1, "failed after 1 attempt (HTTP 400)"),
+        (401, 1, "failed after 1 attempt (HTTP 401)"),
+        (404, 1, "failed after 1 attempt (HTTP 404)"),
+        (429, 3, "failed after 3 attempts (HTTP 429)"),
+        (408, 3, "failed after 3 attempts (HTTP 408)"),
+    ],
+)
+def test_a_client_error_is_not_retried(status: int, calls: int, said: str) -> None:
+    """
+    A 4xx answer says the call itself is wrong (its credentials, URL or
+    body), and a retry would be as wrong, so it ends the call; but for a
+    timeout, too early or too many requests, which another attempt may
+    pass.
+    """
+    resource = Scripted([status])
+    s = Setup(resource, retries=2, backoff="1s")
+    s.registry.current(10201)
+    with capturedLogs() as events:
+        s.registry.reset(10201)
+        s.clock.advance(0.2)
+        for _ in range(4):
+            s.treq.flush()
+            s.clock.advance(4)
+    assert resource.calls == calls
+    assert (s.release.succeeded, s.release.failed, s.release.retried) == (0, 1, calls - 1)
+    warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warnings) == 1 and warnings[0].endswith(said), warnings
+
+
 def test_a_vendor_saying_no_is_a_failure() -> None:
     class No(Resource):
         isLeaf = True

@@ -60,6 +60,10 @@ GEONODE = {
 }
 PRESETS = {"geonode": GEONODE}
 
+#: The client errors worth another attempt: a timeout, too early, too many
+#: requests.  Any other 4xx answer ends the call (a retry would be as wrong).
+_RETRIED_4XX = frozenset({408, 425, 429})
+
 #: Calls of one mapping under way at once; the others wait their turn.  A
 #: release of every port at a vendor whose API takes one session a call
 #: would otherwise open a connection per port at once, beyond the
@@ -343,13 +347,16 @@ class VendorRelease:
                 )
                 return
             problem = f"HTTP {response.code}"
+            if 400 <= response.code < 500 and response.code not in _RETRIED_4XX:
+                break  # the call itself is wrong (credentials, URL, body): so is a retry
         self.failed += 1
         log.warn(
             "vendor release of sessions {ids} of {mapping} failed after {attempts} "
-            "attempts ({problem})",
+            "{tries} ({problem})",
             ids=ids,
             mapping=self.mapping,
-            attempts=config.retries + 1,
+            attempts=attempt + 1,
+            tries="attempt" if attempt == 0 else "attempts",
             problem=problem,
         )
 
