@@ -694,8 +694,9 @@ class ProxymapService(MultiService):
     async def graceful_stop(self) -> None:
         """
         Stop accepting; close idle keep-alive connections; let tunnels and
-        requests in flight finish for ``grace`` seconds; close the rest; save
-        the sessions.
+        requests in flight finish for ``grace`` seconds; close the rest.
+        :meth:`stopService`, which :meth:`terminate` comes to next, saves
+        or ends the sessions.
         """
         self._stopping = True
         self.notifier.notify("STOPPING=1")
@@ -719,8 +720,6 @@ class ProxymapService(MultiService):
             log.info("closing {count} connections still open after the grace", count=len(left))
         for conn in left:
             conn.abort()
-        if self.state is not None:
-            self.state.save_now()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """
