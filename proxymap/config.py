@@ -681,6 +681,8 @@ def _string_table(table: _Table, field: str, defaults: dict[str, str]) -> dict[s
 def _session_api(table: _Table, default: SessionAPIConfig) -> SessionAPIConfig:
     enabled = table.pop_typed("enabled", bool, default.enabled)
     domain = table.pop_typed("domain", str, default.domain).strip().lower()
+    if len(domain) > 1 and domain.endswith("."):
+        domain = domain[:-1]  # fully qualified: the same name
     if domain and not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", domain):
         raise ConfigError(table.name("domain"), f"{domain!r} is not a host name")
     table.finish()

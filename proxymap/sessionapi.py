@@ -10,10 +10,11 @@ The endpoints and their JSON are those of the reference product's Session API,
 so scripts written for it work unchanged.  Requests reach the API when:
 
 - the domain is set and a request's target host is the domain (any port,
-  any case), or a CONNECT to the domain opened a local tunnel on the
-  connection and the request travels in it, in plain HTTP or, when the
-  client starts TLS there, in HTTPS with a self-signed certificate for the
-  domain (localtls.py);
+  any case, with or without the trailing dot of a fully qualified name),
+  or a CONNECT to the domain opened a local tunnel on the connection and
+  the request travels in it, in plain HTTP or, when the client starts TLS
+  there, in HTTPS with a self-signed certificate for the domain
+  (localtls.py);
 - the domain is empty and the request is in origin form, sent straight to the
   port (``curl http://127.0.0.1:10201/session/``) whatever its Host says.
 
@@ -26,6 +27,7 @@ authentication the port requires, so the API requires it too.
 from __future__ import annotations
 
 import json
+import re
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qs
@@ -49,6 +51,29 @@ _ROUTES: dict[bytes, tuple[str, tuple[bytes, ...]]] = {
 }
 
 
+# RFC 3986, 2.3: these are the same character escaped or not (6.2.2.2).
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def _unescape_unreserved(match: re.Match[bytes]) -> bytes:
+    byte = int(match.group(1), 16)
+    return bytes((byte,)) if byte in _UNRESERVED else match.group(0)
+
+
+def normalized_path(path: bytes) -> bytes:
+    """
+    ``path`` with its escaped unreserved characters unescaped (``/%73ession``
+    is ``/session``), the others kept (``%2F`` is not a separator), and
+    trailing slashes dropped but for the root.
+    """
+    if b"%" in path:
+        path = _ESCAPE.sub(_unescape_unreserved, path)
+    if len(path) > 1:
+        path = path.rstrip(b"/")
+    return path
+
+
 def http_date(timestamp: float) -> str:
     """
     An RFC 1123 date in GMT: ``Wed, 10 Jun 2026 16:09:43 GMT``.
@@ -65,7 +90,14 @@ def addressed_to_api(request: Request, conn: ProxyServer, config: SessionAPIConf
     if conn.local_tunnel:
         return True
     if config.domain:
-        return request.host is not None and request.host.lower() == config.domain
+        host = request.host
+        if host is None:
+            return False
+        host = host.lower()
+        if host == config.domain:
+            return True
+        # "portmapper." is the same name, written fully qualified.
+        return host.endswith(".") and host[:-1] == config.domain
     return request.host is None
 
 
@@ -87,8 +119,7 @@ class SessionAPI:
             tls = self.certificates.offer(request.host)
             return LocalResponse(TUNNEL_OPEN, tunnel=True, tls=tls)
         path, _, query = request.path.split(b"#", 1)[0].partition(b"?")
-        if len(path) > 1:
-            path = path.rstrip(b"/")
+        path = normalized_path(path)
         route = _ROUTES.get(path)
         if route is None:
             return self._error(

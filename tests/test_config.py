@@ -152,6 +152,7 @@ def test_alphabet_ranges() -> None:
         ({"mapping": [{"ports": "1-2"}]}, "mapping[0].upstream: is required"),
         (base(**{"pass": "env:NOPE"}), "mapping[0].pass: environment variable NOPE is not set"),
         ({"session_api": {"domain": "bad domain"}, **base()}, "session_api.domain: 'bad domain'"),
+        ({"session_api": {"domain": "."}, **base()}, "session_api.domain: '.' is not a host"),
         ({"admin": {"port": 1}, **base()}, "admin.port: unknown key"),
         (base(user="u" * 300), "mapping[0].username: renders longer than 255 bytes"),
     ],
@@ -354,6 +355,12 @@ def test_session_api_override_per_mapping() -> None:
     data["session_api"] = {"enabled": True}
     m = parse_config(data, env={}).mappings[0]
     assert m.session_api.enabled is True and m.session_api.domain == "ctl.local"
+
+
+def test_session_api_domain_fully_qualified_is_the_same_name() -> None:
+    data = base()
+    data["session_api"] = {"domain": "PortMapper."}
+    assert parse_config(data, env={}).mappings[0].session_api.domain == "portmapper"
 
 
 def test_file_errors(tmp_path: Path) -> None:

@@ -137,6 +137,38 @@ def test_domain_is_case_insensitive_and_any_port() -> None:
     assert first == b"HTTP/1.1 200 OK" and body["port"] == PORT
 
 
+@pytest.mark.parametrize("host", ["portmapper.", "PORTMAPPER.:80"])
+def test_domain_fully_qualified_is_the_same_name(host: str) -> None:
+    h = Harness(session_api=ON)
+    first, _, body = api(h, get("/session/", host=host))
+    assert first == b"HTTP/1.1 200 OK" and body["port"] == PORT
+
+
+@pytest.mark.parametrize("host", ["portmapper..", "portmapperx", "x.portmapper"])
+def test_other_names_are_proxied(host: str) -> None:
+    h = Harness(session_api=ON)
+    proto, _ = h.client()
+    proto.dataReceived(get("/session/", host=host))
+    assert [c[:2] for c in h.reactor.tcpClients] == [("192.0.2.10", 10000)]
+
+
+def test_escaped_unreserved_characters_route_as_themselves() -> None:
+    h = Harness(session_api=ON)
+    first, _, body = api(h, get("/%73ession/%6eew"))
+    assert first == b"HTTP/1.1 200 OK"
+    renewed = body["session_id"]
+    first, _, body = api(h, get("/%73%65%73%73%69%6F%6E/"))
+    assert first == b"HTTP/1.1 200 OK" and body["session_id"] == renewed
+
+
+@pytest.mark.parametrize("path", ["/session%2Fnew", "/session%2fnew", "/session/new%00", "/%"])
+def test_escaped_reserved_characters_are_not_separators(path: str) -> None:
+    h = Harness(session_api=ON)
+    first, _, body = api(h, get(path))
+    assert first == b"HTTP/1.1 404 Not Found" and body["error"] == "not found"
+    assert h.registry.peek(PORT) is None
+
+
 def test_acts_on_the_port_the_request_arrived_on() -> None:
     h = Harness(session_api=ON)
     a = h.registry.current(10201)
