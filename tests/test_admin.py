@@ -151,7 +151,7 @@ async def test_routing_errors_are_json(admin: Admin) -> None:
     code, body, _ = await admin.call("GET", "/nowhere")
     assert code == 404 and body == {
         "error": "not found",
-        "description": "no such resource: /nowhere",
+        "description": "no such resource: /nowhere (GET /openapi.json lists them)",
     }
     code, body, headers = await admin.call("PATCH", "/sessions")
     assert code == 405 and body["error"] == "method not allowed"

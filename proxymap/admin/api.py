@@ -190,7 +190,11 @@ class AdminAPI:
     def _not_found(self, request: IRequest, failure: Failure) -> bytes:
         return write_json(
             request,
-            {"error": "not found", "description": f"no such resource: {request.path.decode()}"},
+            {
+                "error": "not found",
+                "description": f"no such resource: {request.path.decode()}"
+                " (GET /openapi.json lists them)",
+            },
             404,
         )
 
