@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -330,6 +331,120 @@ def test_other_sessions_parked_connections_stay() -> None:
     assert mine.disconnecting
     assert not theirs.disconnecting
     assert len(pool_of(h)) == 1
+
+
+def test_over_a_socks5_upstream_kept_connections_go_by_target() -> None:
+    """
+    A SOCKS5 upstream connection leads to one target: it is kept under
+    the session and that target, taken again only for it, and goes with
+    the session like any other.
+    """
+    from .test_socks import OK_REPLY, socks_upstream_handshake
+
+    h = Harness(pool=True, upstream="socks5://gw.example.com:1080")
+    legs = {}
+    for host in (b"a.example", b"b.example"):
+        proto, _ = h.client()
+        proto.dataReceived(b"GET http://" + host + b"/ HTTP/1.1\r\nConnection: close\r\n\r\n")
+        up, upstream, _, _ = socks_upstream_handshake(h)
+        up.dataReceived(OK_REPLY)
+        up.dataReceived(OK)
+        proto.connectionLost(DONE)
+        legs[host] = (up, upstream)
+    assert len(pool_of(h)) == 2
+    proto, client = h.client()
+    proto.dataReceived(b"GET http://a.example/again HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert len(h.reactor.tcpClients) == 2  # no new connection
+    up_a, upstream_a = legs[b"a.example"]
+    assert head_of(upstream_a.value().split(b"\r\n\r\n", 1)[1])[0] == b"GET /again HTTP/1.1"
+    assert legs[b"b.example"][1].value().count(b"GET ") == 1
+    up_a.dataReceived(OK)
+    assert client.value().endswith(b"\r\n\r\nhello")
+    proto.connectionLost(DONE)
+    assert len(pool_of(h)) == 2
+    h.registry.reset(PORT)
+    assert all(upstream.disconnecting for _, upstream in legs.values())
+    assert len(pool_of(h)) == 0
+
+
+def test_a_session_ending_closes_its_own_among_many() -> None:
+    """
+    One session's end closes its kept connections and no other's, however
+    many other sessions keep theirs.
+    """
+    h = Harness(pool=True, ports=f"{PORT}-{PORT + 49}")
+    legs = {}
+    for port in range(PORT, PORT + 50):
+        proto, _ = h.client(port)
+        proto.dataReceived(ONE_SHOT)
+        up, upstream = h.upstream()
+        up.dataReceived(OK)
+        proto.connectionLost(DONE)
+        legs[port] = upstream
+    assert len(pool_of(h)) == 50
+    for port in range(PORT, PORT + 50, 2):
+        h.registry.reset(port)
+    assert [p for p, upstream in legs.items() if upstream.disconnecting] == list(
+        range(PORT, PORT + 50, 2)
+    )
+    assert len(pool_of(h)) == 25
+
+
+class Parked:
+    """
+    A stand-in for an idle upstream connection, counting how often the
+    pool reads which session it belongs to.
+    """
+
+    reads = 0
+    idle = True
+    parked_at = 0.0
+
+    def __init__(self, session: object) -> None:
+        self._target = Target(session)
+        self.key = session
+        self.closed = False
+
+    @property
+    def target(self) -> Target:
+        Parked.reads += 1
+        return self._target
+
+    def park(self, pool: UpstreamPool) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Target:
+    def __init__(self, session: object) -> None:
+        self.session = session
+
+
+class Ended:
+    ended = None
+
+
+def test_a_session_end_reads_only_its_own_kept_connections() -> None:
+    """
+    Ending every session of a large range (a release of all, a stop)
+    must not read every kept connection for each: 10,000 of each took
+    the reactor most of a second.
+    """
+    pool = UpstreamPool(Clock(), Limits(max_idle_upstreams=1000))
+    sessions = [Ended() for _ in range(1000)]
+    parked = [Parked(session) for session in sessions]
+    for up in parked:
+        assert pool.park(up)  # type: ignore[arg-type]
+    Parked.reads = 0
+    for session in sessions[:10]:
+        pool.session_ended(session, EndReason.RELEASED)  # type: ignore[arg-type]
+    assert Parked.reads <= 10
+    assert [up.closed for up in parked[:11]] == [True] * 10 + [False]
+    assert len(pool) == 990
+    assert pool.take(sessions[10]) is parked[10]
+    assert pool.take(sessions[0]) is None
 
 
 def test_ports_do_not_share_connections() -> None:

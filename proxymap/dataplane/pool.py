@@ -54,7 +54,15 @@ class UpstreamPool:
         self.max_idle = limits.max_idle_upstreams
         #: Seconds a parked connection waits for its next request.
         self.idle_timeout = limits.idle_upstream_timeout
+        #: By key, most recently parked last.  The key is the session
+        #: (see ``UpstreamTarget``), so a session's end finds its own
+        #: without reading every parked connection ...
         self._by_key: dict[object, list[UpstreamProtocol]] = {}
+        #: ... but over a SOCKS5 upstream, where a connection leads to one
+        #: target, the key is the session and the target: these are the
+        #: other keys a session parked under, some perhaps emptied since
+        #: (kept until the session ends, not sought on the way in and out).
+        self._other_keys: dict[Session, set[object]] = {}
         #: Every parked connection and when it expires, oldest first.
         self._expires: dict[UpstreamProtocol, float] = {}
         self._sweep: IDelayedCall | None = None
@@ -103,7 +111,10 @@ class UpstreamPool:
         if len(self._expires) >= self.max_idle:
             self.evict()
         up.park(self)
-        self._by_key.setdefault(up.key, []).append(up)
+        key = up.key
+        self._by_key.setdefault(key, []).append(up)
+        if key is not session and session is not None:
+            self._other_keys.setdefault(session, set()).add(key)
         up.parked_at = now = self._clock.seconds()
         self._expires[up] = now + self.idle_timeout
         if self._sweep is None:
@@ -156,6 +167,7 @@ class UpstreamPool:
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None
+        self._other_keys.clear()
 
     def _close(self, up: UpstreamProtocol) -> None:
         self.discard(up)
@@ -176,5 +188,7 @@ class UpstreamPool:
         pass
 
     def session_ended(self, session: Session, reason: EndReason) -> None:
-        for up in [up for up in self._expires if up.target.session is session]:
-            self._close(up)
+        for key in (session, *self._other_keys.pop(session, ())):
+            for up in self._by_key.pop(key, ()):
+                del self._expires[up]
+                up.close()
