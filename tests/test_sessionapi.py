@@ -257,7 +257,8 @@ class TLSRecorder(StringTransport):
 
 
 @pytest.mark.parametrize("early", [False, True], ids=["after-the-answer", "with-the-connect"])
-def test_connect_to_domain_then_tls_inside(early: bool) -> None:
+@pytest.mark.parametrize("name", ["PortMapper", "portmapper."])
+def test_connect_to_domain_then_tls_inside(early: bool, name: str) -> None:
     """
     A tunnel to the API's domain whose client starts TLS (a record of type
     22 first), after the answer or sent along with its CONNECT, gets TLS with
@@ -269,7 +270,7 @@ def test_connect_to_domain_then_tls_inside(early: bool) -> None:
     transport = TLSRecorder()
     proto.makeConnection(transport)
     hello = b"\x16\x03\x01\x00\x05hello"
-    connect = b"CONNECT PortMapper:443 HTTP/1.1\r\nHost: portmapper:443\r\n\r\n"
+    connect = f"CONNECT {name}:443 HTTP/1.1\r\nHost: {name}:443\r\n\r\n".encode()
     if early:
         proto.dataReceived(connect + hello)
     else:

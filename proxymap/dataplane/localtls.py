@@ -64,6 +64,8 @@ class LocalCertificates:
         if name is None:
             return None
         name = name.lower()
+        if name.endswith("."):
+            name = name[:-1]  # fully qualified: the same name, and certificates omit the dot
         if not _NAME.fullmatch(name):
             return None
         return partial(self.server_options, name)
