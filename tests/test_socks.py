@@ -102,6 +102,37 @@ def test_socks4_and_4a() -> None:
     assert step.close
 
 
+@pytest.mark.parametrize(
+    ("make", "message", "reply"),
+    [
+        # Username/password sub-negotiation of a version other than 1.
+        (lambda: Socks5Handshake(True), b"\x05\x01\x02\x02\x01u\x01p", b"\x05\x02\x01\x01"),
+        # Host names that are not names: not ASCII, or with a path, user or port in them.
+        (Socks5Handshake, b"\x05\x01\x00" + s5_request("\u00e9.com", 80), None),
+        (Socks5Handshake, b"\x05\x01\x00" + s5_request("e.com/x", 80), None),
+        (Socks5Handshake, b"\x05\x01\x00" + s5_request("u@e.com", 80), None),
+        (Socks5Handshake, b"\x05\x01\x00" + s5_request("e.com:81", 80), None),
+        (Socks5Handshake, b"\x05\x01\x00" + s5_request("", 80), None),
+        (Socks5Handshake, b"\x05\x01\x00" + s5_request("e.com", 0), None),
+        # SOCKS4a: a host name that is empty, not ASCII, or never ends.
+        (Socks4Handshake, s4a_request("", 80), socks.socks4_reply(False)),
+        (Socks4Handshake, s4a_request("\u00e9.com", 80), socks.socks4_reply(False)),
+        (Socks4Handshake, s4a_request("e.com", 80)[:-1] + b"e" * 300, socks.socks4_reply(False)),
+    ],
+)
+def test_malformed_requests_get_a_reply_and_a_close(
+    make: object, message: bytes, reply: bytes | None
+) -> None:
+    """
+    A request the port cannot act on is answered with the protocol's
+    refusal and the connection closed, rather than left waiting or sent on.
+    """
+    step = make().feed(message)  # type: ignore[operator]
+    expected = socks.socks5_reply(socks.HOST_UNREACHABLE) if reply is None else reply
+    assert step.reply.endswith(expected)
+    assert step.close and step.connect is None
+
+
 VALID = [
     (Socks5Handshake, b"\x05\x01\x00" + s5_request("example.com", 443)),
     (lambda: Socks5Handshake(True), b"\x05\x01\x02\x01\x01u\x01p" + s5_request("e.com", 1)),

@@ -112,12 +112,6 @@ class Socks5Handshake:
             if step.close or step.connect is not None:
                 return Step(reply=replies, connect=step.connect, rest=step.rest, close=step.close)
 
-    def _take(self, n: int) -> bytes | None:
-        if len(self._buffer) < n:
-            return None
-        taken, self._buffer = self._buffer[:n], self._buffer[n:]
-        return taken
-
     def _greeting(self) -> Step | None:
         buf = self._buffer
         if len(buf) < 2 or len(buf) < 2 + buf[1]:
