@@ -6,8 +6,10 @@ directly, as a vendor's exit does, and says so when one fails.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TimeoutError
@@ -16,6 +18,7 @@ from twisted.python.failure import Failure
 
 from proxymap.credentials import basic_authorization
 from proxymap.dataplane.names import HostCache
+from proxymap.sandbox.release_api import ReleaseAPI
 from proxymap.sandbox.vendor import SandboxVendor
 
 AUTH = basic_authorization("demo-session-abc123", "demo")
@@ -93,3 +96,68 @@ def test_ip_sandbox_answers_head_with_the_head_alone() -> None:
     assert get.startswith(b"200 OK\r\n")
     assert json.loads(get.split(b"\r\n\r\n", 1)[1])["requests"] == 2
     assert len(get.split(b"\r\n\r\n", 1)[1]) == length
+
+
+def _put(
+    api: ReleaseAPI, path: str, body: bytes, auth: tuple[str, str] = ("api", "api-secret")
+) -> tuple[Any, Any]:
+    """
+    PUT ``body`` to the release API in memory; its response and JSON body.
+    """
+    stub = StubTreq(api)
+    d = stub.put(f"http://vendor.test{path}", data=body, auth=auth)
+    response: list[tuple[Any, bytes]] = []
+    d.addCallback(lambda r: stub.content(r).addCallback(lambda c: response.append((r, c))))
+    stub.flush()
+    ((answer, content),) = response
+    return answer, json.loads(content)
+
+
+@pytest.mark.parametrize(
+    "path, body, auth, status, error",
+    [
+        ("/sessions/nope/X", b"{}", ("api", "api-secret"), 404, "not found"),
+        ("/sessions/release/X", b'{"releaseAll": true}', ("api", "wrong"), 401, "unauthorized"),
+        ("/sessions/release/X", b'{"releaseAll": true}', ("", "api-secret"), 401, "unauthorized"),
+        ("/sessions/release/X", b"{not json", ("api", "api-secret"), 400, "not JSON"),
+        (
+            "/sessions/release/X",
+            b'{"data": [{"sessionId": "a"}]}',
+            ("api", "api-secret"),
+            400,
+            "bad entry",
+        ),
+        ("/sessions/release/X", b'{"data": "a"}', ("api", "api-secret"), 400, "bad body"),
+        ("/sessions/release/X", b"[]", ("api", "api-secret"), 400, "bad body"),
+    ],
+)
+def test_the_release_api_refuses_what_geonodes_would(
+    path: str, body: bytes, auth: tuple[str, str], status: int, error: str
+) -> None:
+    """
+    The sandbox's release API answers a wrong path, wrong API credentials
+    and a body it cannot read with an error and releases nothing, so a
+    misconfigured ``[release]`` shows up against the sandbox as it would
+    against the vendor.
+    """
+    vendor = SandboxVendor(api_user="api", api_password="api-secret")
+    vendor.exit_for("a")
+    answer, content = _put(ReleaseAPI(vendor), path, body, auth)
+    assert (answer.code, content) == (status, {"success": False, "error": error})
+    if status == 401:
+        assert answer.headers.getRawHeaders("www-authenticate") == [
+            'Basic realm="sandbox release API"'
+        ]
+    assert "a" in vendor.exits
+
+
+def test_the_release_api_releases_a_whole_port() -> None:
+    """
+    An entry with a port and no session id releases every session: the
+    sandbox has one port, as Geonode's release of a port does.
+    """
+    vendor = SandboxVendor(api_user="api", api_password="api-secret")
+    vendor.exit_for("a"), vendor.exit_for("b")
+    answer, content = _put(ReleaseAPI(vendor), "/sessions/release/X", b'{"data": [{"port": 1}]}')
+    assert (answer.code, content) == (200, {"success": True})
+    assert vendor.exits == {}
