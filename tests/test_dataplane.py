@@ -773,6 +773,27 @@ def test_malformed_request_is_400() -> None:
     assert h.reactor.tcpClients == []
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET http://example.com/ HTTP/1.1\nHost: example.com\n\n",
+        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\n\r\n",
+    ],
+)
+def test_a_head_ended_by_bare_line_feeds_is_400_at_once(head: bytes) -> None:
+    """
+    A head whose lines end in LF alone (``nc``, a hand-written client) is
+    refused as soon as its blank line comes, saying why, rather than
+    waiting for a CRLF CRLF that will not come until the head timeout.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(head)
+    answered(client, b"400 Bad Request", b"request head lines must end in CRLF")
+    assert client.disconnecting
+    assert h.reactor.tcpClients == []
+
+
 def test_oversized_head_is_431() -> None:
     h = Harness()
     proto, client = h.client()
