@@ -167,6 +167,9 @@ def test_ipv6_and_userinfo() -> None:
         (b"GET http://x/ HTTP/1.1" + b"\r\nA: b" * 200, 431),
         (b"GET http://ex\xe4mple.com/ HTTP/1.1", 400),  # a URI's host is ASCII
         (b"CONNECT ex\xe4mple.com:443 HTTP/1.1", 400),
+        (b"POST http://x/ HTTP/1.1\r\nContent-Length: 5, 6", 400),  # RFC 9110 8.6
+        (b"GET  HTTP/1.1", 400),
+        (b"GET http://x/ HTTP/1.1\r\nHost x", 400),
     ],
 )
 def test_request_errors(head: bytes, status: int) -> None:
@@ -223,6 +226,17 @@ def test_a_bad_response_head_is_the_vendors_fault(head: bytes) -> None:
         parse_response_head(head, b"GET")
     assert e.value.status == 502
     assert e.value.message.startswith("the upstream sent a malformed response head")
+
+
+@pytest.mark.parametrize("line", [b"No colon here", b": no name", b"Content-Length : 5", b" X: a"])
+def test_a_response_field_without_a_name_is_the_vendors_fault(line: bytes) -> None:
+    """
+    A response field line with no name, or whitespace around its name
+    (RFC 9112 5.1: a 502, not something to guess at), fails the response.
+    """
+    with pytest.raises(HTTPError) as e:
+        parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + line, b"GET")
+    assert (e.value.status, e.value.message) == (502, "the upstream sent a malformed header field")
 
 
 @pytest.mark.parametrize(
@@ -358,6 +372,25 @@ def test_a_bare_cr_or_nul_in_a_chunk_line_is_refused(body: bytes) -> None:
     with pytest.raises(HTTPError) as e:
         f.feed(body)
     assert (e.value.status, e.value.message) == (400, "bare CR or NUL in a chunk line")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"5" * 5000, "chunk line too long"),
+        (b"5\nhello\r\n0\r\n\r\n", "chunk line not terminated by CRLF"),
+        (b"5\r\nhello!\r\n0\r\n\r\n", "chunk data longer than its size"),
+        (b"x\r\n", "invalid chunk size"),
+    ],
+)
+def test_broken_chunk_framing_is_refused(body: bytes, message: str) -> None:
+    """
+    Framing that cannot be followed is refused with what is wrong: relayed,
+    the next hop could read the message's end somewhere else than here.
+    """
+    with pytest.raises(HTTPError) as e:
+        ChunkedFramer().feed(body)
+    assert (e.value.status, e.value.message) == (400, message)
 
 
 @pytest.mark.parametrize(
