@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
@@ -14,9 +15,13 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
+from proxymap import tap
 from proxymap.admin.api import AdminAPI
-from proxymap.config import Secret, parse_config
+from proxymap.config import Config, Secret, parse_config
 from proxymap.ops.metrics import Metrics
+from proxymap.sandbox.release_api import ReleaseAPI
+from proxymap.sandbox.vendor import SandboxVendor
+from proxymap.sessions import EndReason
 from proxymap.tap import build_service
 
 from .helpers import PORT, Harness
@@ -132,6 +137,58 @@ async def test_health_and_its_auth() -> None:
     service.listeners()[0].stopService()  # a port stops listening
     response = await treq.get("http://a/health", auth=("ops", "pw"))
     assert response.code == 503 and (await response.json())["status"] == "down"
+    service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_vendor_release_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The release calls of each mapping are counted by result, and still are
+    after a reload gives the mapping's caller new settings.
+    """
+    vendor = SandboxVendor(api_user="api", api_password="api-secret")
+    monkeypatch.setattr(tap, "release_client", lambda reactor: StubTreq(ReleaseAPI(vendor)))
+
+    def config(password: str, name: str = "geo") -> Config:
+        release = {"url": "http://vendor.test/sessions/release/X", "user": "api", "pass": password}
+        raw = {"name": name, "ports": "20001", "upstream": "http://h:1", "preset": "geonode"}
+        raw["release"] = release
+        return parse_config(
+            {"mapping": [raw], "admin": {"listen": "tcp:0:interface=127.0.0.1"}}, env={}
+        )
+
+    reactor = MemoryReactorClock()
+    service = build_service(config("api-secret"), reactor)
+    service.privilegedStartService()
+    service.startService()
+    assert service.admin is not None
+    treq = StubTreq(service.admin.app.resource())
+
+    async def calls() -> dict[tuple[str, str], float]:
+        text = (await (await treq.get("http://a/metrics")).content()).decode()
+        family = "proxymap_vendor_release_calls_total"
+        return {
+            (dict(labels)["mapping"], dict(labels)["result"]): count
+            for (name, labels), count in samples(text).items()
+            if name == family and count
+        }
+
+    def release_one() -> None:
+        session = service.registry.current(20001)
+        service.registry.close(session.id, EndReason.RELEASED)
+        reactor.advance(1)
+        for caller in service.releases:
+            caller.client.flush()  # type: ignore[attr-defined]
+
+    release_one()
+    assert await calls() == {("geo", "succeeded"): 1}
+    service.apply(config("wrong"))  # the same caller, new settings: the vendor says 401
+    release_one()
+    assert await calls() == {("geo", "succeeded"): 1, ("geo", "failed"): 1}
+    service.apply(config("api-secret", name="geo-2"))  # renamed: a new caller
+    release_one()
+    assert await calls() == {("geo-2", "succeeded"): 1}
+    assert len(vendor.release_calls) == 2  # the sandbox records only calls it let in
     service.stopService()
 
 
