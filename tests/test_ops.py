@@ -317,6 +317,30 @@ def test_unreadable_state_file_is_ignored(tmp_path: Path) -> None:
     assert StateFile(path, registry(Clock()), Clock()).restore() == 0
 
 
+def test_a_state_file_that_cannot_be_written_is_a_warning(tmp_path: Path) -> None:
+    """
+    A state file whose directory cannot be made (here a file stands in its
+    way; in life a full disk or a read-only mount) costs the next restart
+    its sessions, not the running process: a warning naming the path and
+    the reason, and the next change tries again.
+    """
+    clock = Clock()
+    reg = registry(clock)
+    (tmp_path / "blocked").write_text("a file, not a directory")
+    path = tmp_path / "blocked" / "sessions.json"
+    state = StateFile(path, reg, clock)
+    reg.subscribe(state)
+    with capturedLogs() as events:
+        reg.current(10201)
+        clock.advance(1)
+        reg.renew(10201)
+        clock.advance(1)
+    warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert warnings == [f"cannot write the state file {path} (File exists)"] * 2
+    assert state.writes == 0
+    assert reg.peek(10201) is not None
+
+
 @pytest.fixture
 def systemd(tmp_path: Path) -> Any:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
