@@ -259,6 +259,29 @@ def test_a_vendor_saying_no_is_a_failure() -> None:
     assert s.release.failed == 1
 
 
+@pytest.mark.parametrize("answer", [b"", b"released", b'{"success": true}', b'["success", false]'])
+def test_a_2xx_succeeds_unless_its_json_says_no(answer: bytes) -> None:
+    """
+    Vendors answer a release with JSON, text or nothing: only a JSON object
+    saying ``"success": false`` (:func:`test_a_vendor_saying_no_is_a_failure`)
+    turns a 2xx into a failure.
+    """
+
+    class Answer(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            request.setResponseCode(204 if not answer else 200)
+            return answer
+
+    s = Setup(Answer(), retries=0)
+    s.registry.current(10201)
+    s.registry.reset(10201)
+    s.clock.advance(0.2)
+    s.treq.flush()
+    assert (s.release.succeeded, s.release.failed) == (1, 0)
+
+
 def test_per_session_url_sends_one_call_each() -> None:
     class Recorder(Resource):
         isLeaf = True
@@ -381,6 +404,7 @@ def test_stop_cancels_queued_and_running_calls() -> None:
         ({"on": ["sometimes"]}, "mapping[0].release.on: expected a list of: closed, expired"),
         ({"retries": 99}, "mapping[0].release.retries: must be between 0 and 10"),
         ({"colour": "red"}, "mapping[0].release.colour: unknown key"),
+        ({"method": "connect"}, "mapping[0].release.method: unsupported method 'CONNECT'"),
     ],
 )
 def test_config_errors(release: dict[str, Any], message: str) -> None:
