@@ -64,6 +64,35 @@ def test_session_api_requires_it_too() -> None:
     assert head_of(client.value())[0] == b"HTTP/1.1 200 OK"
 
 
+def test_a_tunnel_to_the_session_api_is_authenticated_once() -> None:
+    """
+    ``curl -p -x http://worker:pw@...`` sends its credentials with the
+    CONNECT alone: a tunnel to the API's domain needs them there, and the
+    requests inside it (which a client cannot add proxy credentials to)
+    are the tunnel's.  A SOCKS5 client authenticates at its handshake.
+    """
+    h = Harness(client_users=WORKER, session_api={"enabled": True, "domain": "portmapper"})
+    connect = b"CONNECT portmapper:80 HTTP/1.1\r\nHost: portmapper:80\r\n"
+    inside = b"GET /session/ HTTP/1.1\r\nHost: portmapper\r\n\r\n"
+    proto, client = h.client()
+    proto.dataReceived(connect + b"\r\n")
+    assert head_of(client.value())[0].startswith(b"HTTP/1.1 407")
+    proto, client = h.client()
+    proto.dataReceived(connect + with_auth() + b"\r\n")
+    assert client.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    for _ in range(2):
+        client.clear()
+        proto.dataReceived(inside)
+        first, _, body = head_of(client.value())
+        assert first == b"HTTP/1.1 200 OK" and b'"session_id"' in body
+    proto, client = h.client()
+    proto.dataReceived(b"\x05\x01\x02\x01\x06worker\x09w0rker-pw" + s5_request("portmapper", 80))
+    client.clear()
+    proto.dataReceived(inside)
+    assert head_of(client.value())[0] == b"HTTP/1.1 200 OK"
+    assert h.reactor.tcpClients == []
+
+
 def test_socks_clients_must_authenticate() -> None:
     h = Harness(client_users=WORKER)
     proto, client = h.client()
