@@ -764,6 +764,29 @@ def test_a_response_head_ended_by_bare_lfs_is_a_502_at_once(answer: bytes) -> No
     assert upstream.disconnecting
 
 
+def test_a_response_head_that_never_ends_is_a_502_at_its_limit() -> None:
+    """
+    A vendor sending header lines without end is cut off once the head
+    outgrows the limit, rather than held in memory until the idle timeout;
+    the client hears why and the port serves on.
+    """
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\n")
+    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    for _ in range(MAX_HEAD_SIZE // len(line) + 2):  # bounded: past the limit
+        if upstream.disconnecting:
+            break
+        up.dataReceived(line)
+    assert upstream.disconnecting
+    answered(client, b"502 Bad Gateway", b"the upstream sent an oversized response head")
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    assert len(h.reactor.tcpClients) == 2
+
+
 def test_malformed_request_is_400() -> None:
     h = Harness()
     proto, client = h.client()
