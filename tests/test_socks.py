@@ -366,6 +366,40 @@ def test_connect_and_socks_clients_over_a_socks5_upstream() -> None:
     assert upstream.value() == b"client-bytes"
 
 
+BOUND = [
+    b"\x01" + bytes(4),  # the bound address as IPv4,
+    b"\x04" + bytes(16),  # as IPv6,
+    b"\x03\x0bexample.com",  # or as a name
+]
+
+
+@given(st.sampled_from(BOUND), st.data())
+def test_the_socks5_upstreams_answers_in_any_reads(bound: bytes, data: st.DataObject) -> None:
+    """
+    However the vendor's answers are cut into reads, and whichever form its
+    reply gives the bound address in, the tunnel opens once the reply is
+    whole, and bytes the target sent with its tail reach the client.
+    """
+    h = Harness(upstream="socks5://gw.example.com:1080")
+    proto, client = h.client()
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    up, upstream = h.upstream()
+    reply = b"\x05\x00\x00" + bound + b"\x01\xbb"
+    # Each answer, and what proxymap sends once it is whole (and only then).
+    stages = [(b"\x05\x02", b"", b"\x01"), (b"\x01\x00", b"", b"\x05"), (reply, b"first", b"")]
+    for answer, after, next_sent in stages:
+        cuts = sorted(data.draw(st.sets(st.integers(1, len(answer) - 1), max_size=4)))
+        pieces = [answer[a:b] for a, b in zip([0, *cuts], [*cuts, len(answer)], strict=True)]
+        for piece in pieces[:-1]:
+            upstream.clear()
+            up.dataReceived(piece)
+            assert upstream.value() == b"" and client.value() == b""
+        upstream.clear()
+        up.dataReceived(pieces[-1] + after)
+        assert upstream.value().startswith(next_sent)
+    assert client.value() == b"HTTP/1.1 200 Connection established\r\n\r\nfirst"
+
+
 @pytest.mark.parametrize(
     ("answer", "status"),
     [
