@@ -149,6 +149,33 @@ def test_keep_alive_client_leaving_idle_parks_its_connection() -> None:
     assert len(pool_of(h)) == 1
 
 
+@pytest.mark.parametrize("pool", [True, False])
+def test_a_connect_after_a_request_gets_its_own_upstream_connection(pool: bool) -> None:
+    """
+    A client connection that sent a request, then a CONNECT (a browser's
+    keep-alive connection does), tunnels over a connection of its own: the
+    one that carried the request could not become a tunnel at the vendor.
+    That one is parked for the session (or closed, with no pool).
+    """
+    h = Harness(pool=pool)
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    up, upstream = h.upstream()
+    up.dataReceived(OK)
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    assert len(h.reactor.tcpClients) == 2
+    assert upstream.disconnecting is not pool
+    assert len(h.tally.pool or ()) == (1 if pool else 0)
+    tunnel_up, tunnel = h.upstream()
+    assert tunnel.value().startswith(b"CONNECT example.com:443 HTTP/1.1\r\n")
+    client.clear()
+    tunnel_up.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    proto.dataReceived(b"tls bytes")
+    assert client.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert tunnel.value().endswith(b"\r\n\r\ntls bytes")
+    assert b"tls bytes" not in upstream.value()
+
+
 def test_without_a_pool_the_connection_closes() -> None:
     h = Harness()
     _, _, _, upstream = one_shot(h)
