@@ -1042,6 +1042,33 @@ def test_tunnel_half_close_both_directions() -> None:
     assert client.disconnecting
 
 
+def test_a_client_fin_before_the_tunnel_is_up_follows_its_bytes() -> None:
+    """
+    ``printf 'CONNECT ...\\r\\n\\r\\ndata' | nc -N``: the client's bytes and
+    its FIN come before the vendor has answered.  Once it has, the bytes go
+    through and then the FIN, and the vendor's answer still reaches the
+    client.
+    """
+    h = Harness()
+    proto = h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    client = HalfCloseTransport()
+    proto.makeConnection(client)
+    proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\nearly")
+    proto.dataReceived(b" and more")
+    proto.readConnectionLost()
+    _, _, connector_factory, _, _ = h.reactor.tcpClients[-1]
+    up = connector_factory.buildProtocol(None)
+    upstream = HalfCloseTransport()
+    up.makeConnection(upstream)
+    assert not upstream.write_closed  # the CONNECT is still unanswered
+    up.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert upstream.value().endswith(b"\r\n\r\nearly and more")
+    assert upstream.write_closed
+    up.dataReceived(b"answer")
+    assert client.value() == b"HTTP/1.1 200 OK\r\n\r\nanswer"
+    assert not client.disconnecting
+
+
 POST_CUT = (
     b"POST http://example.com/form HTTP/1.1\r\nHost: example.com\r\nContent-Length: 100\r\n\r\n"
     + b"a" * 10
