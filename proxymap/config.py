@@ -14,6 +14,7 @@ never shows the value.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import stat
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
     from proxymap.vendors.release import ReleaseConfig
 
 DEFAULT_LIFETIME = 600.0
+#: The longest duration any key takes (365 days): sessions and timeouts
+#: longer than a year are mistakes, and a session's expiry must stay a date
+#: the Session API can write.
+MAX_DURATION = 365 * 86400.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_ALPHABET = "A-Za-z"
 DEFAULT_ID_LENGTH = 8
@@ -344,8 +349,12 @@ def parse_duration(value: object, key: str) -> float:
             )
     else:
         raise ConfigError(key, 'expected a duration such as "10m" or "90s"')
+    if math.isnan(seconds):
+        raise ConfigError(key, 'expected a duration such as "10m" or "90s"')
     if seconds <= 0:
         raise ConfigError(key, "must be greater than zero")
+    if seconds > MAX_DURATION:
+        raise ConfigError(key, "must be at most 365d")
     return seconds
 
 
@@ -817,7 +826,7 @@ def _mapping(
     if (
         not isinstance(protocols, list)
         or not protocols
-        or not set(protocols) <= {"http", "socks5", "socks4"}
+        or not all(p in ("http", "socks5", "socks4") for p in protocols)
     ):
         raise ConfigError(
             table.name("protocols"), 'expected a non-empty list of "http", "socks5", "socks4"'

@@ -5,7 +5,9 @@ Configuration: valid files load; every problem is one message naming its key.
 from __future__ import annotations
 
 import copy
+import datetime
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +136,10 @@ def test_alphabet_ranges() -> None:
         (base(upstream="http://u:p@h:1"), "mapping[0].upstream: put upstream credentials"),
         (base(upstream="nonsense"), "mapping[0].upstream: 'nonsense' is not a URL"),
         (base(lifetime="soon"), "mapping[0].lifetime: 'soon' is not a duration"),
+        (base(lifetime=float("nan")), 'mapping[0].lifetime: expected a duration such as "10m"'),
+        (base(lifetime=float("inf")), "mapping[0].lifetime: must be at most 365d"),
+        (base(lifetime="366d"), "mapping[0].lifetime: must be at most 365d"),
+        (base(protocols=[["http"]]), 'mapping[0].protocols: expected a non-empty list of "http"'),
         (base(username="{user}-{sesion}"), "mapping[0].username: unknown placeholder {sesion}"),
         (base(username="{user}"), "mapping[0].username: neither username nor password"),
         (base(username="{user}:{session}"), "mapping[0].username: the rendered username contains"),
@@ -478,6 +484,19 @@ def test_listen_is_loopback(listen: str, loopback: bool) -> None:
 
 _EXAMPLES = [tomllib.loads(p.read_text()) for p in sorted(EXAMPLE.parent.glob("*.toml"))]
 
+#: Every name the parsers use (and more): a key added by the fuzz test below
+#: is one of them as often as not, so keys no example sets (commented out in
+#: them, or not shown) are tried with any value too.
+_NAMES = sorted(
+    {
+        name
+        for module in ("config.py", "vendors/release.py", "vendors/presets.py")
+        for name in re.findall(
+            r'"([a-z][a-z_]*)"', (Path(__file__).parents[1] / "proxymap" / module).read_text()
+        )
+    }
+)
+
 _TRICKY_STRINGS = [
     "", "0", "-1", "10s", "0s", "1e400s", "nan", "inf", "1-0", "65535-65536", "a-z", "\x00",
     "env:", "file:", "file:/", "file:/nonexistent", "tcp:0", "tcp:1:interface=a:interface=b",
@@ -533,7 +552,8 @@ def _mutated_examples(draw: st.DrawFn) -> dict[str, Any]:
         if change == "add" or not path:
             target = parent[path[-1]] if path else data
             if isinstance(target, dict):
-                target[draw(st.text(max_size=8))] = draw(_VALUES)
+                name = draw(st.sampled_from(_NAMES) | st.text(max_size=8))
+                target[name] = draw(_VALUES)
         elif change == "remove" and isinstance(parent, dict):
             del parent[path[-1]]
         else:
@@ -561,3 +581,48 @@ def test_any_file_loads_or_names_one_key(data: dict[str, Any]) -> None:
     except ConfigError as e:
         assert e.key and e.problem
         assert "\n" not in str(e) and "\r" not in str(e)
+
+
+_ODD_VALUES = [
+    [["http"]],
+    [{}],
+    [{"a": 1}],
+    {"a": []},
+    [1, "a"],
+    [],
+    {},
+    "",
+    -1,
+    2**63 - 1,
+    1.5,
+    float("nan"),
+    True,
+    datetime.datetime(2026, 1, 1),
+    datetime.time(1, 2),
+]
+
+
+@pytest.mark.parametrize("name", _NAMES)
+def test_any_key_with_an_odd_value_loads_or_names_the_key(name: str) -> None:
+    """
+    Every name the parser knows, with each value TOML can hold that a
+    careless check might not expect (a list of tables where strings go, an
+    empty table, NaN), at each level a table can sit: it loads or is refused
+    with one line naming a key, never a traceback.
+    """
+    for value in _ODD_VALUES:
+        release = {"user": "api", "pass": "pw"}
+        for data in (
+            {**base(), name: value},
+            base(**{name: value}),
+            base(preset="geonode", release={**release, name: value}),
+            {**base(), "admin": {name: value}},
+            {**base(), "session_api": {name: value}},
+            {**base(), "service": {name: value}},
+            base(session_id={name: value}),
+            base(limits={name: value}),
+        ):
+            try:
+                parse_config(data, env=_AnyEnv())
+            except ConfigError as e:
+                assert e.key and e.problem and "\n" not in str(e), (data, str(e))

@@ -402,6 +402,7 @@ def test_stop_cancels_queued_and_running_calls() -> None:
         ({"body": "{entries"}, "mapping[0].release.body: does not render to JSON"),
         ({"entry": "{port"}, "mapping[0].release.entry: does not render to JSON"),
         ({"on": ["sometimes"]}, "mapping[0].release.on: expected a list of: closed, expired"),
+        ({"on": [["closed"]]}, "mapping[0].release.on: expected a list of: closed, expired"),
         ({"retries": 99}, "mapping[0].release.retries: must be between 0 and 10"),
         ({"colour": "red"}, "mapping[0].release.colour: unknown key"),
         ({"method": "connect"}, "mapping[0].release.method: unsupported method 'CONNECT'"),

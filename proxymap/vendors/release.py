@@ -155,7 +155,9 @@ def parse_release(
         raise ConfigError(table.name("user"), "the release API needs its own user and pass")
     on_names = table.pop("on", sorted(r.value for r in DEFAULT_ON))
     reasons = {r.value: r for r in EndReason}
-    if not isinstance(on_names, list) or not all(n in reasons for n in on_names):
+    if not isinstance(on_names, list) or not all(
+        isinstance(n, str) and n in reasons for n in on_names
+    ):
         raise ConfigError(table.name("on"), f"expected a list of: {', '.join(sorted(reasons))}")
     timeout = parse_duration(table.pop("timeout", 10), table.name("timeout"))
     backoff = parse_duration(table.pop("backoff", 1), table.name("backoff"))
