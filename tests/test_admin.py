@@ -8,16 +8,21 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from treq.testing import StubTreq
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 
 from proxymap.admin.api import AdminAPI
 from proxymap.config import Secret
 from proxymap.sessions import EndReason
 
-from .helpers import PORT, Harness
+from .helpers import FUZZ_EXAMPLES, PORT, Harness
 
 URL = "http://admin.test"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -433,3 +438,67 @@ async def test_port_session_new_with_parameters() -> None:
     doc = (await admin.call("GET", "/openapi.json"))[1]
     schema = doc["paths"]["/ports/{port}/session/new"]["post"]["requestBody"]["content"]
     assert list(schema["application/json"]["schema"]["properties"]) == ["country"]
+
+
+@pytest.mark.parametrize("path", ["/sessions/%2F", "/sessions//", "/ports//10201"])
+@pytest_twisted.ensureDeferred
+async def test_a_path_with_an_empty_segment_is_a_404(admin: Admin, path: str) -> None:
+    code, body, _ = await admin.call("GET", path)
+    assert code == 404 and body["error"] == "not found"
+
+
+_SEGMENTS = st.sampled_from(
+    ["sessions", "ports", "release", "session", "new", "reset", "connections", "metrics",
+     "health", "openapi.json", "vendor-a", "sess0001", str(PORT), "0", "-1", "99999999999",
+     "%00", "%ff", "%2F", "..", "", "\u00e9", "a" * 300]
+) | st.text(max_size=12)  # fmt: skip
+_QUERY = st.dictionaries(
+    st.sampled_from(["fields", "range", "port", "state", "ttl", "x"]) | st.text(max_size=6),
+    st.sampled_from(["", "id", "id,port", "[0,1]", "[1,0]", "[0,99999999999]", "-1", "nan",
+                     "1e400", "active", "[a,b]", "0", "600", "%00"]) | st.text(max_size=12),
+    max_size=3,
+)  # fmt: skip
+_BODIES = st.one_of(
+    st.none(),
+    st.binary(max_size=40),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(["ports", "sessions", "ids", "all", "ttl", "mapping"]),
+                inner,
+                max_size=3,
+            )
+        ),
+        max_leaves=6,
+    ).map(lambda value: json.dumps(value).encode()),
+)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
+    st.lists(_SEGMENTS, min_size=1, max_size=4),
+    _QUERY,
+    _BODIES,
+)
+def test_any_request_gets_an_answer_not_an_internal_error(
+    method: str, segments: list[str], query: dict[str, str], body: bytes | None
+) -> None:
+    """
+    Whatever an operator's script sends, the answer is a success or a 4xx
+    in JSON saying what is wrong, never a 500 (a bug's traceback in the log).
+    """
+    admin = Admin()
+    admin.proxied()  # a live session with a connection, for the paths that name one
+    path = "/" + "/".join(quote(segment, safe="%") for segment in segments)
+    with capturedLogs() as events:
+        d = admin.treq.request(method, URL + path, params=query, data=body)
+        admin.treq.flush()
+    answered: list[Any] = []
+    d.addBoth(answered.append)
+    admin.treq.flush()
+    (response,) = answered
+    assert not isinstance(response, Failure), response
+    assert response.code < 500, (path, query, body, [e.get("log_failure") for e in events])

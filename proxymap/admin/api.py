@@ -151,6 +151,10 @@ class AdminAPI:
 
     app: ClassVar[Klein] = Klein()
     app.url_map.converters["session"] = SessionIdConverter
+    # Werkzeug would answer a path with "//" in it (/sessions/%2F decoded)
+    # with a redirect raised as an exception Klein does not handle: a 500.
+    # Unmerged, such a path matches no route and is the 404 it should be.
+    app.url_map.merge_slashes = False
 
     # ------------------------------------------------------------ plumbing
 
