@@ -5,17 +5,21 @@ proxied traffic on one connection.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import AccumulatingProtocol, StringTransport
 
 from proxymap.sessionapi import http_date
 from proxymap.sessions import EndReason
 
-from .helpers import PORT, Harness, creds, head_of, header
+from .helpers import FUZZ_EXAMPLES, PORT, Harness, creds, head_of, header
 
 ON = {"enabled": True, "domain": "portmapper"}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -386,3 +390,52 @@ def test_new_with_parameters() -> None:
     assert shown["params"] == {"country": "de"}
     _, _, plain = api(h, get("/session/new"))
     assert plain["params"] == {}
+
+
+_PATH_PARTS = st.sampled_from(
+    ["/session", "/session/", "/session/new", "/session/reset", "/sessions", "/%73ession/new",
+     "/session/%2Fnew", "/session/new/", "//session", "/session/..", "/", "", "#frag", "?",
+     "?country=de", "?country=", "?country=de&country=fr", "?city=x", "?country=%0d%0aX:%20y",
+     "?country=a:b", "?country=%ff", "?=", "?&&", "?country=" + "a" * 70, "%00", "%"]
+) | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=12)  # fmt: skip
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(
+    st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"]),
+    st.lists(_PATH_PARTS, min_size=1, max_size=4),
+)
+def test_any_api_request_is_answered_and_the_connection_serves_on(
+    method: str, parts: list[str]
+) -> None:
+    """
+    Whatever path, query and method a worker sends to the API, it gets an
+    answer below 500 on a connection that serves its next request, and a
+    session it made renders credentials the vendor can parse.
+    """
+    h = Harness(
+        session_api=ON,
+        session_params={"country": ""},
+        username="{user}[-country-{country}]-session-{session}",
+    )
+    proto, client = h.client()
+    target = "".join(parts)
+    if not target.startswith("/"):
+        target = "/" + target
+    proto.dataReceived(
+        f"{method} http://portmapper{target} HTTP/1.1\r\nHost: portmapper\r\n\r\n".encode()
+    )
+    status = head_of(client.value())[0]
+    if client.disconnecting:  # the HTTP parser refused the head
+        assert status == b"HTTP/1.1 400 Bad Request" and not h.reactor.tcpClients
+        return
+    assert int(status.split(b" ")[1]) < 500, status
+    client.clear()
+    proto.dataReceived(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    _, upstream = h.upstream()
+    _, lines, _ = head_of(upstream.value())
+    (value,) = header(lines, b"proxy-authorization")
+    username, _, password = base64.b64decode(value.split(b" ")[1]).decode().partition(":")
+    session = h.registry.peek(PORT)
+    assert session is not None and username == session.username and password == "s3cret"
+    assert re.fullmatch(r"alice(-country-[A-Za-z0-9_.]{1,64})?-session-[A-Za-z0-9]+", username)
