@@ -37,15 +37,15 @@ if TYPE_CHECKING:
     from proxymap.vendors.release import ReleaseConfig
 
 DEFAULT_LIFETIME = 600.0
-#: The longest duration any key takes (365 days): sessions and timeouts
-#: longer than a year are mistakes, and a session's expiry must stay a date
-#: the Session API can write.
-MAX_DURATION = 365 * 86400.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_ALPHABET = "A-Za-z"
 DEFAULT_ID_LENGTH = 8
 DEFAULT_ADMIN_LISTEN = "tcp:8700:interface=127.0.0.1"
 DEFAULT_SESSION_API_DOMAIN = "portmapper"
+#: The longest duration any key takes (365 days): sessions and timeouts
+#: longer than a year are mistakes, and a session's expiry must stay a date
+#: the Session API can write.
+MAX_DURATION = 365 * 86400.0
 
 
 class ConfigError(Exception):
