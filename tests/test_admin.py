@@ -493,12 +493,10 @@ def test_any_request_gets_an_answer_not_an_internal_error(
     admin = Admin()
     admin.proxied()  # a live session with a connection, for the paths that name one
     path = "/" + "/".join(quote(segment, safe="%") for segment in segments)
-    with capturedLogs() as events:
-        d = admin.treq.request(method, URL + path, params=query, data=body)
-        admin.treq.flush()
     answered: list[Any] = []
-    d.addBoth(answered.append)
-    admin.treq.flush()
+    with capturedLogs() as events:
+        admin.treq.request(method, URL + path, params=query, data=body).addBoth(answered.append)
+        admin.treq.flush()
     (response,) = answered
     assert not isinstance(response, Failure), response
     assert response.code < 500, (path, query, body, [e.get("log_failure") for e in events])

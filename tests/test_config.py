@@ -610,8 +610,8 @@ def test_any_key_with_an_odd_value_loads_or_names_the_key(name: str) -> None:
     empty table, NaN), at each level a table can sit: it loads or is refused
     with one line naming a key, never a traceback.
     """
+    release = {"user": "api", "pass": "pw"}
     for value in _ODD_VALUES:
-        release = {"user": "api", "pass": "pw"}
         for data in (
             {**base(), name: value},
             base(**{name: value}),

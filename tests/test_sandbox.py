@@ -157,7 +157,8 @@ def test_the_release_api_releases_a_whole_port() -> None:
     sandbox has one port, as Geonode's release of a port does.
     """
     vendor = SandboxVendor(api_user="api", api_password="api-secret")
-    vendor.exit_for("a"), vendor.exit_for("b")
+    vendor.exit_for("a")
+    vendor.exit_for("b")
     answer, content = _put(ReleaseAPI(vendor), "/sessions/release/X", b'{"data": [{"port": 1}]}')
     assert (answer.code, content) == (200, {"success": True})
     assert vendor.exits == {}
