@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -137,6 +138,16 @@ class Harness:
 
         connector_factory = self.reactor.tcpClients[index][2]
         connector_factory.clientConnectionFailed(None, Failure(reason))
+
+
+def cut(stream: bytes, cuts: Iterable[int]) -> list[bytes]:
+    """
+    ``stream`` cut at the offsets ``cuts`` (in any order, repeated or at
+    either end): the reads a peer sending it in pieces would give, none
+    empty, as a transport never delivers an empty read.
+    """
+    bounds = [0, *sorted(cuts), len(stream)]
+    return [stream[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def head_of(data: bytes) -> tuple[bytes, list[bytes], bytes]:

@@ -36,6 +36,7 @@ from .helpers import (
     UPSTREAM_PORT,
     Harness,
     creds,
+    cut,
     head_of,
     header,
 )
@@ -714,11 +715,8 @@ def answer_in_reads(response: bytes, extra: bytes, cuts: list[int]) -> tuple[byt
     proto, client = h.client()
     proto.dataReceived(GET)
     up, _ = h.upstream()
-    stream = response + extra
-    bounds = [0, *sorted(cuts), len(stream)]
-    for start, end in zip(bounds, bounds[1:], strict=False):
-        if end > start:
-            up.dataReceived(stream[start:end])
+    for piece in cut(response + extra, cuts):
+        up.dataReceived(piece)
     got = client.value()
     proto.dataReceived(GET)
     return got, len(h.reactor.tcpClients) == 1

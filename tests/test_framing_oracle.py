@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from .helpers import FUZZ_EXAMPLES, Harness
+from .helpers import FUZZ_EXAMPLES, Harness, cut
 
 #: What proxymap refuses though h11 takes it, on purpose.
 STRICTER = (
@@ -95,11 +95,6 @@ def read_response(method: bytes, data: bytes, eof: bool) -> Reading:
     connection.send(h11.Request(method=method, target="/", headers=[("Host", "example.com")]))
     connection.send(h11.EndOfMessage())
     return read(connection, data, eof)
-
-
-def cut(stream: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted(cuts), len(stream)]
-    return [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 def framing_fields(n: int, extra: list[bytes]) -> st.SearchStrategy[list[bytes]]:

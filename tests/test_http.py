@@ -18,7 +18,7 @@ from proxymap.dataplane.http import (
     parse_response_head,
 )
 
-from .helpers import FUZZ_EXAMPLES, Harness, head_of
+from .helpers import FUZZ_EXAMPLES, Harness, cut, head_of
 
 
 def test_absolute_form() -> None:
@@ -428,8 +428,7 @@ def test_chunked_framer_any_split(chunks: list[bytes], data: st.DataObject) -> N
     cuts = sorted(data.draw(st.sets(st.integers(0, len(encoded)), max_size=8)))
     f = ChunkedFramer(decode=True)
     consumed = 0
-    pieces = [encoded[a:b] for a, b in zip([0, *cuts], [*cuts, len(encoded)], strict=True)]
-    for piece in pieces:
+    for piece in cut(encoded, cuts):
         consumed += f.feed(piece)
     assert f.done and consumed == len(encoded)
     assert b"".join(f.decoded) == b"".join(chunks)

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from proxymap.dataplane import socks
 from proxymap.dataplane.socks import Socks4Handshake, Socks5Handshake, SocksConnect
 
-from .helpers import FUZZ_EXAMPLES, PORT, Harness, creds, head_of, header
+from .helpers import FUZZ_EXAMPLES, PORT, Harness, creds, cut, head_of, header
 
 
 def s5_request(host: bytes | str, port: int, command: int = 1) -> bytes:
@@ -149,9 +149,7 @@ def test_any_split_parses_the_same(case: tuple[object, bytes], data: st.DataObje
     make, message = case
     cuts = sorted(data.draw(st.sets(st.integers(1, len(message) - 1), max_size=6)))
     handshake = make()  # type: ignore[operator]
-    steps = [
-        handshake.feed(message[a:b]) for a, b in zip([0, *cuts], [*cuts, len(message)], strict=True)
-    ]
+    steps = [handshake.feed(piece) for piece in cut(message, cuts)]
     assert all(s.connect is None and not s.close for s in steps[:-1])
     assert steps[-1].connect is not None and not steps[-1].close
 
@@ -389,7 +387,7 @@ def test_the_socks5_upstreams_answers_in_any_reads(bound: bytes, data: st.DataOb
     stages = [(b"\x05\x02", b"", b"\x01"), (b"\x01\x00", b"", b"\x05"), (reply, b"first", b"")]
     for answer, after, next_sent in stages:
         cuts = sorted(data.draw(st.sets(st.integers(1, len(answer) - 1), max_size=4)))
-        pieces = [answer[a:b] for a, b in zip([0, *cuts], [*cuts, len(answer)], strict=True)]
+        pieces = cut(answer, cuts)
         for piece in pieces[:-1]:
             upstream.clear()
             up.dataReceived(piece)
