@@ -55,7 +55,15 @@ pid_filename {dir}/squid.pid
 coredump_dir {dir}
 shutdown_lifetime 0 seconds
 pinger_enable off
+hosts_file {dir}/hosts
 """
+
+# squid keeps one address per name from a hosts file, the last line's: with
+# Debian's stock /etc/hosts ("::1 localhost ..." after "127.0.0.1
+# localhost") it would send the tunnel's CONNECT localhost to [::1] alone,
+# where the origin does not listen, and answer 503.  Its own file makes the
+# test the same on every machine.
+HOSTS = "127.0.0.1 localhost\n"
 
 
 @pytest.fixture
@@ -67,6 +75,7 @@ def squid() -> Iterator[tuple[int, Path]]:
     directory = Path(tempfile.mkdtemp(prefix="proxymap-squid-", dir="/tmp"))
     directory.chmod(0o777)
     (directory / "auth.py").write_text(AUTH_HELPER)
+    (directory / "hosts").write_text(HOSTS)
     (port,) = free_ports(1)
     conf = directory / "squid.conf"
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
