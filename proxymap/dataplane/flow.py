@@ -40,39 +40,34 @@ DONE = Failure(ConnectionDone())
 _PLAIN_TCP: tuple[type, ...] = (tcp.Server, tcp.Client)
 
 
-#: Every attribute Twisted (24-26) sets on a TCP transport in its life:
-#: construction, connecting, writing, producers, closing and half-closing.
+#: Every attribute Twisted (24-26) sets on a TCP transport in its life
+#: (construction, connecting, writing, producers, closing and
+#: half-closing): those of both kinds, then those only an accepted
+#: connection (a server's) or only an outgoing one (a client's) gets.
 _TRANSPORT_ATTRIBUTES = (
     "_aborting",
-    "_requiresResolution",
     "_tempDataBuffer",
     "_tempDataLen",
     "_writeDisconnected",
     "_writeDisconnecting",
-    "addr",
-    "client",
     "connected",
-    "connector",
     "dataBuffer",
     "disconnected",
     "disconnecting",
     "doRead",
     "doWrite",
     "fileno",
-    "hostname",
     "logstr",
     "offset",
     "producer",
     "producerPaused",
     "protocol",
     "reactor",
-    "realAddress",
-    "repstr",
-    "server",
-    "sessionno",
     "socket",
     "streamingProducer",
 )
+_SERVER_ATTRIBUTES = ("client", "hostname", "repstr", "server", "sessionno")
+_CLIENT_ATTRIBUTES = ("_requiresResolution", "addr", "connector", "realAddress")
 
 
 def _teach_layouts() -> None:
@@ -90,14 +85,21 @@ def _teach_layouts() -> None:
     and never seen by Twisted, sets them all first.  Only the memory layout
     changes; where the layout is already settled (or on another Python) this
     does nothing.
+
+    The layout holds 29 names.  From 3.14 on, CPython starts a class's
+    layout with the names its own methods assign (``__static_attributes__``:
+    for a server, ``_addressType`` as well, set only for IPv6), so each kind
+    is shown only its own names: shown a client's as well, a server's
+    layout ran one over, and every accepted connection had its dict again.
     """
     for cls in _PLAIN_TCP:
         _teach_layout(cls)
 
 
 def _teach_layout(cls: type) -> None:
+    own = _SERVER_ATTRIBUTES if issubclass(cls, tcp.Server) else _CLIENT_ATTRIBUTES
     dummy: object = object.__new__(cls)
-    for name in _TRANSPORT_ATTRIBUTES:
+    for name in _TRANSPORT_ATTRIBUTES + own:
         object.__setattr__(dummy, name, None)
 
 
