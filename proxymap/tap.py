@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -74,6 +74,35 @@ DEMO_API_PASSWORD = "api-secret"  # noqa: S105 - the sandbox release API's demo 
 #: Where the demo's admin API listens (the admin API's usual port).
 DEMO_ADMIN_PORT = 8700
 
+#: What start-up logs for each mapping once its ports listen (and what
+#: ``--check`` prints): one line a mapping, where the stock ports logged one
+#: each.
+MAPPING_LINE = (
+    "mapping {name}: {count} {ports} on {bind}:{spans}, upstream {upstream}, "
+    "sessions last {lifetime:g}s"
+)
+#: The warning an admin API without users gets (at start-up and ``--check``).
+OPEN_ADMIN_WARNING = (
+    "the admin API on {listen} has no users: anyone on this host can use it "
+    "(add [admin.users] to require credentials)"
+)
+
+
+def mapping_fields(mapping: MappingConfig) -> dict[str, Any]:
+    """
+    The fields of :data:`MAPPING_LINE` for ``mapping``.
+    """
+    count = len(mapping.ports)
+    return {
+        "name": mapping.name,
+        "count": count,
+        "ports": "port" if count == 1 else "ports",
+        "bind": bracketed(mapping.bind),
+        "spans": port_spans(mapping.ports),
+        "upstream": f"{mapping.upstream.scheme}://{mapping.upstream.address}",
+        "lifetime": mapping.lifetime,
+    }
+
 
 def demo_config(
     ports: str, sandbox_port: int, release_port: int, admin_port: int = DEMO_ADMIN_PORT
@@ -115,7 +144,7 @@ class Options(usage.Options):
     proxymap's command line.
     """
 
-    synopsis = "[--config FILE | --demo]"
+    synopsis = "[--config FILE | --demo] [--check]"
     longdesc = (
         "Serve every port of the configured ranges as a forward proxy with its own "
         "sticky session at the upstream vendor. With --demo, run against the built-in "
@@ -128,7 +157,15 @@ class Options(usage.Options):
         ["demo-release-port", None, 10199, "Port of the sandbox's release API.", int],
         ["demo-admin-port", None, DEMO_ADMIN_PORT, "Port of the demo's admin API.", int],
     ]
-    optFlags = [["demo", None, "Run the demo on the built-in sandbox vendor."]]
+    optFlags = [
+        ["demo", None, "Run the demo on the built-in sandbox vendor."],
+        [
+            "check",
+            None,
+            "Check the configuration as start-up would, print what it would serve, and "
+            "exit: 0 if it is good, otherwise 1 with one line saying what is wrong.",
+        ],
+    ]
 
     def postOptions(self) -> None:
         _install_reactor()
@@ -150,6 +187,57 @@ class Options(usage.Options):
             # One line naming the key and the problem; no usage text, no traceback.
             where = self["config"] or "--demo"
             raise SystemExit(f"proxymap: {where}: {e}") from None
+        if self["check"]:
+            self._check()
+
+    def _check(self) -> NoReturn:
+        """
+        ``--check``: say what the configuration would serve, and exit.  Done
+        here, while the options are parsed: before twistd starts logging
+        (which would take stdout) and before anything listens.
+        """
+        from twisted.internet import reactor
+
+        where = self["config"] or "--demo"
+        open_files = None
+        if not _selects(reactor):
+            open_files = (raise_limit(), PER_CONNECTION_DEMO if self["demo"] else PER_CONNECTION)
+        try:
+            lines = check_report(self.config, open_files, demo=self["demo"])
+        except TooFewOpenFiles as e:
+            raise SystemExit(f"proxymap: {where}: {e}") from None
+        for line in lines:
+            print(line)
+        print(f"proxymap: {where}: configuration OK")
+        raise SystemExit(0)
+
+
+def check_report(
+    config: Config, open_files: tuple[int, int] | None, demo: bool = False
+) -> list[str]:
+    """
+    What ``--check`` says of ``config``, which loaded: the warnings start-up
+    would log, then the line it logs for each mapping and where the admin
+    API would listen.
+
+    ``open_files`` is the open-file limit and the descriptors a connection
+    takes, as :func:`makeService` fits the limits to them (``None`` under
+    the select reactor, which keeps its limit).  A limit that cannot hold
+    the ports raises :class:`TooFewOpenFiles`, as it ends start-up.
+    Nothing is bound: a running proxymap holds the ports (``--check`` runs
+    before a reload), and a free port now may be taken at start.
+    """
+    warnings = []
+    if open_files is not None:
+        config, warning = fitted(config, *open_files)
+        if warning is not None and not demo:  # the demo's limits are not the user's
+            warnings.append(warning)
+    if config.admin.listen and not config.admin.users:
+        warnings.append(OPEN_ADMIN_WARNING.format(listen=config.admin.listen))
+    lines = [f"warning: {w}" for w in warnings]
+    lines += [MAPPING_LINE.format(**mapping_fields(m)) for m in config.mappings]
+    lines.append(f"admin API on {config.admin.listen}" if config.admin.listen else "admin API off")
+    return lines
 
 
 def _install_reactor() -> None:
@@ -424,20 +512,8 @@ class ProxymapService(MultiService):
     def startService(self) -> None:
         self._loudly(super().startService)
         # Every port and the admin API listen by now (binding is synchronous).
-        # One line a mapping, where the stock ports logged one each.
         for mapping in self.config.mappings if self.config is not None else ():
-            count = len(mapping.ports)
-            log.info(
-                "mapping {name}: {count} {ports} on {bind}:{spans}, upstream {upstream}, "
-                "sessions last {lifetime:g}s",
-                name=mapping.name,
-                count=count,
-                ports="port" if count == 1 else "ports",
-                bind=bracketed(mapping.bind),
-                spans=port_spans(mapping.ports),
-                upstream=f"{mapping.upstream.scheme}://{mapping.upstream.address}",
-                lifetime=mapping.lifetime,
-            )
+            log.info(MAPPING_LINE, **mapping_fields(mapping))
         for line in self.banner:
             log.info("{line}", line=line)
         self.notifier.notify("READY=1")
@@ -907,11 +983,7 @@ def build_service(
             "admin.listen",
         ).setServiceParent(root)
         if not config.admin.users:
-            log.warn(
-                "the admin API on {listen} has no users: anyone on this host can use it "
-                "(add [admin.users] to require credentials)",
-                listen=config.admin.listen,
-            )
+            log.warn(OPEN_ADMIN_WARNING, listen=config.admin.listen)
 
     if sandbox is not None:
         first = config.mappings[0]

@@ -41,6 +41,7 @@ def test_unit_settings() -> None:
         "--log-format=text proxymap",
         "Restart=on-failure",
         "LimitNOFILE=",
+        "ExecReload=/opt/proxymap/bin/twist proxymap --config /etc/proxymap/proxymap.toml --check",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",

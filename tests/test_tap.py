@@ -5,6 +5,8 @@ what a user sees on the command line when the configuration is bad.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -403,6 +405,133 @@ def test_bad_config_on_the_command_line(tmp_path: Path, runner: str) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == f"proxymap: {path}: mapping[0].colour: unknown key"
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_check_report(tmp_path: Path) -> None:
+    """
+    ``--check`` says what start-up would log of the configuration: its
+    warnings first, then a line a mapping and where the admin API listens.
+    """
+    path = tmp_path / "p.toml"
+    path.write_text(GOOD)
+    config = options("--config", str(path)).config
+    mapping_lines = [
+        "mapping a: 3 ports on 127.0.0.1:20001-20003, upstream http://127.0.0.1:9, "
+        f"sessions last {config.mappings[0].lifetime:g}s",
+        "mapping b: 1 port on [::1]:20010, upstream http://127.0.0.1:9, "
+        f"sessions last {config.mappings[1].lifetime:g}s",
+    ]
+    open_admin = (
+        "warning: the admin API on tcp:28700:interface=127.0.0.1 has no users: anyone on "
+        "this host can use it (add [admin.users] to require credentials)"
+    )
+    admin = "admin API on tcp:28700:interface=127.0.0.1"
+    assert tap.check_report(config, (100_000, 2)) == [open_admin, *mapping_lines, admin]
+    # A limit that holds 4 ports and 10 connections: the warning start-up logs.
+    (fitted, *rest) = tap.check_report(config, (4 + 64 + 20, 2))
+    assert fitted.startswith(
+        "warning: the open-file limit (88) holds 4 ports and 10 connections, "
+        "not max_connections = 9000"
+    )
+    assert rest == [open_admin, *mapping_lines, admin]
+    # The demo's limits are not the user's (see makeService); select keeps its limit.
+    assert tap.check_report(config, (88, 2), demo=True)[0] == open_admin
+    assert tap.check_report(config, None)[0] == open_admin
+    with pytest.raises(tap.TooFewOpenFiles):
+        tap.check_report(config, (60, 2))
+
+    path.write_text(GOOD + '[admin.users]\nops = "hunter2"\n')
+    assert tap.check_report(options("--config", str(path)).config, None) == [
+        *mapping_lines,
+        admin,
+    ]
+    path.write_text(GOOD.replace('"tcp:28700:interface=127.0.0.1"', '""'))
+    assert tap.check_report(options("--config", str(path)).config, None) == [
+        *mapping_lines,
+        "admin API off",
+    ]
+
+
+def check(
+    path: Path, *argv: str, open_files: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """
+    ``argv`` (twistd or twist) with ``proxymap --config path --check``, to
+    its end; ``open_files`` is the hard open-file limit it runs under.
+    """
+
+    def limit() -> None:
+        import resource
+
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    return subprocess.run(
+        [*argv, "proxymap", "--config", str(path), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=path.parent,
+        check=False,
+        preexec_fn=limit,
+    )
+
+
+@pytest.mark.parametrize("runner", [["twistd"], ["twistd", "-n"], ["twist"]])
+def test_check_on_the_command_line(tmp_path: Path, runner: list[str]) -> None:
+    """
+    Through the real runners, daemonising twistd included: a good file
+    prints its report on stdout and exits 0 without listening, writing a
+    pid file or a log, or printing a secret; a bad file is one line on
+    stderr and status 1, as at start-up.
+    """
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    path = tmp_path / "p.toml"
+    path.write_text(
+        GOOD.replace('ports = "20001-20003"', f"ports = {port}")
+        + '[admin.users]\nops = "hunter2"\n'
+    )
+    result = check(path, *runner)
+    pid_file = tmp_path / "twistd.pid"
+    if pid_file.exists():  # it daemonised: stop it before failing
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines() == [
+        f"mapping a: 1 port on 127.0.0.1:{port}, upstream http://127.0.0.1:9, sessions last 600s",
+        "mapping b: 1 port on [::1]:20010, upstream http://127.0.0.1:9, sessions last 600s",
+        "admin API on tcp:28700:interface=127.0.0.1",
+        f"proxymap: {path}: configuration OK",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.toml"]
+    assert "s3cret" not in result.stdout and "hunter2" not in result.stdout
+
+    path.write_text(GOOD.replace('user = "alice"', 'user = "alice"\ncolour = "red"'))
+    result = check(path, *runner)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.strip() == f"proxymap: {path}: mapping[0].colour: unknown key"
+
+
+def test_check_fits_the_open_file_limit(tmp_path: Path) -> None:
+    """
+    ``--check`` raises its limit as start-up does, and fails as start-up
+    would when even the hard limit cannot hold the ports (GOOD maps 4).
+    """
+    path = tmp_path / "p.toml"
+    path.write_text(GOOD)
+    result = check(path, "twist", open_files=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.strip().startswith(
+        f"proxymap: {path}: the open-file limit (60) cannot hold 4 ports"
+    )
+    result = check(path, "twist", open_files=88)
+    assert result.returncode == 0
+    assert result.stdout.startswith(
+        "warning: the open-file limit (88) holds 4 ports and 10 connections"
+    )
 
 
 def start_up(path: Path) -> subprocess.CompletedProcess[str]:

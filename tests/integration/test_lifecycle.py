@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,6 +278,74 @@ async def test_reload_on_sighup(tmp_path: Path, sandbox: int, origin: Origin) ->
         assert "1 moved to another address" in daemon.log()
 
         tunnel.transport.loseConnection()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await daemon.exited() == 0
+    finally:
+        daemon.stop()
+
+
+UNIT = Path(__file__).resolve().parent.parent.parent / "examples" / "proxymap.service"
+
+
+def reload_as_systemd_would(daemon: Daemon) -> subprocess.CompletedProcess[str]:
+    """
+    The shipped unit's ``ExecReload=`` lines, pointed at this environment
+    and ``daemon``, run as systemd runs them: in order, stopping at the
+    first that fails, whose result (the reload job's) is returned.
+    """
+    assert daemon.proc is not None
+    commands = [
+        line.split("=", 1)[1]
+        .replace("/opt/proxymap/bin/", f"{Path(sys.executable).parent}/")
+        .replace("/etc/proxymap/proxymap.toml", str(daemon.config))
+        .replace("$MAINPID", str(daemon.proc.pid))
+        for line in UNIT.read_text().splitlines()
+        if line.startswith("ExecReload=")
+    ]
+    assert len(commands) == 2  # the check, then the SIGHUP
+    for command in commands:
+        result = subprocess.run(
+            shlex.split(command), capture_output=True, text=True, timeout=60, check=False
+        )
+        if result.returncode != 0:
+            break
+    return result
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_units_reload_checks_the_file_first(tmp_path: Path, sandbox: int) -> None:
+    """
+    ``systemctl reload`` with the shipped unit: a good file is checked and
+    applied; a bad one fails the reload with the problem in one line, and
+    proxymap never hears of it (no SIGHUP: no RELOADING=1, no rejection in
+    its log), its ports serving on.
+    """
+    a, b = free_ports(2)
+    daemon = Daemon(tmp_path, sandbox, [a], grace="5s")
+    good = daemon.config.read_text()
+    try:
+        daemon.start()
+        await wait_listening(a, daemon.proc)
+        assert await daemon.message() == b"READY=1"
+
+        daemon.config.write_text(good.replace(f"ports = {[a]}", f"ports = {[a, b]}"))
+        result = reload_as_systemd_would(daemon)
+        assert result.returncode == 0, result.stderr
+        assert await daemon.message() == b"RELOADING=1"
+        assert await daemon.message() == b"READY=1"
+        await wait_listening(b, daemon.proc)
+
+        daemon.config.write_text(good.replace("[[mapping]]", "[[mapping]]\ncolour = 1"))
+        result = reload_as_systemd_would(daemon)
+        assert result.returncode == 1
+        assert result.stderr.strip() == f"proxymap: {daemon.config}: mapping[0].colour: unknown key"
+        await deferLater(reactor, 0.5)
+        with pytest.raises(BlockingIOError):
+            daemon.notify.recv(100)
+        assert "reload rejected" not in daemon.log()
+        code, _, err = await curl("-x", f"http://127.0.0.1:{b}", "http://ip.sandbox/")
+        assert code == 0, err
+
         daemon.proc.send_signal(signal.SIGTERM)
         assert await daemon.exited() == 0
     finally:
