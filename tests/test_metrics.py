@@ -5,16 +5,19 @@ the health endpoint.
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
+from twisted.copyright import version as twisted_version
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
+import proxymap
 from proxymap import tap
 from proxymap.admin.api import AdminAPI
 from proxymap.config import Config, Secret, parse_config
@@ -79,6 +82,13 @@ async def test_metrics_after_known_traffic() -> None:
     assert value(got, "proxymap_upstream_errors_total", kind="unreachable", **refused) == 1
     assert value(got, "proxymap_sessions_active", mapping="vendor-a", port="10203") == 0
     assert any(name == "process_resident_memory_bytes" for name, _ in got)
+    build = {
+        "version": proxymap.__version__,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "twisted": twisted_version,
+    }
+    assert value(got, "proxymap_build_info", **build) == 1
 
 
 @pytest_twisted.ensureDeferred

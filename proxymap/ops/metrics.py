@@ -10,17 +10,35 @@ are monotonic across rotations.
 
 from __future__ import annotations
 
+import platform
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
+from twisted.copyright import version as twisted_version
 
+import proxymap
 from proxymap.dataplane.pool import UpstreamPool
 from proxymap.dataplane.port import PortFactory
 from proxymap.sessions import EndReason, Session, SessionRegistry
+
+#: What ``proxymap_build_info`` says: which proxymap runs, on what, so that
+#: after an upgrade a scrape shows which processes run the new one.
+BUILD = {
+    "version": proxymap.__version__,
+    "python": platform.python_version(),
+    "implementation": platform.python_implementation(),
+    "twisted": twisted_version,
+}
+_BUILD_HELP = "The running proxymap's version, and the Python and Twisted it runs on"
 
 
 class Metrics:
@@ -104,7 +122,7 @@ class Metrics:
         collect every port's samples once at start-up (about 2.7 KB a port,
         freed, but the process keeps the memory).
         """
-        return self._families()
+        return [*self._families(), InfoMetricFamily("proxymap_build", _BUILD_HELP)]
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
@@ -139,4 +157,4 @@ class Metrics:
             idle.add_metric([], len(pool))
             reused.add_metric([], pool.reused)
             retried.add_metric([], pool.retried)
-        return families
+        return [*families, InfoMetricFamily("proxymap_build", _BUILD_HELP, value=BUILD)]
