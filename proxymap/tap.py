@@ -28,6 +28,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from proxymap import build_info
 from proxymap.config import (
     Config,
     ConfigError,
@@ -166,6 +167,17 @@ class Options(usage.Options):
             "exit: 0 if it is good, otherwise 1 with one line saying what is wrong.",
         ],
     ]
+
+    def opt_version(self) -> NoReturn:
+        """
+        Display proxymap's version, and the Python and Twisted it runs on, and exit.
+        """
+        build = build_info()
+        print(
+            f"proxymap {build['version']} (Twisted {build['twisted']}, "
+            f"{build['implementation']} {build['python']})"
+        )
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         _install_reactor()

@@ -89,6 +89,7 @@ async def test_metrics_after_known_traffic() -> None:
         "twisted": twisted_version,
     }
     assert value(got, "proxymap_build_info", **build) == 1
+    assert proxymap.build_info() == build
 
 
 @pytest_twisted.ensureDeferred

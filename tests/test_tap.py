@@ -24,6 +24,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
+import proxymap
 from proxymap import tap
 from proxymap.admin.views import port_view
 from proxymap.dataplane.port import PortFactory
@@ -372,6 +373,21 @@ def test_demo_admin_port() -> None:
 def test_usage_errors(argv: list[str]) -> None:
     with pytest.raises(usage.UsageError):
         options(*argv)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    ``proxymap --version`` is proxymap's, not only Twisted's (what
+    ``usage.Options`` would print).
+    """
+    with pytest.raises(SystemExit) as e:
+        options("--version")
+    assert e.value.code == 0
+    build = proxymap.build_info()
+    assert capsys.readouterr().out == (
+        f"proxymap {build['version']} (Twisted {build['twisted']}, "
+        f"{build['implementation']} {build['python']})\n"
+    )
 
 
 def test_bad_config_exits_with_one_line(tmp_path: Path) -> None:

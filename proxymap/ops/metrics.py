@@ -10,7 +10,6 @@ are monotonic across rotations.
 
 from __future__ import annotations
 
-import platform
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -23,7 +22,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.process_collector import ProcessCollector
-from twisted.copyright import version as twisted_version
 
 import proxymap
 from proxymap.dataplane.pool import UpstreamPool
@@ -32,12 +30,7 @@ from proxymap.sessions import EndReason, Session, SessionRegistry
 
 #: What ``proxymap_build_info`` says: which proxymap runs, on what, so that
 #: after an upgrade a scrape shows which processes run the new one.
-BUILD = {
-    "version": proxymap.__version__,
-    "python": platform.python_version(),
-    "implementation": platform.python_implementation(),
-    "twisted": twisted_version,
-}
+BUILD = proxymap.build_info()
 _BUILD_HELP = "The running proxymap's version, and the Python and Twisted it runs on"
 
 
