@@ -211,9 +211,7 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         where = self["config"] or "--demo"
-        open_files = None
-        if not _selects(reactor):
-            open_files = (raise_limit(), PER_CONNECTION_DEMO if self["demo"] else PER_CONNECTION)
+        open_files = None if _selects(reactor) else _open_files(raise_limit(), self["demo"])
         try:
             lines = check_report(self.config, open_files, demo=self["demo"])
         except TooFewOpenFiles as e:
@@ -241,8 +239,8 @@ def check_report(
     """
     warnings = []
     if open_files is not None:
-        config, warning = fitted(config, *open_files)
-        if warning is not None and not demo:  # the demo's limits are not the user's
+        config, warning = _fitted(config, open_files, demo)
+        if warning is not None:
             warnings.append(warning)
     if config.admin.listen and not config.admin.users:
         warnings.append(OPEN_ADMIN_WARNING.format(listen=config.admin.listen))
@@ -889,13 +887,12 @@ def makeService(
     config = options.config
     service_open_files = None
     if not _selects(reactor):
-        per_connection = PER_CONNECTION_DEMO if options["demo"] else PER_CONNECTION
-        service_open_files = (open_files(), per_connection)
+        service_open_files = _open_files(open_files(), options["demo"])
         try:
-            config, warning = fitted(config, *service_open_files)
+            config, warning = _fitted(config, service_open_files, options["demo"])
         except TooFewOpenFiles as e:
             raise SystemExit(f"proxymap: {options['config'] or '--demo'}: {e}") from None
-        if warning is not None and not options["demo"]:  # the demo's limits are not the user's
+        if warning is not None:
             log.warn("{warning}", warning=warning)
     service = build_service(
         config,
@@ -907,6 +904,24 @@ def makeService(
     service.config_path = options["config"]
     service.open_files = service_open_files
     return service
+
+
+def _open_files(limit: int, demo: bool) -> tuple[int, int]:
+    """
+    The open-file limit and the descriptors a connection takes: in the
+    demo, the sandbox vendor's ends as well.
+    """
+    return limit, PER_CONNECTION_DEMO if demo else PER_CONNECTION
+
+
+def _fitted(config: Config, open_files: tuple[int, int], demo: bool) -> tuple[Config, str | None]:
+    """
+    ``config`` fitted to ``open_files`` (see :func:`fitted`), and the
+    warning to give, if any: none in the demo, whose limits are not the
+    user's.
+    """
+    config, warning = fitted(config, *open_files)
+    return config, None if demo else warning
 
 
 def _selects(reactor: Any) -> bool:
