@@ -173,3 +173,11 @@ def delays_acks(skt: socket.socket) -> bool:
     what it receives next waits (``TCP_QUICKACK`` reads 0 then; Linux).
     """
     return skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+
+
+def with_open_files(soft: int, hard: int) -> list[str]:
+    """
+    The command line prefix that runs a command under these open-file limits
+    (util-linux's ``prlimit``, as a shell's ``ulimit -n`` would).
+    """
+    return ["prlimit", f"--nofile={soft}:{hard}", "--"]

@@ -30,6 +30,8 @@ from proxymap.admin.views import port_view
 from proxymap.dataplane.port import PortFactory
 from proxymap.sandbox.vendor import SandboxFactory
 
+from .helpers import with_open_files
+
 GOOD = """
 [admin]
 listen = "tcp:28700:interface=127.0.0.1"
@@ -475,21 +477,14 @@ def check(
     ``argv`` (twistd or twist) with ``proxymap --config path --check``, to
     its end; ``open_files`` is the hard open-file limit it runs under.
     """
-
-    def limit() -> None:
-        import resource
-
-        if open_files is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-
+    limit = [] if open_files is None else with_open_files(open_files, open_files)
     return subprocess.run(
-        [*argv, "proxymap", "--config", str(path), "--check"],
+        [*limit, *argv, "proxymap", "--config", str(path), "--check"],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=path.parent,
         check=False,
-        preexec_fn=limit,
     )
 
 

@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThread
 
 from proxymap.sandbox.vendor import SandboxVendor
 
+from ..helpers import with_open_files
 from .conftest import curl, free_ports, stop_process
 
 pytestmark = pytest.mark.integration
@@ -149,14 +150,6 @@ def _open_tunnels(port: int, count: int) -> list[bytes]:
     return answers
 
 
-def _with_open_files(soft: int, hard: int) -> list[str]:
-    """
-    The command line prefix that runs a command under these open-file limits
-    (util-linux's ``prlimit``, as a shell's ``ulimit -n`` would).
-    """
-    return ["prlimit", f"--nofile={soft}:{hard}", "--"]
-
-
 async def _start_with_open_files(
     tmp_path: Path, soft: int, hard: int, ports: list[int], upstream: int, more: str = ""
 ) -> tuple[subprocess.Popen[bytes], Path]:
@@ -177,7 +170,7 @@ listen = ""
     out = tmp_path / "out.log"
     with out.open("wb") as log:
         proc = subprocess.Popen(
-            [*_with_open_files(soft, hard), "twist", "proxymap", "--config", str(config)],
+            [*with_open_files(soft, hard), "twist", "proxymap", "--config", str(config)],
             cwd=tmp_path,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -246,7 +239,7 @@ def test_ports_beyond_the_open_file_limit_end_start_up(tmp_path: Path) -> None:
     config = tmp_path / "proxymap.toml"
     config.write_text(f'[[mapping]]\nports = {ports}\nupstream = "http://127.0.0.1:9"\n')
     result = subprocess.run(
-        [*_with_open_files(128, 128), "twistd", "-n", "proxymap", "--config", str(config)],
+        [*with_open_files(128, 128), "twistd", "-n", "proxymap", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
